@@ -299,3 +299,43 @@ def test_trainer_smoke_validation_bound_falls(tmp_path: Path) -> None:
     assert summary["step"] == steps
     assert len(vals) >= 2 and all(math.isfinite(v) for v in vals)
     assert vals[-1] < vals[0], vals
+
+
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_absorbing_ddpm_cache_equals_ddpm_and_trajectory(steps: int) -> None:
+    """Time-independent absorbing D3PM: ``ddpm_cache`` gives ddpm's samples and reveal steps for the same stream,
+    with nfe = the number of steps at which some token was revealed; refused for a time-conditioned network."""
+    K, L, T = 7, 10, 20
+    proc = _process(K, T=T, time_cond=False)
+    assert proc.samplers == ("ddpm", "ddpm_cache")
+    model = _model(K + 1, time_cond=False)
+    fixed = torch.full((L,), -1)
+    fixed[3] = 2
+    opts = {"steps": steps, "fixed_ids": fixed, "return_trajectory": True}
+    outs = {
+        name: proc.sample(model, 4, L, sampler=name, generator=torch.Generator().manual_seed(3), **opts)
+        for name in ("ddpm", "ddpm_cache")
+    }
+    a, b = outs["ddpm"], outs["ddpm_cache"]
+    assert torch.equal(a.ids_NL, b.ids_NL) and torch.equal(a.trajectory_NL, b.trajectory_NL)
+    traj = a.trajectory_NL
+    assert bool((traj[:, 3] == -1).all()) and bool((traj[:, [0, 1, 2, 4, 5, 6, 7, 8, 9]] >= 0).all())
+    assert bool((traj < steps).all())
+    assert b.nfe == len(set(traj[traj >= 0].tolist())) <= a.nfe <= steps
+    assert bool((a.ids_NL[:, 3] == 2).all()) and bool((a.ids_NL < K).all())
+    with pytest.raises(DlmError, match="time-independent"):
+        _process(K, T=T).sample(_model(K + 1, time_cond=True), 2, L, sampler="ddpm_cache")
+    assert _process(K, T=T, transition="uniform").samplers == ("ddpm",)
+
+
+def test_absorbing_one_step_draws_from_p_theta_given_all_mask() -> None:
+    """S = 1 from all-MASK: every position gets x ~ p_theta(x | z = all MASK, t = 1) (MASK logit dropped)."""
+    K, L, T, N = 5, 4, 10, 4000
+    proc = _process(K, T=T)
+    model = _model(K + 1, time_cond=True, scale=0.5)
+    out = proc.sample(model, N, L, steps=1, generator=torch.Generator().manual_seed(0))
+    z = torch.full((1, L), K)
+    logits = proc.denoiser(model)(z, torch.ones(1, dtype=torch.float64))[0, :, :K].double()
+    p = torch.softmax(logits, -1)
+    emp = torch.stack([torch.bincount(out.ids_NL[:, l], minlength=K).double() / N for l in range(L)])
+    assert torch.allclose(emp, p, atol=4 * math.sqrt(0.25 / N))

@@ -423,3 +423,26 @@ def test_first_hitting_with_exact_denoiser_samples_the_joint() -> None:
     out = first_hitting(denoise, torch.full((N, 2), MASK), get_schedule("loglinear"), None, g, mask_id=MASK)
     freq = torch.bincount(out.ids_BL[:, 0] * K + out.ids_BL[:, 1], minlength=K * K).double().view(K, K) / N
     assert torch.allclose(freq, joint, atol=4 * math.sqrt(0.25 / N))
+
+
+def test_reveal_step_calls_the_network_only_when_something_reveals() -> None:
+    """``reveal_step`` with a callable: not called when a = 0 (nothing reveals) nor when nothing is masked; with
+    a = 1 every masked position is drawn from the rows it reads (the MASK column is never drawn)."""
+    from dlm.process.absorbing import reveal_step
+
+    calls = {"n": 0}
+    z = torch.tensor([[MASK, 3, MASK, 1]])
+
+    def logits():
+        calls["n"] += 1
+        out = torch.zeros(1, 4, K + 1)
+        out[..., MASK] = 100.0  # would dominate if the MASK column were not dropped
+        out[0, 0, 2] = 50.0
+        out[0, 2, 4] = 50.0
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(reveal_step(logits, z, 0.0, MASK, g), z) and calls["n"] == 0
+    assert torch.equal(reveal_step(logits, torch.tensor([[0, 3, 2, 1]]), 1.0, MASK, g), torch.tensor([[0, 3, 2, 1]]))
+    assert calls["n"] == 0
+    assert reveal_step(logits, z, 1.0, MASK, g).tolist() == [[2, 3, 4, 1]] and calls["n"] == 1

@@ -22,6 +22,7 @@ from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.process import ProcessConfig, get_process
+from dlm.process.absorbing import subs_log_probs
 from dlm.process.schedules import get_schedule
 from dlm.process.sedd import SEDDProcess, dse_absorbing, dse_uniform, euler_absorbing, score_entropy, sedd_weight
 
@@ -119,7 +120,7 @@ def test_sedd_from_mdlm_denoiser_identity(schedule: str) -> None:
     masked = z == MASK
     assert torch.allclose(scaled[masked].sum(-1), torch.ones(int(masked.sum()), dtype=torch.float64), atol=1e-6)
     assert bool((scaled[~masked] == 0).all())
-    p_mdlm = mdlm.denoiser(model)(z, t).exp().to(torch.float64)
+    p_mdlm = subs_log_probs(mdlm.denoiser(model)(z, t), z, MASK).exp().to(torch.float64)
     assert torch.allclose(scaled[masked], p_mdlm[masked], atol=1e-6)
     for seed in range(3):
         ls, _ = sedd.loss(model, batch, torch.Generator().manual_seed(seed))
@@ -182,7 +183,7 @@ def test_euler_one_step_draws_from_p_theta_and_time_conditioned_default() -> Non
     out = sedd.sample(model, N, L, sampler="euler", steps=1, generator=torch.Generator().manual_seed(1))
     assert out.nfe == 1 and model.seen_t[-1] is not None
     z = torch.full((1, L), MASK)
-    p = sedd.denoiser(model)(z, torch.ones(1, dtype=torch.float64))[0].exp()
+    p = subs_log_probs(sedd.denoiser(model)(z, torch.ones(1, dtype=torch.float64)), z, MASK)[0].exp()
     emp = torch.stack([torch.bincount(out.ids_NL[:, l], minlength=K + 1).float() / N for l in range(L)])
     assert torch.allclose(emp, p, atol=0.03)
 
@@ -300,3 +301,23 @@ def test_trainer_smoke_bound_falls(tmp_path: Path) -> None:
     assert summary["step"] == steps
     assert len(vals) >= 2 and all(math.isfinite(v) for v in vals)
     assert vals[-1] < vals[0], vals
+
+
+@pytest.mark.parametrize("sampler", ["euler", "analytic"])
+def test_absorbing_trajectory_and_fixed_positions(sampler: str) -> None:
+    """Trajectory: -1 at fixed positions, the step of the reveal elsewhere; the revealed token never changes."""
+    L, S = 8, 5
+    model = Double(L=L, seed=3)
+    sedd = make_sedd()
+    fixed = torch.full((L,), -1)
+    fixed[6] = 2
+    out = sedd.sample(
+        model, 6, L, sampler=sampler, steps=S, prompt_ids=[1], fixed_ids=fixed,
+        generator=torch.Generator().manual_seed(4), return_trajectory=True,
+    )  # fmt: skip
+    traj = out.trajectory_NL
+    assert traj.shape == (6, L) and out.nfe <= S
+    assert bool((traj[:, [0, 6]] == -1).all()) and bool((traj[:, [1, 2, 3, 4, 5, 7]] >= 0).all())
+    assert bool((traj < S).all())
+    assert bool((out.ids_NL[:, 0] == 1).all()) and bool((out.ids_NL[:, 6] == 2).all())
+    assert bool((out.ids_NL != MASK).all())

@@ -1,4 +1,4 @@
-"""Shared machinery of every absorbing-state family (MDLM; later D3PM-absorb and BD3-LM), SPEC §3.2 and §4.
+"""Shared machinery of every absorbing-state family (MDLM, SEDD-absorb, D3PM-absorb; later BD3-LM), SPEC §3.2 and §4.
 
 Forward process, independently per position l (m = the MASK id):
 
@@ -14,21 +14,25 @@ The samplers put p_theta(x | z_t) in place of x (x0-parameterisation):
     p_theta(z_s = v | z_t = m) = (alpha_s - alpha_t) / (1 - alpha_t) * p_theta(x = v | z_t)   (v != m)
     p_theta(z_s = m | z_t = m) = (1 - alpha_s) / (1 - alpha_t)
 
-A *denoiser* is a callable ``denoise(z_BL, t_B) -> log p_theta(x | z_t)`` of shape [B, L, V] (float), already
-SUBS-applied (``subs_log_probs``): the MASK column is -inf. All categorical draws are float64
-(``dlm.process.sampling``) and every random number comes from the ``generator`` passed in.
+A *denoiser* is a callable ``denoise(z_BL, t_B) -> logits`` of shape [B, L, V] (float): the network's logits of
+p_theta(x | z_t), in any normalisation (SUBS log-probabilities from ``subs_log_probs`` are fine too). Samplers read
+only the rows of positions being revealed, set the MASK logit to -inf there (SUBS: the MASK id is never
+predicted) and convert just those rows to float64, so the per-step cost outside the network is proportional to
+the number of revealed positions, not to L * V. Every reveal decision is drawn before any token: a step first
+draws one float64 uniform per position (reveal iff u < a), then one inverse-CDF uniform per revealed position
+(``dlm.process.sampling``). Every random number comes from the ``generator`` passed in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.sampling import filter_logits, sample_from_probs
+from dlm.process.sampling import sample_categorical
 from dlm.process.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -43,6 +47,9 @@ __all__ = [
     "mask_tokens",
     "posterior_probs",
     "posterior_step",
+    "reveal_loop",
+    "reveal_probability",
+    "reveal_step",
     "subs_log_probs",
 ]
 
@@ -103,14 +110,6 @@ def subs_log_probs(logits_BLV: Tensor, z_BL: Tensor, mask_id: int) -> Tensor:
     return torch.where(unmasked_BL.unsqueeze(-1), copy_BLV, logp)
 
 
-def _filtered_probs(logp_NV: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """float64 p_theta after temperature / top-k / top-p (temperature 0: one-hot on the argmax)."""
-    filtered = filter_logits(logp_NV, temperature=temperature, top_k=top_k, top_p=top_p)
-    if temperature == 0:
-        return torch.nn.functional.one_hot(filtered.argmax(-1), filtered.shape[-1]).to(torch.float64)
-    return torch.softmax(filtered, dim=-1)
-
-
 def posterior_probs(p_x_NV: Tensor, alpha_t: Tensor | float, alpha_s: Tensor | float, mask_id: int) -> Tensor:
     """float64 p_theta(z_s | z_t = m) for N masked positions, shape [N, V] (MASK column included):
 
@@ -129,6 +128,69 @@ def posterior_probs(p_x_NV: Tensor, alpha_t: Tensor | float, alpha_s: Tensor | f
     return out
 
 
+def _draw_tokens(
+    logits_NV: Tensor,
+    mask_id: int,
+    generator: torch.Generator | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> Tensor:
+    """One token per row from p_theta(x | z_t) = softmax(logits with logit_m = -inf), after temperature /
+    top-k / top-p, by float64 inverse CDF (``sampling.sample_categorical``: one uniform per row; temperature 0 =
+    argmax). The MASK id is never drawn."""
+    logits = logits_NV.to(torch.float64)  # a copy: the caller's (cached) logits stay untouched
+    logits[:, mask_id] = float("-inf")
+    return sample_categorical(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+
+def reveal_step(
+    logits_BLV: Tensor | Callable[[], Tensor],
+    z_BL: Tensor,
+    reveal_B: Tensor | float,
+    mask_id: int,
+    generator: torch.Generator | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """One reverse step of an absorbing chain: returns z_s. At every masked position independently
+
+        z_s = m                          with probability 1 - a
+        z_s = v ~ p_theta(x | z_t)       with probability a          (p_theta: temperature / top-k / top-p)
+
+    where ``reveal_B`` = a (a scalar or one per row [B], in [0, 1]; a = 1 resolves every mask). Unmasked
+    positions are unchanged. The reveal decision comes first, from one float64 uniform per position (B*L drawn
+    whatever the state: u < a reveals), then one inverse-CDF uniform per *revealed* position draws its token,
+    so the float64 work over the vocabulary runs only on the revealed rows. This is the same distribution as a
+    single draw from p_theta(z_s | z_t = m) (``posterior_probs``).
+
+    ``logits_BLV``: network logits of p_theta(x | z_t) [B, L, V] (any normalisation; only masked rows are read;
+    the MASK column is ignored), or a zero-argument callable returning them, called only if some position
+    reveals (the lazy network call of ``ddpm_cache``).
+    """
+    B, L = z_BL.shape
+    a_B = _per_row(reveal_B, B, z_BL.device)
+    u_BL = _uniforms((B, L), generator, z_BL.device)
+    reveal_BL = (z_BL == mask_id) & (u_BL < a_B[:, None])
+    if not bool(reveal_BL.any()):
+        return z_BL
+    logits = logits_BLV() if callable(logits_BLV) else logits_BLV
+    out = z_BL.clone()
+    out[reveal_BL] = _draw_tokens(logits[reveal_BL], mask_id, generator, temperature, top_k, top_p)
+    return out
+
+
+def reveal_probability(alpha_t: Tensor | float, alpha_s: Tensor | float) -> Tensor:
+    """a = (alpha_s - alpha_t) / (1 - alpha_t), float64 clamped to [0, 1]: the probability that a position
+    masked at t is revealed by s < t (SPEC §3.2); 1 when alpha_s = 1."""
+    a_t = torch.as_tensor(alpha_t, dtype=torch.float64)
+    a_s = torch.as_tensor(alpha_s, dtype=torch.float64)
+    out = (a_s - a_t) / (1.0 - a_t)
+    return torch.where(a_s >= 1.0, torch.ones_like(out), out.nan_to_num(1.0)).clamp(0.0, 1.0)
+
+
 def posterior_step(
     logp_BLV: Tensor,
     z_BL: Tensor,
@@ -141,26 +203,16 @@ def posterior_step(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> Tensor:
-    """One ancestral step s < t (SPEC §3.2 with p_theta in place of x): returns z_s.
+    """One ancestral step s < t (SPEC §3.2 with p_theta in place of x): returns z_s ~ p_theta(z_s | z_t).
 
-    At each masked position z_s ~ p_theta(z_s | z_t = m) (``posterior_probs``): stay masked with probability
-    (1 - alpha_s)/(1 - alpha_t), else a token drawn from p_theta(x | z_t) (after temperature / top-k / top-p),
-    by one float64 inverse-CDF uniform per masked position. Unmasked positions are unchanged. alpha_s = 1
+    ``reveal_step`` with a = ``reveal_probability(alpha_t, alpha_s)``: a masked position stays masked with
+    probability (1 - alpha_s)/(1 - alpha_t), else takes a token drawn from p_theta(x | z_t). alpha_s = 1
     resolves every mask. alpha_t / alpha_s: scalars or one per row [B].
     """
-    B, _ = z_BL.shape
-    masked_BL = z_BL == mask_id
-    if not bool(masked_BL.any()):
-        return z_BL.clone()
-    rows_N = masked_BL.nonzero(as_tuple=True)[0]
-    a_t = _per_row(alpha_t, B, z_BL.device)[rows_N]
-    a_s = _per_row(alpha_s, B, z_BL.device)[rows_N]
-    p_x = _filtered_probs(logp_BLV[masked_BL], temperature, top_k, top_p)
-    p_x[:, mask_id] = 0.0
-    probs = posterior_probs(p_x, a_t, a_s, mask_id)
-    out = z_BL.clone()
-    out[masked_BL] = sample_from_probs(probs, generator)
-    return out
+    return reveal_step(
+        logp_BLV, z_BL, reveal_probability(alpha_t, alpha_s), mask_id, generator,
+        temperature=temperature, top_k=top_k, top_p=top_p,
+    )  # fmt: skip
 
 
 @dataclass
@@ -194,45 +246,63 @@ def _start(z_init: Tensor, fixed_BL: Tensor | None, mask_id: int) -> tuple[Tenso
     return z, fixed, traj
 
 
-def _ddpm_loop(
+def reveal_loop(
     denoise: Denoiser,
     z_init: Tensor,
-    schedule: Schedule,
-    steps: int,
-    generator: torch.Generator | None,
-    fixed_BL: Tensor | None,
+    times: Sequence[float],
+    reveal: Callable[[int], Tensor | float],
+    generator: torch.Generator | None = None,
+    fixed_BL: Tensor | None = None,
+    *,
     mask_id: int,
-    cache: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    return_trajectory: bool,
+    lazy: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    return_trajectory: bool = False,
 ) -> AbsorbingSample:
-    _check_steps(steps)
+    """The reverse absorbing chain every grid sampler shares (MDLM ddpm / ddpm_cache, SEDD euler / analytic,
+    D3PM-absorbing ancestral): step i = 0..S-1 (S = len(times)) runs ``reveal_step`` with
+    p_theta = denoise(z, times[i]) and reveal probability a_i = reveal(i); the last step uses a = 1, so no MASK
+    is left whatever the grid. Positions where ``fixed_BL`` is True keep z_init; all others start at MASK.
+
+    lazy = False: one network call per step while a mask remains (nfe <= S).
+    lazy = True:  the network is called only at steps where some position is revealed (its output is unused
+                  otherwise). For a time-independent denoiser the samples are identical to lazy = False for the
+                  same random stream, and nfe = the number of steps at which at least one token changed.
+    The loop stops early once nothing is masked. Trajectory: the step at which each position was revealed.
+    """
+    S = len(times)
+    _check_steps(S)
     z, _, traj = _start(z_init, fixed_BL, mask_id)
     B = z.shape[0]
     nfe = 0
-    logp = None
-    for i in range(steps):
+
+    def call(z_BL: Tensor, t_B: Tensor) -> Tensor:
+        nonlocal nfe
+        nfe += 1
+        return denoise(z_BL, t_B)
+
+    for i, t in enumerate(times):
         if not bool((z == mask_id).any()):
             break
-        t = 1.0 - i / steps
-        s = 1.0 - (i + 1) / steps
-        alpha_t = schedule.alpha(t)
-        alpha_s = torch.ones((), dtype=torch.float64) if i == steps - 1 else schedule.alpha(s)
-        if logp is None or not cache:
-            logp = denoise(z, torch.full((B,), t, dtype=torch.float64, device=z.device))
-            nfe += 1
-        z_new = posterior_step(
-            logp, z, alpha_t, alpha_s, mask_id, generator, temperature=temperature, top_k=top_k, top_p=top_p
-        )
-        changed = z_new != z
-        if bool(changed.any()):
-            traj[changed] = i
-            logp = None  # the input changed: the next step needs a fresh network call
+        a = 1.0 if i == S - 1 else reveal(i)
+        t_B = torch.full((B,), float(t), dtype=torch.float64, device=z.device)
+        logits = (lambda z=z, t_B=t_B: call(z, t_B)) if lazy else call(z, t_B)
+        z_new = reveal_step(logits, z, a, mask_id, generator, temperature=temperature, top_k=top_k, top_p=top_p)
+        if return_trajectory and z_new is not z:
+            traj[z_new != z] = i
         z = z_new
-    assert not bool((z == mask_id).any()), "the final ddpm step must resolve every mask"
+    assert not bool((z == mask_id).any()), "the final step must resolve every mask"
     return AbsorbingSample(z, nfe, traj if return_trajectory else None)
+
+
+def _uniform_grid(schedule: Schedule, steps: int) -> tuple[list[float], Callable[[int], Tensor]]:
+    """t_i = 1 - i/S and the ancestral reveal probability from t_i to t_{i+1} (``reveal_probability``)."""
+    _check_steps(steps)
+    times = [1.0 - i / steps for i in range(steps)]
+    alpha = schedule.alpha(torch.tensor([*times, 0.0], dtype=torch.float64))
+    return times, lambda i: reveal_probability(alpha[i], alpha[i + 1])
 
 
 def ddpm(
@@ -251,14 +321,15 @@ def ddpm(
 ) -> AbsorbingSample:
     """Ancestral sampling on the uniform grid t_i = 1 - i/S, i = 0..S (SPEC §4 ``ddpm``).
 
-    Step i goes from t = 1 - i/S to s = 1 - (i+1)/S with ``posterior_step`` and p_theta = denoise(z_t, t);
-    the last step uses alpha_s = 1 so every remaining mask is resolved (any S >= 1, also S > L).
-    Positions where ``fixed_BL`` is True keep z_init; all others start at MASK. One network call per step
-    while a mask remains (nfe <= S; no call once every position is revealed).
+    Step i goes from t = 1 - i/S to s = 1 - (i+1)/S: each masked position is revealed with probability
+    (alpha_s - alpha_t)/(1 - alpha_t), its token drawn from p_theta(x | z_t) = denoise(z_t, t) (``reveal_step``);
+    the last step reveals every remaining mask (any S >= 1, also S > L). One network call per step while a
+    mask remains (nfe <= S), as in the reference implementation.
     """
-    return _ddpm_loop(
-        denoise, z_init, schedule, steps, generator, fixed_BL, mask_id, False, temperature, top_k, top_p,
-        return_trajectory,
+    times, reveal = _uniform_grid(schedule, steps)
+    return reveal_loop(
+        denoise, z_init, times, reveal, generator, fixed_BL, mask_id=mask_id, lazy=False,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
     )  # fmt: skip
 
 
@@ -276,15 +347,18 @@ def ddpm_cache(
     top_p: float | None = None,
     return_trajectory: bool = False,
 ) -> AbsorbingSample:
-    """``ddpm`` that reuses the previous p_theta while no token changed since the last network call.
+    """``ddpm`` without the network calls whose output cannot matter (Sahoo et al.'s cached sampler).
 
-    Exact only for a time-independent denoiser (p_theta(x | z_t) does not depend on t): then the cached
-    output equals a fresh one, so the samples are identical to ``ddpm`` for the same random stream, and
-    nfe = the number of distinct steps at which at least one token changed.
+    The reference sampler reuses p_theta while no token changed since the last call. Here the reveal decisions
+    of a step are drawn before the network is called, and the call is made only if some position reveals; for
+    a time-independent denoiser (p_theta(x | z_t) does not depend on t) both are exact: the samples are
+    identical to ``ddpm`` for the same random stream, and nfe = the number of steps at which at least one
+    token changed.
     """
-    return _ddpm_loop(
-        denoise, z_init, schedule, steps, generator, fixed_BL, mask_id, True, temperature, top_k, top_p,
-        return_trajectory,
+    times, reveal = _uniform_grid(schedule, steps)
+    return reveal_loop(
+        denoise, z_init, times, reveal, generator, fixed_BL, mask_id=mask_id, lazy=True,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
     )  # fmt: skip
 
 
@@ -352,12 +426,11 @@ def first_hitting(
         k_B = torch.minimum((_uniforms((B,), generator, device) * n_B).floor().to(torch.int64), n_B - 1).clamp(min=0)
         cum_BL = masked_BL.cumsum(1)
         pos_B = torch.searchsorted(cum_BL, (k_B + 1)[:, None]).squeeze(1).clamp(max=L - 1)
-        logp = denoise(z, s_B)
+        logits = denoise(z, s_B)
         nfe += 1
-        p_x = _filtered_probs(logp[torch.arange(B, device=device), pos_B], temperature, top_k, top_p)
-        p_x[:, mask_id] = 0.0
-        p_x[~active_B] = 1.0  # finished rows: any valid row (their draw is discarded)
-        tok_B = sample_from_probs(p_x, generator)
+        rows_BV = logits[torch.arange(B, device=device), pos_B].to(torch.float64)
+        rows_BV[~active_B] = 0.0  # finished rows: any valid row (their draw is discarded)
+        tok_B = _draw_tokens(rows_BV, mask_id, generator, temperature, top_k, top_p)
         rows = active_B.nonzero(as_tuple=True)[0]
         z[rows, pos_B[rows]] = tok_B[rows]
         traj[rows, pos_B[rows]] = step

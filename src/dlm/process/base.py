@@ -10,7 +10,8 @@ Processes register themselves by name (``@register_process``) and are built with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,12 +80,16 @@ class SampleResult:
     lengths_N:  int64 [N], length of each row including the prompt and the EOS that stopped it.
     nfe:        number of network function evaluations (forward calls) made.
     prompt_len: number of prompt tokens at the start of every row.
+    trajectory_NL: int64 [N, L] or None: per position, the sampler step (0-based) at which its final token
+                appeared (absorbing: when it was revealed; uniform-state: its last change); -1 for fixed
+                positions. Only when the caller asked for it (``return_trajectory``).
     """
 
     ids_NL: Tensor
     lengths_N: Tensor
     nfe: int
     prompt_len: int
+    trajectory_NL: Tensor | None = None
 
 
 class Process(ABC):
@@ -224,3 +229,30 @@ def fixed_positions(
             f"prompt and fixed ids must be ids in [0, {vocab_size}) other than MASK (-1 marks a free position)"
         )
     return fixed_NL, P
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a sampler with ``model.eval()`` (no dropout) and restore the previous train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def full_length_result(ids_NL: Tensor, nfe: int, prompt_len: int, trajectory_NL: Tensor | None = None) -> SampleResult:
+    """The ``SampleResult`` of a diffusion sampler: every row is full length (no EOS stop)."""
+    n, length = ids_NL.shape
+    lengths = torch.full((n,), length, dtype=torch.int64, device=ids_NL.device)
+    return SampleResult(ids_NL=ids_NL, lengths_N=lengths, nfe=nfe, prompt_len=prompt_len, trajectory_NL=trajectory_NL)
+
+
+def check_cache_sampler(sampler: str, time_conditioned: bool) -> None:
+    """``ddpm_cache`` reuses p_theta across time steps: refuse it for a time-conditioned network."""
+    if sampler == "ddpm_cache" and time_conditioned:
+        raise DlmError(
+            "ddpm_cache needs a time-independent model (process.time_cond false): reusing p_theta across "
+            "steps is only exact when the network ignores t; use sampler 'ddpm'"
+        )

@@ -52,8 +52,19 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
+from dlm.process import absorbing
 from dlm.process.ar import _device
-from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, fixed_positions, register_process
+from dlm.process.base import (
+    AttnSpec,
+    NLLResult,
+    Process,
+    SampleResult,
+    check_cache_sampler,
+    eval_mode,
+    fixed_positions,
+    full_length_result,
+    register_process,
+)
 from dlm.process.sampling import filter_logits, sample_from_probs
 from dlm.process.schedules import get_schedule
 
@@ -122,7 +133,6 @@ class D3PMProcess(Process):
     name: ClassVar[str] = "d3pm"
     absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
-    samplers: ClassVar[tuple[str, ...]] = ("ddpm",)
     default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -283,6 +293,24 @@ class D3PMProcess(Process):
             total = total + self.step_terms(model, batch, i_B, generator)[0]
         return total
 
+    @property
+    def samplers(self) -> tuple[str, ...]:  # type: ignore[override]  # per instance: depends on the transition
+        return ("ddpm", "ddpm_cache") if self.absorbing else ("ddpm",)
+
+    def _grid(self, S: int) -> list[int]:
+        """Step indices i_S = T > ... > i_0 = 0 of an S-step sampler, i_k = round(k T / S)."""
+        return [round(k * self.T / S) for k in range(S + 1)]
+
+    def denoiser(self, model: torch.nn.Module) -> absorbing.Denoiser:
+        """``denoise(z_BL, t_B) -> logits`` for the absorbing samplers: t = i/T is mapped back to the step index
+        i = round(t T) the network was trained with (its time input when time-conditioned)."""
+
+        def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
+            t = (t_B * self.T).round().to(torch.float32) / self.T if self._time_cond else None
+            return model(z_BL, attn="bidirectional", t_B=t)  # all V outputs: the sampler drops the MASK column
+
+        return denoise
+
     @torch.no_grad()
     def sample(
         self,
@@ -298,42 +326,60 @@ class D3PMProcess(Process):
         top_k: int | None = None,
         top_p: float | None = None,
         fixed_ids: Tensor | None = None,
+        return_trajectory: bool = False,
         **opts: Any,
     ) -> SampleResult:
-        """Ancestral (``ddpm``) sampling over S = steps (default T) steps i_S > ... > i_0 = 0, i_k = round(k T / S).
+        """Ancestral sampling over S = steps (default T) steps i_S > ... > i_0 = 0, i_k = round(k T / S).
 
-        Absorbing: start all-MASK; a masked position at step t -> s is revealed with probability
-        a = (alpha_s - alpha_t) / (1 - alpha_t), its token drawn from p_theta(x | z_t) (after temperature /
-        top-k / top-p); the last step (alpha_s = 1) reveals every remaining mask. Uniform: start from uniform noise
-        and draw z_s ~ p_theta(z_s | z_t) (closed form above, filtered p_theta(x | z_t) inside); the last step draws
-        x ~ p_theta(x | z_{t}). One float64 uniform per position and step (``sampling.sample_from_probs``).
+        Absorbing (``ddpm``; ``ddpm_cache`` for a time-independent network): start all-MASK; at step i_k -> i_(k-1)
+        a masked position is revealed with probability a = (alpha_s - alpha_t) / (1 - alpha_t) and its token
+        drawn from p_theta(x | z_t) (after temperature / top-k / top-p); the last step (alpha_s = 1) reveals every
+        remaining mask (``absorbing.reveal_loop``: reveal decisions first, float64 draws only where revealed).
+        Uniform: start from uniform noise and draw z_s ~ p_theta(z_s | z_t) (closed form above, filtered
+        p_theta(x | z_t) inside); the last step draws x ~ p_theta(x | z_t). One float64 uniform per position and
+        step (``sampling.sample_from_probs``).
 
         prompt_ids: a fixed prefix; fixed_ids: int64 [length] or [n, length], -1 = free, else kept throughout.
-        Fixed positions never change. nfe = S (one forward per step). Starting all-MASK is the alpha_1 -> 0
-        limit of the prior (the loglinear schedule has alpha_1 = eps).
+        Fixed positions never change. nfe = network calls (S for ``ddpm``). Starting all-MASK is the
+        alpha_1 -> 0 limit of the prior (the loglinear schedule has alpha_1 = eps). ``return_trajectory``
+        (absorbing): ``trajectory_NL`` = the step (0-based) at which each position was revealed, -1 if fixed.
         """
-        self.resolve_sampler(sampler)
+        name = self.resolve_sampler(sampler)
         if opts:
             raise DlmError(f"unknown option(s) for the d3pm sampler: {', '.join(sorted(opts))}")
+        check_cache_sampler(name, self.time_conditioned)
         device = _device(model)
         fixed_NL, P = fixed_positions(n, length, prompt_ids, fixed_ids, self.K, self.specials.mask, device)
         S = self.T if steps is None else steps
         if isinstance(S, bool) or not isinstance(S, int) or S < 1 or S > self.T:
             raise DlmError(f"steps must be an integer in [1, T={self.T}], got {steps!r}")
         filter_logits(torch.zeros(1, 1), temperature=temperature, top_k=top_k, top_p=top_p)  # validates
-        K = self.K
         fixed = fixed_NL >= 0
-        where = generator.device if generator is not None else device
+        grid = self._grid(S)
         if self.absorbing:
-            z = torch.full((n, length), self.specials.mask, dtype=torch.int64, device=device)
-        else:
-            z = torch.randint(0, K, (n, length), generator=generator, device=where).to(device)
+            mask = self.specials.mask
+            z_init = torch.where(fixed, fixed_NL, torch.full_like(fixed_NL, mask))
+            times = [grid[k] / self.T for k in range(S, 0, -1)]
+            alpha = self.alpha
+
+            def reveal(i: int) -> Tensor:  # step i runs from grid[S - i] to grid[S - i - 1]
+                return absorbing.reveal_probability(alpha[grid[S - i]], alpha[grid[S - i - 1]])
+
+            with eval_mode(model):
+                out = absorbing.reveal_loop(
+                    self.denoiser(model), z_init, times, reveal, generator, fixed, mask_id=mask,
+                    lazy=name == "ddpm_cache", temperature=temperature, top_k=top_k, top_p=top_p,
+                    return_trajectory=return_trajectory,
+                )  # fmt: skip
+            return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
+        if return_trajectory:
+            raise DlmError("d3pm uniform: trajectories are not supported yet")
+        K = self.K
+        where = generator.device if generator is not None else device
+        z = torch.randint(0, K, (n, length), generator=generator, device=where).to(device)
         z = torch.where(fixed, fixed_NL, z)
-        grid = [round(k * self.T / S) for k in range(S + 1)]
-        was_training = model.training
-        model.eval()
         nfe = 0
-        try:
+        with eval_mode(model):
             for k in range(S, 0, -1):
                 it, is_ = grid[k], grid[k - 1]
                 i_N = torch.full((n,), it, dtype=torch.int64, device=device)
@@ -345,28 +391,17 @@ class D3PMProcess(Process):
                 if temperature == 0:
                     probs = F.one_hot(probs.argmax(-1), K).to(torch.float64)
                 a_s, a_t = float(self.alpha[is_]), float(self.alpha[it])
-                if self.absorbing:
-                    reveal = (a_s - a_t) / max(1 - a_t, 1e-300) if is_ > 0 else 1.0
-                    full = torch.cat([reveal * probs, torch.full_like(probs[:, :1], 1 - reveal)], -1)
-                    draw = sample_from_probs(full, generator).view(n, length)
-                    new = torch.where(draw == K, self.specials.mask, draw)
-                    upd = (z == self.specials.mask) & ~fixed
+                if is_ == 0:
+                    rev = probs
                 else:
-                    if is_ == 0:
-                        rev = probs
-                    else:
-                        m = probs.shape[0]
-                        rev = uniform_reverse(
-                            probs,
-                            z.reshape(-1),
-                            torch.full((m,), a_s, dtype=torch.float64, device=device),
-                            torch.full((m,), a_t, dtype=torch.float64, device=device),
-                            K,
-                        )
-                    new = sample_from_probs(rev, generator).view(n, length)
-                    upd = ~fixed
-                z = torch.where(upd, new, z)
-        finally:
-            model.train(was_training)
-        lengths = torch.full((n,), length, dtype=torch.int64, device=device)
-        return SampleResult(ids_NL=z, lengths_N=lengths, nfe=nfe, prompt_len=P)
+                    m = probs.shape[0]
+                    rev = uniform_reverse(
+                        probs,
+                        z.reshape(-1),
+                        torch.full((m,), a_s, dtype=torch.float64, device=device),
+                        torch.full((m,), a_t, dtype=torch.float64, device=device),
+                        K,
+                    )
+                new = sample_from_probs(rev, generator).view(n, length)
+                z = torch.where(fixed, z, new)
+        return full_length_result(z, nfe, P)

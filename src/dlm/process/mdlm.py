@@ -20,7 +20,17 @@ from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.process import absorbing
 from dlm.process.ar import _device, _model_context, _token_logprobs
-from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, fixed_positions, register_process
+from dlm.process.base import (
+    AttnSpec,
+    NLLResult,
+    Process,
+    SampleResult,
+    check_cache_sampler,
+    eval_mode,
+    fixed_positions,
+    full_length_result,
+    register_process,
+)
 from dlm.process.schedules import Schedule, get_schedule, sample_times
 
 T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t) E[#masked] is bounded at 0)
@@ -71,10 +81,11 @@ class MDLMProcess(Process):
         return model(z_BL, attn="bidirectional", t_B=t, key_mask_BL=None)
 
     def denoiser(self, model: torch.nn.Module) -> absorbing.Denoiser:
-        """``denoise(z_BL, t_B) -> log p_theta(x | z_t)`` (SUBS applied) for the absorbing samplers."""
+        """``denoise(z_BL, t_B) -> logits`` [B, L, V] for the absorbing samplers (they apply SUBS at the rows they
+        read: MASK logit -inf at masked positions); ``absorbing.subs_log_probs`` turns it into log p_theta."""
 
         def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
-            return absorbing.subs_log_probs(self._logits(model, z_BL, t_B), z_BL, self.mask_id)
+            return self._logits(model, z_BL, t_B)
 
         return denoise
 
@@ -180,11 +191,7 @@ class MDLMProcess(Process):
         name = self.resolve_sampler(sampler)
         if opts:
             raise DlmError(f"unknown option(s) for the MDLM sampler: {', '.join(sorted(opts))}")
-        if name == "ddpm_cache" and self.time_conditioned:
-            raise DlmError(
-                "ddpm_cache needs a time-independent model (process.time_cond false): reusing p_theta across "
-                "steps is only exact when the network ignores t; use sampler 'ddpm'"
-            )
+        check_cache_sampler(name, self.time_conditioned)
         device = _device(model)
         fixed_NL, P = fixed_positions(n, length, prompt_ids, fixed_ids, self.specials.vocab_size, self.mask_id, device)
         if steps is None:
@@ -199,22 +206,10 @@ class MDLMProcess(Process):
         z_init = torch.where(is_fixed, fixed_NL, torch.full_like(fixed_NL, self.mask_id))
 
         run = {"ddpm": absorbing.ddpm, "ddpm_cache": absorbing.ddpm_cache, "first_hitting": absorbing.first_hitting}
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = run[name](
                 self.denoiser(model), z_init, self.schedule, steps, generator, is_fixed,
                 mask_id=self.mask_id, temperature=temperature, top_k=top_k, top_p=top_p,
                 return_trajectory=return_trajectory,
             )  # fmt: skip
-        finally:
-            model.train(was_training)
-        result = SampleResult(
-            ids_NL=out.ids_BL,
-            lengths_N=torch.full((n,), length, dtype=torch.int64, device=device),
-            nfe=out.nfe,
-            prompt_len=P,
-        )
-        if return_trajectory:
-            result.trajectory_NL = out.trajectory_BL  # type: ignore[attr-defined]
-        return result
+        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)

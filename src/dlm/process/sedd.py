@@ -63,9 +63,18 @@ from torch import Tensor
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.process import absorbing
-from dlm.process.absorbing import AbsorbingSample, _filtered_probs, _start
+from dlm.process.absorbing import AbsorbingSample
 from dlm.process.ar import _device, _model_context
-from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, fixed_positions, register_process
+from dlm.process.base import (
+    AttnSpec,
+    NLLResult,
+    Process,
+    SampleResult,
+    eval_mode,
+    fixed_positions,
+    full_length_result,
+    register_process,
+)
 from dlm.process.mdlm import build_schedule
 from dlm.process.sampling import sample_from_probs
 from dlm.process.schedules import Schedule, sample_times
@@ -188,39 +197,24 @@ def euler_absorbing(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    return_trajectory: bool = False,
 ) -> AbsorbingSample:
     """Euler sampler of the reverse absorbing CTMC (module docstring), t_i = 1 - i/S.
 
-    ``denoise(z, t) -> log p_theta(x | z_t)`` = the scaled log-score (SUBS-applied: unmasked rows copy).
-    At step i (t -> s = t - 1/S) each masked position draws, with one float64 uniform, y with probability
-    lambda q_y or MASK with probability 1 - lambda, lambda = min(1, sigma'(t) (t - s) / (e^{sigma_t} - 1));
-    lambda = 1 on the last step, so no MASK is left.
+    ``denoise(z, t)`` returns logits whose softmax over y != m is p_theta = s_theta (e^{sigma_t} - 1) (the
+    scaled score). At step i (t -> s = t - 1/S) each masked position jumps to y with probability lambda q_y and
+    stays masked with probability 1 - lambda, lambda = min(1, sigma'(t) (t - s) / (e^{sigma_t} - 1)), q =
+    p_theta after temperature / top-k / top-p; lambda = 1 on the last step, so no MASK is left. This is
+    ``absorbing.reveal_loop`` with a_i = lambda_i (one network call per step).
     """
     absorbing._check_steps(steps)
-    z, _, _ = _start(z_init, fixed_BL, mask_id)
-    B = z.shape[0]
-    nfe = 0
-    for i in range(steps):
-        masked_BL = z == mask_id
-        if not bool(masked_BL.any()):
-            break
-        t = 1.0 - i / steps
-        dt = 1.0 / steps
-        logp = denoise(z, torch.full((B,), t, dtype=torch.float64, device=z.device))
-        nfe += 1
-        if i == steps - 1:
-            lam = 1.0
-        else:
-            lam = float((schedule.dsigma(t) * dt / torch.expm1(schedule.sigma(t))).clamp(0.0, 1.0))
-        q = _filtered_probs(logp[masked_BL], temperature, top_k, top_p)
-        q[:, mask_id] = 0.0
-        q = q / q.sum(-1, keepdim=True)
-        probs = q * lam
-        probs[:, mask_id] = 1.0 - lam
-        z = z.clone()
-        z[masked_BL] = sample_from_probs(probs, generator)
-    assert not bool((z == mask_id).any()), "the final Euler step must resolve every mask"
-    return AbsorbingSample(z, nfe)
+    times = [1.0 - i / steps for i in range(steps)]
+    t = torch.tensor(times, dtype=torch.float64)
+    lam = (schedule.dsigma(t) / steps / torch.expm1(schedule.sigma(t))).clamp(0.0, 1.0)
+    return absorbing.reveal_loop(
+        denoise, z_init, times, lambda i: lam[i], generator, fixed_BL, mask_id=mask_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
+    )  # fmt: skip
 
 
 @register_process
@@ -283,10 +277,11 @@ class SEDDProcess(Process):
         return out.masked_fill((z_BL != self.mask_id).unsqueeze(-1), float("-inf"))
 
     def denoiser(self, model: torch.nn.Module) -> absorbing.Denoiser:
-        """``denoise(z_BL, t_B) -> ell`` = log p_theta(x | z_t) recovered as log(s_theta (e^sigma - 1))."""
+        """``denoise(z_BL, t_B) -> logits`` whose log-softmax over y != m is ell = log(s_theta (e^sigma - 1)) =
+        log p_theta(x | z_t) at masked positions (``scaled_log_score`` applies it); for the samplers."""
 
         def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
-            return self.scaled_log_score(model, z_BL, t_B)
+            return self._logits(model, z_BL, t_B)
 
         return denoise
 
@@ -381,6 +376,7 @@ class SEDDProcess(Process):
         top_k: int | None = None,
         top_p: float | None = None,
         fixed_ids: Tensor | None = None,
+        return_trajectory: bool = False,
         **opts: Any,
     ) -> SampleResult:
         """Generate n rows of ``length`` tokens from all-MASK (``analytic`` default, or ``euler``).
@@ -388,7 +384,8 @@ class SEDDProcess(Process):
         steps: S >= 1 uniform steps (default ``length``); the last step resolves every mask.
         prompt_ids: a fixed prefix. fixed_ids: int tensor [n or 1, length], -1 = free, other values kept
         fixed throughout. temperature / top_k / top_p filter p_theta = s_theta (e^sigma - 1) before use.
-        Returns full-length rows, prompt_len = len(prompt_ids), nfe = network calls.
+        Returns full-length rows, prompt_len = len(prompt_ids), nfe = network calls; with ``return_trajectory``
+        (absorbing) the step at which each position was revealed (``trajectory_NL``).
         """
         name = self.resolve_sampler(sampler)
         if opts:
@@ -412,33 +409,18 @@ class SEDDProcess(Process):
                 raise DlmError("SEDD uniform: only the 'euler' sampler is implemented so far")
             if temperature != 1.0 or top_k is not None or top_p is not None:
                 raise DlmError("SEDD uniform: temperature / top_k / top_p are not supported yet")
-            was_training = model.training
-            model.eval()
-            try:
+            if return_trajectory:
+                raise DlmError("SEDD uniform: trajectories are not supported yet")
+            with eval_mode(model):
                 out = euler_uniform(
                     lambda z, t: self.log_score(model, z, t), z_init, self.schedule, steps, K, generator, is_fixed
                 )
-            finally:
-                model.train(was_training)
-            return SampleResult(
-                ids_NL=out.ids_BL,
-                lengths_N=torch.full((n,), length, dtype=torch.int64, device=device),
-                nfe=out.nfe,
-                prompt_len=P,
-            )
+            return full_length_result(out.ids_BL, out.nfe, P)
         run = {"analytic": absorbing.ddpm, "euler": euler_absorbing}[name]
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = run(
                 self.denoiser(model), z_init, self.schedule, steps, generator, is_fixed,
                 mask_id=self.mask_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                return_trajectory=return_trajectory,
             )  # fmt: skip
-        finally:
-            model.train(was_training)
-        return SampleResult(
-            ids_NL=out.ids_BL,
-            lengths_N=torch.full((n,), length, dtype=torch.int64, device=device),
-            nfe=out.nfe,
-            prompt_len=P,
-        )
+        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
