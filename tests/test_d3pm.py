@@ -17,7 +17,8 @@ from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.process import ProcessConfig, get_process
-from dlm.process.d3pm import D3PMProcess, _uniform_kl_terms, uniform_posterior, uniform_reverse
+from dlm.process.d3pm import D3PMProcess, _uniform_kl_terms, uniform_posterior
+from dlm.process.uniform import reverse_probs
 
 
 def _specials(K: int) -> SpecialIds:
@@ -76,7 +77,7 @@ def test_uniform_posterior_equals_matrix_formula(a_s: float, a_t: float) -> None
             float(p_K[x]) * Qts[:, y] * Qs[x, :] / Qt[x, y] for x in range(K)
         )  # every Qt[x, y] > 0 unless a_t = 1
         one = torch.ones(1, dtype=torch.float64)
-        rev = uniform_reverse(p_K[None], torch.tensor([y]), one * a_s, one * a_t, K)[0].numpy()
+        rev = reverse_probs(p_K[None], torch.tensor([y]), one * a_t, one * a_s)[0].numpy()  # dlm.process.uniform
         np.testing.assert_allclose(rev, ref_p, atol=1e-12)
         assert rev.sum() == pytest.approx(1.0, abs=1e-12)
         for x in range(K):

@@ -233,9 +233,33 @@ def test_bad_input() -> None:
         make_sedd(transition="nope")
     uni = make_sedd(transition="uniform", time_cond=False)
     with pytest.raises(DlmError):
-        uni.sample(Double(vocab=K), 2, 8, sampler="analytic", generator=g)  # not implemented for uniform yet
+        uni.sample(Double(vocab=K), 2, 8, sampler="analytic", top_p=0.0, generator=g)
     with pytest.raises(DlmError):
-        uni.sample(Double(vocab=K), 2, 8, sampler="euler", temperature=0.5, generator=g)
+        uni.sample(Double(vocab=K), 2, 8, sampler="euler", temperature=-1.0, generator=g)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "analytic"])
+def test_uniform_samplers_through_the_process(sampler: str) -> None:
+    """SEDD-uniform: both samplers, with filters and trajectories: ids in [0, K), fixed ids kept (trajectory -1),
+    one network call per step, the same stream gives the same samples."""
+    L, S = 8, 4
+    uni = make_sedd(transition="uniform")
+    model = Double(vocab=K, L=L, seed=6)
+    fixed = torch.full((L,), -1)
+    fixed[5] = 3
+
+    def run(**kw):
+        return uni.sample(
+            model, 5, L, sampler=sampler, steps=S, prompt_ids=[2], fixed_ids=fixed,
+            generator=torch.Generator().manual_seed(8), return_trajectory=True, **kw,
+        )  # fmt: skip
+
+    out = run(temperature=0.7, top_p=0.9)
+    assert out.nfe == S and bool(((out.ids_NL >= 0) & (out.ids_NL < K)).all())
+    assert bool((out.ids_NL[:, 0] == 2).all()) and bool((out.ids_NL[:, 5] == 3).all())
+    assert bool((out.trajectory_NL[:, [0, 5]] == -1).all()) and bool((out.trajectory_NL < S).all())
+    assert torch.equal(run(temperature=0.7, top_p=0.9).ids_NL, out.ids_NL)
+    assert torch.equal(run(top_k=1).ids_NL, run(temperature=0.0).ids_NL)
 
 
 # ---------------------------------------------------------------------------------------------- uniform

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process import absorbing
+from dlm.process import absorbing, uniform
 from dlm.process.ar import _device
 from dlm.process.base import (
     AttnSpec,
@@ -65,7 +65,7 @@ from dlm.process.base import (
     full_length_result,
     register_process,
 )
-from dlm.process.sampling import filter_logits, sample_from_probs
+from dlm.process.sampling import filter_logits
 from dlm.process.schedules import get_schedule
 
 TRANSITIONS = ("absorbing", "uniform")
@@ -110,16 +110,6 @@ def uniform_posterior(x_N: Tensor, y_N: Tensor, alpha_s: float, alpha_t: float, 
     B = alpha_s * (cols == x_N[:, None]) + (1 - alpha_s) / K
     q = (A * B).to(torch.float64)
     return q / q.sum(-1, keepdim=True)
-
-
-def uniform_reverse(p_NK: Tensor, y_N: Tensor, alpha_s: Tensor, alpha_t: Tensor, K: int) -> Tensor:
-    """p_theta(z_s | z_t = y) = sum_x p_theta(x | z_t) q(z_s | z_t = y, x), float64 [N, K], in O(K) per row."""
-    a_s, a_t = alpha_s[:, None], alpha_t[:, None]
-    beta = a_t / a_s
-    is_y = torch.arange(K, device=p_NK.device)[None] == y_N[:, None]
-    A = beta * is_y + (1 - beta) / K
-    w = p_NK / (a_t * is_y + (1 - a_t) / K)
-    return A * (a_s * w + (1 - a_s) / K * w.sum(-1, keepdim=True))
 
 
 @register_process
@@ -372,36 +362,12 @@ class D3PMProcess(Process):
                     return_trajectory=return_trajectory,
                 )  # fmt: skip
             return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
-        if return_trajectory:
-            raise DlmError("d3pm uniform: trajectories are not supported yet")
-        K = self.K
-        where = generator.device if generator is not None else device
-        z = torch.randint(0, K, (n, length), generator=generator, device=where).to(device)
-        z = torch.where(fixed, fixed_NL, z)
-        nfe = 0
+        grid_t = torch.tensor(grid, dtype=torch.int64, device=device)
+        z0 = torch.where(fixed, fixed_NL, torch.zeros_like(fixed_NL))
         with eval_mode(model):
-            for k in range(S, 0, -1):
-                it, is_ = grid[k], grid[k - 1]
-                i_N = torch.full((n,), it, dtype=torch.int64, device=device)
-                logits = self._logits(model, z, i_N)
-                nfe += 1
-                probs = torch.softmax(
-                    filter_logits(logits.reshape(-1, K), temperature=temperature, top_k=top_k, top_p=top_p), -1
-                )
-                if temperature == 0:
-                    probs = F.one_hot(probs.argmax(-1), K).to(torch.float64)
-                a_s, a_t = float(self.alpha[is_]), float(self.alpha[it])
-                if is_ == 0:
-                    rev = probs
-                else:
-                    m = probs.shape[0]
-                    rev = uniform_reverse(
-                        probs,
-                        z.reshape(-1),
-                        torch.full((m,), a_s, dtype=torch.float64, device=device),
-                        torch.full((m,), a_t, dtype=torch.float64, device=device),
-                        K,
-                    )
-                new = sample_from_probs(rev, generator).view(n, length)
-                z = torch.where(fixed, z, new)
-        return full_length_result(z, nfe, P)
+            out = uniform.ancestral(
+                lambda z, i_B: self._logits(model, z, i_B), z0, self.alpha.to(device)[grid_t], self.K, generator,
+                fixed, times=grid_t, temperature=temperature, top_k=top_k, top_p=top_p,
+                return_trajectory=return_trajectory,
+            )  # fmt: skip
+        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)

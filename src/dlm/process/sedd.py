@@ -46,15 +46,16 @@ Samplers (``sample``), on the uniform grid t_i = 1 - i/S, one network call per s
 
 Uniform transitions (``process.transition=uniform``; network vocabulary K): p_{t|0}(y | x) = alpha_t 1{y = x}
 + (1 - alpha_t)/K, the network output is log s directly (no normalisation), every real position is scored with
-``dse_uniform`` (closed-form r, O(K) per position), and only the ``euler`` sampler (rate z -> y = sigma'(t) s_y / K,
-free positions start from the uniform prior; no temperature / top-k / top-p) is implemented so far.
+``dse_uniform`` (closed-form r, O(K) per position). Samplers from ``dlm.process.uniform``: ``euler`` (rate
+z -> y = sigma'(t) s_y / K) and ``analytic`` (Tweedie tau-leaping with the closed form of exp(c Q_uniform), last
+step the Tweedie x0 estimate); free positions start from the uniform prior; temperature / top-k / top-p act on the
+Tweedie estimate of p(x0 | z_t) (see that module).
 
 All randomness comes from the ``generator`` argument; draws are float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -62,7 +63,7 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process import absorbing
+from dlm.process import absorbing, uniform
 from dlm.process.absorbing import AbsorbingSample
 from dlm.process.ar import _device, _model_context
 from dlm.process.base import (
@@ -76,7 +77,6 @@ from dlm.process.base import (
     register_process,
 )
 from dlm.process.mdlm import build_schedule
-from dlm.process.sampling import sample_from_probs
 from dlm.process.schedules import Schedule, sample_times
 
 T_MIN = 1e-6
@@ -144,42 +144,6 @@ def dse_uniform(log_s_NV: Tensor, x_N: Tensor, z_N: Tensor, sigma_N: Tensor) -> 
     return term_s - cross + const
 
 
-def euler_uniform(
-    log_score: Callable[[Tensor, Tensor], Tensor],
-    z_init: Tensor,
-    schedule: Schedule,
-    steps: int,
-    vocab: int,
-    generator: torch.Generator | None = None,
-    fixed_BL: Tensor | None = None,
-) -> AbsorbingSample:
-    """Euler sampler of the reverse uniform CTMC: from z^l, jump to y != z^l with probability
-    sigma'(t) dt / K * s_theta(z_t)_{l,y}, stay otherwise (rows whose total exceeds 1 are renormalised onto the
-    jumps). Free positions start from the uniform prior over ``vocab`` tokens (one float64 uniform each); fixed
-    ones keep z_init. ``log_score(z, t) -> log s_theta`` [B, L, vocab]. One network call per step.
-    """
-    absorbing._check_steps(steps)
-    B, L = z_init.shape
-    device = z_init.device
-    fixed = torch.zeros_like(z_init, dtype=torch.bool) if fixed_BL is None else fixed_BL.bool().expand_as(z_init)
-    u = absorbing._uniforms((B, L), generator, device)
-    prior = torch.minimum((u * vocab).floor().to(torch.int64), torch.full_like(z_init, vocab - 1))
-    z = torch.where(fixed, z_init, prior)
-    for i in range(steps):
-        t = 1.0 - i / steps
-        logs = log_score(z, torch.full((B,), t, dtype=torch.float64, device=device))[..., :vocab]
-        scale = float(schedule.dsigma(t) * (1.0 / steps)) / vocab
-        onehot = torch.nn.functional.one_hot(z, vocab).bool()
-        rates = (logs.to(torch.float64).exp() * scale).masked_fill(onehot, 0.0)
-        total = rates.sum(-1, keepdim=True)
-        rates = torch.where(total > 1.0, rates / total, rates)
-        stay = (1.0 - rates.sum(-1)).clamp(min=0.0)
-        probs = rates + onehot.to(torch.float64) * stay.unsqueeze(-1)
-        new = sample_from_probs(probs.view(B * L, vocab), generator).view(B, L)
-        z = torch.where(fixed, z, new)
-    return AbsorbingSample(z, steps)
-
-
 def sedd_weight(schedule: Schedule, t: Tensor) -> Tensor:
     """sigma'(t) / (e^{sigma_t} - 1), float64: the weight of sum_l [sum_y e^ell_y - 1 - ell_x] (= MDLM's w(t))."""
     return schedule.dsigma(t) / torch.expm1(schedule.sigma(t))
@@ -222,7 +186,7 @@ class SEDDProcess(Process):
     """Score-entropy discrete diffusion (absorbing): DSE loss, its K-sample bound, Euler and analytic samplers.
 
     ``absorbing`` is set per instance from ``cfg.transition`` (like D3PM): absorbing (network vocabulary K + 1,
-    both samplers) or uniform (vocabulary K, raw log-score output, DSE loss/bound and the Euler sampler only).
+    both samplers) or uniform (vocabulary K, raw log-score output, DSE loss/bound, both samplers from ``uniform``).
     """
 
     name: ClassVar[str] = "sedd"
@@ -405,17 +369,13 @@ class SEDDProcess(Process):
         z_init = torch.where(is_fixed, fixed_NL, torch.full_like(fixed_NL, self.mask_id))
 
         if not self.absorbing:
-            if name != "euler":
-                raise DlmError("SEDD uniform: only the 'euler' sampler is implemented so far")
-            if temperature != 1.0 or top_k is not None or top_p is not None:
-                raise DlmError("SEDD uniform: temperature / top_k / top_p are not supported yet")
-            if return_trajectory:
-                raise DlmError("SEDD uniform: trajectories are not supported yet")
+            run_uniform = {"analytic": uniform.analytic, "euler": uniform.euler}[name]
             with eval_mode(model):
-                out = euler_uniform(
-                    lambda z, t: self.log_score(model, z, t), z_init, self.schedule, steps, K, generator, is_fixed
-                )
-            return full_length_result(out.ids_BL, out.nfe, P)
+                out = run_uniform(
+                    lambda z, t: self.log_score(model, z, t), z_init, self.schedule, steps, K, generator, is_fixed,
+                    temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
+                )  # fmt: skip
+            return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
         run = {"analytic": absorbing.ddpm, "euler": euler_absorbing}[name]
         with eval_mode(model):
             out = run(
