@@ -205,14 +205,14 @@ class D3PMProcess(Process):
         alpha_s, alpha_t = self._alpha(i_B)
         z_BL = self._corrupt(x_BL, real_BL, alpha_t, generator)
         logits_BLK = self._logits(model, z_BL, i_B)
-        B, L, K = logits_BLK.shape
+        B, _, K = logits_BLK.shape
         scored_BL = (z_BL == self.specials.mask) & real_BL if self.absorbing else real_BL
         x_safe = torch.where(real_BL, x_BL, 0).clamp(max=K - 1)
-        flat = logits_BLK.reshape(-1, K)
+        sel = logits_BLK[scored_BL]  # only scored rows enter the softmax (absorbing: the masked ones)
         if not torch.is_grad_enabled():  # evaluation: float64 log-softmax
-            flat = flat.to(torch.float64)
-        ce_BL = F.cross_entropy(flat, x_safe.reshape(-1), reduction="none").view(B, L)
-        ce_B = (ce_BL * scored_BL).sum(1)
+            sel = sel.to(torch.float64)
+        ce_N = F.cross_entropy(sel, x_safe[scored_BL], reduction="none")
+        ce_B = torch.zeros(B, dtype=ce_N.dtype, device=ce_N.device).index_add(0, scored_BL.nonzero()[:, 0], ce_N)
         if self.absorbing:
             a_B = (alpha_s - alpha_t) / (1 - alpha_t).clamp(min=1e-300)
             kl_B = a_B * ce_B.to(torch.float64)

@@ -275,13 +275,14 @@ class SEDDProcess(Process):
             d = dse_uniform(log_s.reshape(B * L, V), batch.ids_BL.reshape(-1), z_BL.reshape(-1), sig).view(B, L)
             d = torch.where(scored_BL, d, torch.zeros_like(d))
             return self.schedule.dsigma(t_B) * d.sum(1)
-        ell = self.scaled_log_score(model, z_BL, t_B)
-        V = ell.shape[-1]
-        ell = ell.masked_fill(torch.arange(V, device=ell.device) == self.mask_id, float("-inf"))
-        x_BL = batch.ids_BL
-        inner_BL = torch.expm1(torch.logsumexp(ell, -1)) - ell.gather(-1, x_BL.unsqueeze(-1)).squeeze(-1)
-        inner_BL = torch.where(scored_BL, inner_BL, torch.zeros_like(inner_BL))
-        sum_B = inner_BL.sum(1)
+        # Only the masked rows: DSE is 0 at unmasked positions (s = 0 and r = 0 there).
+        sel = self._logits(model, z_BL, t_B)[scored_BL].float()
+        sel = sel.index_fill(1, torch.tensor([self.mask_id], device=sel.device), float("-inf"))
+        ell_N = torch.log_softmax(sel, dim=-1)
+        x_N = batch.ids_BL[scored_BL]
+        inner_N = torch.expm1(torch.logsumexp(ell_N, -1)) - ell_N.gather(-1, x_N.unsqueeze(-1)).squeeze(-1)
+        rows_N = scored_BL.nonzero(as_tuple=True)[0]
+        sum_B = torch.zeros(z_BL.shape[0], dtype=inner_N.dtype, device=inner_N.device).index_add(0, rows_N, inner_N)
         w_B = sedd_weight(self.schedule, t_B).to(sum_B.dtype)
         return torch.where(scored_BL.any(1), w_B * sum_B, torch.zeros_like(sum_B))
 
