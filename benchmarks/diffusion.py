@@ -9,16 +9,18 @@ ratios, not absolute numbers across machines.
    (so load from other jobs hits them alike) and each row reports the median after one warm-up step, and
    the fastest step and its ratio to AR's fastest (less sensitive to other jobs on a shared machine).
    Target: ratio to AR >= 0.95.
-2. MDLM ``ddpm`` sampler at L = 1024, V = 50257 (+ MASK) on a small backbone (2 layers, d = 128), batch 1:
-   time per step split into the network forward (a timing wrapper around the model), the SUBS
-   parameterisation (the rest of the denoise callable) and everything else (posterior step, sampling).
-   Target: non-network share (SUBS + sampler) <= 10% of the step.
+2. MDLM ``ddpm`` sampler at L = 1024, V = 50257 (+ MASK), batch 1, on two backbones: the GPT-2-small shape
+   (12 layers, d = 768: what a V = 50257, L = 1024 model is in practice) and a small one (2 layers, d = 128, so
+   the vocabulary work dominates): time per step split into the network forward (a timing wrapper around the
+   model) and everything else (reveal decisions, the float64 draws at revealed positions, bookkeeping). Few
+   steps (S = L / 256 or L / 128) reveal many positions per step, which is the expensive end for the sampler.
+   Target: non-network share <= 10% of the step.
 3. MDLM ``ddpm_cache`` against ``ddpm`` at L = 256 for S in --steps-list (time-independent tiny model with
    random weights, batch 1, same seed): NFE and wall time of each. For S >> L most steps reveal nothing, so
    ``ddpm_cache`` makes at most L network calls (NFE <= min(S, L)) while ``ddpm`` makes S.
 
-    python benchmarks/diffusion.py                       # S in {64, 256, 1024} (2 CPU cores: ~1 min idle, ~8 busy)
-    python benchmarks/diffusion.py --steps-list 64 256 1024 4096   # full list (2 cores: ~2.5 min idle)
+    python benchmarks/diffusion.py                       # S in {64, 256, 1024} (2 idle CPU cores: ~3 min)
+    python benchmarks/diffusion.py --steps-list 64 256 1024 4096   # the full list (2 idle cores: ~4 min)
     python benchmarks/diffusion.py --device cuda
 
 Prints a table per part and writes benchmarks/results/diffusion.json.
@@ -27,9 +29,6 @@ Prints a table per part and writes benchmarks/results/diffusion.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import load_avg, machine_info, sync, write_result  # benchmarks/common.py (run as a script)
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.model import ModelConfig, build_model
@@ -44,13 +44,11 @@ from dlm.process import ProcessConfig, available_processes, get_process
 from dlm.process.base import Process
 
 TRAIN_SHAPE = dict(vocab_size=4096, n_layer=4, n_head=4, d_model=256)  # tiny-cpu, as in train_throughput.py
-SAMPLER_SHAPE = dict(vocab_size=50257, n_layer=2, n_head=2, d_model=128)
+SAMPLER_SHAPES = {  # name: (backbone, ddpm steps timed)
+    "gpt2-small": (dict(vocab_size=50257, n_layer=12, n_head=12, d_model=768), 4),
+    "2L-d128": (dict(vocab_size=50257, n_layer=2, n_head=2, d_model=128), 8),
+}
 CACHE_SHAPE = dict(vocab_size=4096, n_layer=2, n_head=2, d_model=128)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def specials_for(vocab_size: int) -> SpecialIds:
@@ -145,30 +143,14 @@ def train_rows(names: list[str], batch: int, seq_len: int, steps: int, device: t
 # ---------------------------------------------------------------------------------------------- part 2
 
 
-def sampler_split(length: int, steps: int, device: torch.device) -> dict:
-    sp = specials_for(SAMPLER_SHAPE["vocab_size"])
+def sampler_split(shape_name: str, length: int, device: torch.device) -> dict:
+    shape, steps = SAMPLER_SHAPES[shape_name]
+    sp = specials_for(shape["vocab_size"])
     process = get_process(ProcessConfig(name="mdlm"), sp)
-    model = TimedModel(build_for(process, SAMPLER_SHAPE, length, device), device)
-    denoise_s = [0.0]
-    make_denoiser = process.denoiser
-
-    def timed_denoiser(m: nn.Module):
-        inner = make_denoiser(m)
-
-        def denoise(z_BL, t_B):
-            sync(device)
-            t0 = time.perf_counter()
-            out = inner(z_BL, t_B)
-            sync(device)
-            denoise_s[0] += time.perf_counter() - t0
-            return out
-
-        return denoise
-
-    process.denoiser = timed_denoiser  # instance attribute: the sampler now times the whole denoise callable
+    model = TimedModel(build_for(process, shape, length, device), device)
 
     def run(n_steps: int) -> tuple[float, int]:
-        model.seconds, model.calls, denoise_s[0] = 0.0, 0, 0.0
+        model.seconds, model.calls = 0.0, 0
         gen = torch.Generator(device=device).manual_seed(0)
         sync(device)
         t0 = time.perf_counter()
@@ -178,24 +160,25 @@ def sampler_split(length: int, steps: int, device: torch.device) -> dict:
 
     run(1)  # warm-up
     wall, nfe = run(steps)
-    net, den = model.seconds, denoise_s[0]
-    return dict(
+    net = model.seconds
+    row = dict(
+        shape=shape_name,
+        **shape,
         process="mdlm",
         sampler="ddpm",
         length=length,
-        vocab_size=process.vocab_size,
         batch=1,
         steps=steps,
+        revealed_per_step=length / steps,
         nfe=nfe,
         wall_s=wall,
         step_s=wall / steps,
         network_s_per_step=net / steps,
-        subs_s_per_step=(den - net) / steps,
-        sampler_s_per_step=(wall - den) / steps,
+        other_s_per_step=(wall - net) / steps,
         non_network_share=(wall - net) / wall,
-        subs_share=(den - net) / wall,
-        sampler_share=(wall - den) / wall,
     )
+    row["vocab_size"] = process.vocab_size
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- part 3
@@ -246,7 +229,7 @@ def main() -> None:
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-length", type=int, default=256)
     p.add_argument("--sampler-length", type=int, default=1024)
-    p.add_argument("--sampler-steps", type=int, default=3, help="part 2: ddpm steps timed")
+    p.add_argument("--sampler-shapes", nargs="+", default=list(SAMPLER_SHAPES), choices=list(SAMPLER_SHAPES))
     p.add_argument("--cache-length", type=int, default=256)
     p.add_argument(
         "--steps-list",
@@ -258,17 +241,17 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "diffusion.json")
     a = p.parse_args()
     device = torch.device(a.device)
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_before = load_avg()
     t_start = time.perf_counter()
 
-    train, split, cache = [], None, []
+    train, split, cache = [], [], []
     if 1 in a.parts:
         names = ["ar", "mdlm", "d3pm"] + (["sedd"] if "sedd" in available_processes() else [])
         print(f"part 1: training {', '.join(names)} ...", flush=True)
         train = train_rows(names, a.train_batch, a.train_length, a.train_steps, device)
     if 2 in a.parts:
         print("part 2: ddpm sampler split ...", flush=True)
-        split = sampler_split(a.sampler_length, a.sampler_steps, device)
+        split = [sampler_split(name, a.sampler_length, device) for name in a.sampler_shapes]
     if 3 in a.parts:
         print("part 3: ddpm_cache vs ddpm ...", flush=True)
         cache = cache_rows(a.cache_length, a.steps_list, device)
@@ -288,17 +271,15 @@ def main() -> None:
                 f"{r['step_s']:>9.3f}{r['ratio_to_ar']:>7.2f}x{r['min_step_s']:>9.3f}{r['ratio_to_ar_best']:>11.2f}x"
             )
     if split:
-        s = split
         print(
-            f"\n2. MDLM ddpm step, L={s['length']}, V={s['vocab_size']}, batch 1, 2 layers d=128, "
-            f"{s['steps']} steps (nfe {s['nfe']}); target non-network <= 10%"
+            f"\n2. MDLM ddpm step, L={a.sampler_length}, V={split[0]['vocab_size']}, batch 1; target non-network <= 10%"
         )
-        print(f"{'part':<22}{'s/step':>9}{'share':>8}")
-        print(f"{'network forward':<22}{s['network_s_per_step']:>9.3f}{1 - s['non_network_share']:>8.1%}")
-        print(f"{'SUBS (denoise - net)':<22}{s['subs_s_per_step']:>9.3f}{s['subs_share']:>8.1%}")
-        print(f"{'sampler (posterior)':<22}{s['sampler_s_per_step']:>9.3f}{s['sampler_share']:>8.1%}")
-        print(f"{'total':<22}{s['step_s']:>9.3f}{'100.0%':>8}")
-        print(f"non-network share: {s['non_network_share']:.1%}")
+        print(f"{'backbone':<12}{'S':>4}{'nfe':>5}{'network s':>11}{'other s':>9}{'step s':>8}{'non-network':>13}")
+        for r in split:
+            print(
+                f"{r['shape']:<12}{r['steps']:>4}{r['nfe']:>5}{r['network_s_per_step']:>11.3f}"
+                f"{r['other_s_per_step']:>9.3f}{r['step_s']:>8.3f}{r['non_network_share']:>12.1%}"
+            )
     if cache:
         print(f"\n3. MDLM ddpm_cache vs ddpm, L={a.cache_length}, batch 1, 2 layers d=128, V=4097, random weights")
         print(f"{'S':>6}{'ddpm nfe':>10}{'ddpm s':>9}{'cache nfe':>11}{'cache s':>9}{'speedup':>9}{'same':>6}")
@@ -312,21 +293,12 @@ def main() -> None:
 
     out = {
         "benchmark": "diffusion",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": str(device),
-            "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-            "load_avg_start": load_before,
-            "load_avg_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        },
+        "machine": machine_info(device, load_avg_start=load_before, load_avg_end=load_avg()),
         "config": {
             "train_shape": {**TRAIN_SHAPE, "batch": a.train_batch, "seq_len": a.train_length, "precision": "fp32"},
             "train_steps": a.train_steps,
-            "sampler_shape": {**SAMPLER_SHAPE, "length": a.sampler_length, "steps": a.sampler_steps},
+            "sampler_shapes": {k: {**SAMPLER_SHAPES[k][0], "steps": SAMPLER_SHAPES[k][1]} for k in a.sampler_shapes},
+            "sampler_length": a.sampler_length,
             "cache_shape": {**CACHE_SHAPE, "length": a.cache_length, "steps_list": a.steps_list},
             "available_processes": available_processes(),
         },
@@ -335,11 +307,7 @@ def main() -> None:
         "ddpm_cache": cache,
         "total_s": total,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,6 @@ Prints a table and writes benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import machine_info, sync, write_result  # benchmarks/common.py (run as a script)
 from dlm.data.specials import SpecialIds
 from dlm.model import ModelConfig, build_model, flops_per_token
 from dlm.process import ProcessConfig, get_process
@@ -35,11 +33,6 @@ SHAPES = {
     "124M": (dict(vocab_size=50257, n_layer=12, n_head=12, d_model=768, mlp="gelu", norm="layernorm"), 1, 256),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, sizes: tuple[int, ...], seconds: float = 1.0) -> float:
@@ -169,25 +162,13 @@ def main() -> None:
 
     out = {
         "benchmark": "train_throughput",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "device": str(device),
-            "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        },
+        "machine": machine_info(device),
         "matmul_peak_flop_s": peaks,
         "train": rows,
         "decode": decode,
         "kv_cache_speedup": speedup,
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.sampling import sample_categorical
+from dlm.process.sampling import sample_categorical, sample_from_probs
 from dlm.process.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -139,9 +139,13 @@ def _draw_tokens(
     """One token per row from p_theta(x | z_t) = softmax(logits with logit_m = -inf), after temperature /
     top-k / top-p, by float64 inverse CDF (``sampling.sample_categorical``: one uniform per row; temperature 0 =
     argmax). The MASK id is never drawn."""
-    logits = logits_NV.to(torch.float64)  # a copy: the caller's (cached) logits stay untouched
+    logits = logits_NV.to(torch.float64, copy=True)  # the caller's (cached) logits stay untouched
     logits[:, mask_id] = float("-inf")
-    return sample_categorical(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if temperature == 0 or temperature != 1 or top_k is not None or top_p is not None:
+        return sample_categorical(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    # Plain sampling: unnormalised weights exp(l - max l) in place (sample_from_probs normalises by the CDF's end).
+    logits.sub_(logits.max(dim=-1, keepdim=True).values).exp_()
+    return sample_from_probs(logits, generator)
 
 
 def reveal_step(
