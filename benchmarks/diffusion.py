@@ -3,11 +3,13 @@
 Three parts, each measured side by side in one process on one machine (which the JSON names); compare the
 ratios, not absolute numbers across machines.
 
-1. Training tokens/s of MDLM and D3PM (absorbing), and SEDD when registered, relative to AR on the same
-   backbone (tiny-cpu shape: V = 4096, + 1 MASK for the absorbing families, L = 256, B = 16, 4 layers,
-   d = 256, fp32). A step is process.loss + backward + AdamW step; the processes take turns step by step
-   (so load from other jobs hits them alike) and each row reports the median after one warm-up step, and
-   the fastest step and its ratio to AR's fastest (less sensitive to other jobs on a shared machine).
+1. Training tokens/s of MDLM, D3PM and SEDD (absorbing) relative to AR on the same backbone (tiny-cpu shape:
+   V = 4096, + 1 MASK for the absorbing families, L = 256, B = 16, 4 layers, d = 256, fp32). D3PM and SEDD
+   are time-conditioned by default (adaLN); the rows ``d3pm:t0`` / ``sedd:t0`` run them with time_cond false,
+   which separates the cost of the conditioning from the family's own. A step is process.loss + backward +
+   AdamW step; the processes take turns step by step (so load from other jobs hits them alike) and each row
+   reports the median after one warm-up step, and the fastest step and its ratio to AR's fastest (less
+   sensitive to other jobs on a shared machine).
    Target: ratio to AR >= 0.95.
 2. MDLM ``ddpm`` sampler at L = 1024, V = 50257 (+ MASK), batch 1, on two backbones: the GPT-2-small shape
    (12 layers, d = 768: what a V = 50257, L = 1024 model is in practice) and a small one (2 layers, d = 128, so
@@ -93,8 +95,10 @@ def train_rows(names: list[str], batch: int, seq_len: int, steps: int, device: t
     ids = torch.randint(3, sp.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     data = Batch(ids.to(device), torch.ones(batch, seq_len, dtype=torch.bool, device=device))
     runs = []
-    for name in names:
-        process = get_process(ProcessConfig(name=name), sp)
+    for name in names:  # "sedd:t0" = sedd with time_cond false (isolates the adaLN cost from the family's own)
+        family, _, variant = name.partition(":")
+        cfg = ProcessConfig(name=family, time_cond=False if variant == "t0" else None)
+        process = get_process(cfg, sp)
         model = build_for(process, TRAIN_SHAPE, seq_len, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -225,7 +229,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
-    p.add_argument("--train-steps", type=int, default=3, help="part 1: timed steps per process (median)")
+    p.add_argument("--train-steps", type=int, default=5, help="part 1: timed steps per process (median)")
     p.add_argument("--train-batch", type=int, default=16)
     p.add_argument("--train-length", type=int, default=256)
     p.add_argument("--sampler-length", type=int, default=1024)
@@ -246,7 +250,7 @@ def main() -> None:
 
     train, split, cache = [], [], []
     if 1 in a.parts:
-        names = ["ar", "mdlm", "d3pm"] + (["sedd"] if "sedd" in available_processes() else [])
+        names = ["ar", "mdlm", "d3pm", "d3pm:t0", "sedd", "sedd:t0"]
         print(f"part 1: training {', '.join(names)} ...", flush=True)
         train = train_rows(names, a.train_batch, a.train_length, a.train_steps, device)
     if 2 in a.parts:

@@ -8,6 +8,15 @@ from torch import Tensor
 from dlm.errors import DlmError
 
 
+def cache_length(max_len: int | None, context: int) -> int:
+    """The token capacity of a new cache: ``max_len`` (default: the model context), checked to lie in
+    [1, context]."""
+    max_len = context if max_len is None else max_len
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= context:
+        raise DlmError(f"cache max_len must be in [1, model.context={context}], got {max_len!r}")
+    return max_len
+
+
 class CacheState:
     """Bookkeeping shared by every cache: how many tokens are committed, and which of them are real keys.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.errors import DlmError
-from dlm.model.cache import CacheState
+from dlm.model.cache import CacheState, cache_length
 from dlm.model.config import ModelConfig
 from dlm.model.masks import AttnSpec, causal
 
@@ -60,9 +60,7 @@ class GPT2Backbone(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> GPT2Cache:
         """An empty cache; dtype is unused (DynamicCache takes the dtype of the keys it receives)."""
-        max_len = self.cfg.context if max_len is None else max_len
-        if not 0 < max_len <= self.cfg.context:
-            raise DlmError(f"cache max_len must be in [1, model.context={self.cfg.context}], got {max_len}")
+        max_len = cache_length(max_len, self.cfg.context)
         device = self.hf.transformer.wte.weight.device if device is None else device
         return GPT2Cache(batch_size, max_len, device)
 

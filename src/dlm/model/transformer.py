@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from dlm.errors import DlmError
 from dlm.model.attention import Attention, AttnPlan, plan_attention
-from dlm.model.cache import KVCache
+from dlm.model.cache import KVCache, cache_length
 from dlm.model.config import ModelConfig
 from dlm.model.layers import MLP, AdaLN, TimeEmbedding, make_norm, modulate, rotary_cos_sin
 from dlm.model.masks import AttnSpec, resolve
@@ -101,9 +101,7 @@ class Transformer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """An empty KV cache for up to max_len tokens (default: context), on the model's device and dtype."""
-        max_len = self.cfg.context if max_len is None else max_len
-        if not 0 < max_len <= self.cfg.context:
-            raise DlmError(f"cache max_len must be in [1, model.context={self.cfg.context}], got {max_len}")
+        max_len = cache_length(max_len, self.cfg.context)
         weight = self.tok_emb.weight
         return KVCache(
             self.cfg.n_layer,
