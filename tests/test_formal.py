@@ -267,3 +267,22 @@ def test_ar_model_learns_a_2gram_to_its_entropy_rate(tmp_path: Path) -> None:
     assert exact < math.log(8) - 0.7  # a language with structure to learn
     assert abs(model_nll - exact) < 0.1, (model_nll, exact, true_nll)
     assert model_nll > true_nll - 0.02, (model_nll, true_nll)  # cannot beat the true model (beyond noise)
+
+
+def test_non_symbol_rows_are_out_of_support_and_left_out_of_ter() -> None:
+    """A generated row holding a special token (mapped to -1) has probability 0: it counts for SER, and TER is
+    the perplexity of the remaining rows, exactly as if only those had been scored."""
+    lang = TINY["2gram"]
+    x = lang.sample(300, 12, np.random.default_rng(2))
+    bad = x.copy()
+    bad[:50, 4] = -1  # 50 rows with a non-symbol
+    bad[50:60, 0] = lang.vocab_size  # 10 rows with an id past the symbols
+    with pytest.raises(DlmError, match="outside"):
+        formal_generation_metrics(lang, bad)
+    m = formal_generation_metrics(lang, bad, allow_non_symbols=True, reference_values=False)
+    clean = formal_generation_metrics(lang, x[60:], reference_values=False)
+    assert m["non_symbol_sequences"] == 60 and m["n_sequences"] == 300 and m["in_support"] == 240
+    assert m["ser"] == pytest.approx(60 / 300) and m["ser_se"] == pytest.approx(math.sqrt(0.2 * 0.8 / 300))
+    assert m["ter"] == pytest.approx(clean["ter"]) and m["ter_se"] == pytest.approx(clean["ter_se"])
+    only_bad = formal_generation_metrics(lang, bad[:60], allow_non_symbols=True, reference_values=False)
+    assert only_bad["ser"] == 1.0 and only_bad["ter"] is None and only_bad["ter_support"] is None

@@ -1,4 +1,4 @@
-"""The ``dlm`` command: prepare | train | eval | sample | demo.
+"""The ``dlm`` command: prepare | train | eval | sample | infill | experiment | demo.
 
 Bad input ends in one line ``dlm: error: ...`` on stderr and exit status 2. Hub access is off
 unless the user sets ``DLM_ONLINE=1`` (needed only to fetch a Hugging Face dataset or model).
@@ -128,9 +128,52 @@ def print_eval(record: dict, path: Path) -> None:
     print(f"  written to {path}")
 
 
+def print_generation(record: dict, path: Path) -> None:
+    def pm(value: float | None, se: float | None, fmt: str) -> str:
+        if value is None:
+            return "undefined"
+        return f"{value:{fmt}}" + (f" ± {se:{fmt}}" if se is not None else "")
+
+    steps = "" if record["steps"] is None else f" {record['steps']} steps,"
+    opt = record["ter_optimal"]
+    print(
+        f"generation: TER {pm(record['ter'], record['ter_se'], '.4f')}"
+        + (f" (optimal {opt:.4f})" if opt is not None else "")
+        + f" | SER {pm(record['ser'], record['ser_se'], '.4f')} | N={record['n_sequences']}, L={record['length']} | "
+        f"{record['family']} {record['sampler']},{steps} NFE {record['nfe']:.1f} | "
+        f"{1e3 * record['wall_s_per_sequence']:.2f} ms/sequence | step {record['checkpoint_step']} | "
+        f"seed {record['seed']}"
+    )
+    if record["non_symbol_sequences"]:
+        print(f"  {record['non_symbol_sequences']} sequences hold a non-symbol token (counted as out of support)")
+    print(f"  written to {path}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from dlm.eval.run import evaluate_run
 
+    if args.generation:
+        from dlm.eval.formal import evaluate_generation
+
+        if args.split is not None or args.max_batches is not None:
+            raise DlmError("--split and --max-batches belong to likelihood evaluation, not to --generation")
+        record, path = evaluate_generation(
+            args.run,
+            n=1000 if args.n is None else args.n,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=0 if args.seed is None else args.seed,
+            batch_size=args.batch_size or 16,
+            which=_checkpoint(args.checkpoint),
+            ema=not args.no_ema,
+            device=args.device,
+            log=print,
+        )
+        print_generation(record, path)
+        return 0
+    for flag in ("n", "sampler", "steps"):
+        if getattr(args, flag) is not None:
+            raise DlmError(f"--{flag} belongs to --generation (add --generation to sample and score a formal run)")
     record, path = evaluate_run(
         args.run,
         split=args.split,
@@ -199,6 +242,48 @@ def cmd_infill(args: argparse.Namespace) -> int:
         print(f"--- infill {r['index']} ({len(r['filled_positions'])} positions, {r['sampler']}, NFE {r['nfe']})")
         print(r["text"])
     print(f"--- written to {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- experiment
+
+
+def _int_list(values: Sequence[str]) -> list[int]:
+    out = []
+    for v in values:
+        for part in v.replace(",", " ").split():
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise DlmError(f"--steps takes integers like 8 16 32 or 8,16,32, got {v!r}") from None
+    return out
+
+
+def cmd_experiment_formal(args: argparse.Namespace) -> int:
+    """AR vs MDLM on a formal language: TER and SER against MDLM sampling steps."""
+    from dlm.experiment.formal import default_config, run_formal_experiment
+
+    cfg = default_config(
+        args.language,
+        temp_mode=args.temp_mode,
+        language_seed=args.language_seed,
+        length=args.length,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_layer=args.n_layer,
+        d_model=args.d_model,
+        n_head=args.n_head,
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        steps=_int_list(args.steps) if args.steps else None,
+        n_samples=args.n_samples,
+        sample_batch_size=args.sample_batch_size,
+        device=args.device,
+        threads=args.threads,
+    )
+    out = args.out or Path("runs") / f"formal-{cfg.language}-seed{cfg.seed}"
+    run_formal_experiment(cfg, out, force=args.force)
     return 0
 
 
@@ -287,12 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--top-p", type=float, default=None)
         q.add_argument("--seed", type=int, default=0)
 
-    pe = sub.add_parser("eval", help="likelihood of a run on a split -> RUN/eval/*.json")
+    pe = sub.add_parser(
+        "eval", help="likelihood of a run on a split, or --generation: TER/SER of samples -> RUN/eval/*.json"
+    )
     run_args(pe)
     pe.add_argument("--split", default=None, help="split to evaluate (default: the run's eval.split)")
-    pe.add_argument("--batch-size", type=int, default=None)
+    pe.add_argument(
+        "--batch-size", type=int, default=None, help="rows per batch (--generation: rows sampled at once, default 16)"
+    )
     pe.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
-    pe.add_argument("--seed", type=int, default=None, help="seed of the evaluation noise (diffusion bounds)")
+    pe.add_argument("--seed", type=int, default=None, help="seed of the evaluation noise / of the samples (0)")
+    pe.add_argument(
+        "--generation",
+        action="store_true",
+        help="runs on a formal: corpus: sample --n sequences and score TER and SER with the true language",
+    )
+    pe.add_argument("--n", type=int, default=None, help="--generation: number of sequences (default 1000)")
+    pe.add_argument("--sampler", default=None, help="--generation: sampler of the family (default: its default)")
+    pe.add_argument("--steps", type=int, default=None, help="--generation: denoising steps (diffusion; default L)")
     pe.set_defaults(func=cmd_eval)
 
     ps = sub.add_parser("sample", help="draw samples from a run -> RUN/samples/*.jsonl")
@@ -313,6 +410,36 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--n", type=int, default=2, help="number of infills (default 2)")
     sampler_args(pi)
     pi.set_defaults(func=cmd_infill)
+
+    px = sub.add_parser("experiment", help="named experiments: formal (AR vs MDLM, TER/SER vs sampling steps)")
+    xsub = px.add_subparsers(dest="experiment", required=True)
+    pf = xsub.add_parser(
+        "formal",
+        help="AR vs MDLM on a formal language: TER and SER against MDLM sampling steps (MDM theory paper, fig. 1)",
+        description="Prepare a formal language, train an AR model and an MDLM with one backbone config, sample both "
+        "(MDLM ddpm_cache over a sweep of step counts) and score TER/SER with the true language. Unset options "
+        "come from the language's preset: -cpu languages get a CPU preset (under 20 minutes on 2 cores).",
+    )
+    pf.add_argument("--language", default="2gram-cpu", help="formal language preset (default 2gram-cpu)")
+    pf.add_argument("--out", type=Path, default=None, help="output directory (default runs/formal-LANG-seedS)")
+    pf.add_argument("--force", action="store_true", help="redo a finished experiment / replace pieces of others")
+    pf.add_argument("--temp-mode", default=None, help="multiply (default: needed for SER > 0) or divide (SPEC)")
+    pf.add_argument("--language-seed", type=int, default=None, help="seed of the language (default: preset's)")
+    pf.add_argument("--length", type=int, default=None, help="symbols per sequence (default: the preset's)")
+    pf.add_argument("--seed", type=int, default=None, help="seed of data, trainings and samples (default 0)")
+    pf.add_argument("--n-train", type=int, default=None, help="training sequences")
+    pf.add_argument("--n-layer", type=int, default=None, help="backbone blocks (both models)")
+    pf.add_argument("--d-model", type=int, default=None, help="backbone width (both models)")
+    pf.add_argument("--n-head", type=int, default=None, help="attention heads (both models)")
+    pf.add_argument("--train-steps", type=int, default=None, help="optimizer steps of each training")
+    pf.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
+    pf.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    pf.add_argument("--steps", nargs="+", default=None, help="MDLM step counts, e.g. 8 16 32 64 128")
+    pf.add_argument("--n-samples", type=int, default=None, help="sequences sampled per setting")
+    pf.add_argument("--sample-batch-size", type=int, default=None, help="rows sampled at once (16, as the paper)")
+    pf.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    pf.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU preset 1; 0 = torch's default)")
+    pf.set_defaults(func=cmd_experiment_formal)
 
     pd = sub.add_parser(
         "demo", help="the main job on the embedded corpus: prepare, train a tiny AR model, evaluate, sample"
