@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import time
@@ -410,6 +411,14 @@ def _row(rec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: rec[k] for k in _ROW_KEYS} | {"non_symbol_sequences": rec["non_symbol_sequences"]}
 
 
+def _load_avg() -> float | None:
+    """1-minute load average (other jobs on the machine slow every timing down), None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def _machine(device: str) -> dict[str, Any]:
     cpu = platform.processor() or None
     try:
@@ -461,6 +470,7 @@ def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: 
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
+    load_start = _load_avg()
 
     L = cfg.length
     log(f"== data: formal:{cfg.language} (temp_mode {cfg.temp_mode}), L={L}, {cfg.n_train} training sequences")
@@ -549,7 +559,7 @@ def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: 
         },
         "runs": {"data": str(data.resolve()), "ar": str(runs["ar"].resolve()), "mdlm": str(runs["mdlm"].resolve())},
         "figure": FIGURE_FILE,
-        "machine": _machine(device),
+        "machine": _machine(device) | {"load_avg_1min": {"start": load_start, "end": _load_avg()}},
         "training_wall_s": trained_s,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

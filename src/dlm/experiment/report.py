@@ -146,5 +146,9 @@ def format_table(result: Mapping[str, Any]) -> list[str]:
     if "wall_s" in result:
         w = result["wall_s"]
         parts = ", ".join(f"{k} {v:.0f}s" for k, v in w.items() if k != "total")
-        lines.append(f"wall time: {parts}; total {w['total']:.0f}s")
+        load = result.get("machine", {}).get("load_avg_1min", {})
+        lines.append(
+            f"wall time: {parts}; total {w['total']:.0f}s (load average {load.get('start')} -> {load.get('end')}, "
+            f"{result.get('machine', {}).get('torch_threads')} torch threads)"
+        )
     return lines
