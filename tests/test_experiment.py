@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dlm.cli import main
 from dlm.data.formal import get_language
@@ -20,8 +21,8 @@ from tests.helpers import write_corpus
 L = 16  # symbols per sequence in these tests (rows of L + 2 tokens)
 TINY = [
     "--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.context", str(L + 2),
-    "--train.batch_size", "32", "--train.max_steps", "40", "--train.warmup_steps", "5", "--train.lr", "1e-2",
-    "--train.val_every", "40", "--train.val_batches", "1", "--train.ckpt_every", "40", "--train.log_every", "40",
+    "--train.batch_size", "32", "--train.max_steps", "100", "--train.warmup_steps", "5", "--train.lr", "1e-2",
+    "--train.val_every", "100", "--train.val_batches", "1", "--train.ckpt_every", "100", "--train.log_every", "50",
 ]  # fmt: skip
 
 
@@ -29,6 +30,15 @@ TINY = [
 def runs(tmp_path_factory):
     """A tiny AR model and a tiny MDLM on formal:2gram-cpu (temp_mode multiply, L = 16), and an AR model on text."""
     root = tmp_path_factory.mktemp("gen")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # micro models: 1 thread is as fast, and immune to oversubscription on a busy box
+    try:
+        return _train_runs(root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_runs(root):
     data = root / "formal"
     opts = ["n_train=400", "n_valid=20", "n_test=20", f"length={L}", "temp_mode=multiply"]
     argv = ["prepare", "formal:2gram-cpu", "--tokenizer", "chars", "--mode", "pad", "--seq-len", str(L + 2)]
@@ -59,27 +69,27 @@ def _scored(rec: dict, n: int) -> None:
     assert rec["ter_optimal"] > math.exp(rec["entropy_rate"]) - 1e-9
     for key in ("ter", "ser", "nfe", "wall_s_per_sequence", "non_symbol_sequences"):
         assert key in rec["definitions"]
-    assert rec["checkpoint_step"] == 40 and rec["wall_s_per_sequence"] == pytest.approx(rec["wall_s"] / n)
+    assert rec["checkpoint_step"] == 100 and rec["wall_s_per_sequence"] == pytest.approx(rec["wall_s"] / n)
 
 
 def test_generation_eval_of_a_tiny_ar_run(runs, capsys):
     assert main(["eval", str(runs["ar"]), "--generation", "--n", "40", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "generation: TER" in out and "SER" in out
-    rec = json.loads((runs["ar"] / "eval" / "generation-ancestral-n40-seed3-step40.json").read_text())
+    rec = json.loads((runs["ar"] / "eval" / "generation-ancestral-n40-seed3-step100.json").read_text())
     _scored(rec, 40)
     assert rec["family"] == "ar" and rec["steps"] is None and rec["seed"] == 3
     assert rec["nfe"] <= L  # one forward per generated position at most (fewer when every row stopped early)
 
 
 def test_generation_eval_of_a_tiny_mdlm_run(runs, capsys):
-    argv = ["eval", str(runs["mdlm"]), "--generation", "--n", "24", "--sampler", "ddpm_cache", "--steps", "4"]
-    assert main([*argv, "--batch-size", "8"]) == 0
+    argv = ["eval", str(runs["mdlm"]), "--generation", "--n", "40", "--sampler", "ddpm_cache", "--steps", "12"]
+    assert main([*argv, "--batch-size", "16"]) == 0
     capsys.readouterr()
-    rec = json.loads((runs["mdlm"] / "eval" / "generation-ddpm_cache-steps4-n24-seed0-step40.json").read_text())
-    _scored(rec, 24)
-    assert rec["family"] == "mdlm" and rec["steps"] == 4 and rec["sample_batch_size"] == 8
-    assert len(rec["nfe_per_batch"]) == 3 and all(1 <= x <= 4 for x in rec["nfe_per_batch"])
+    rec = json.loads((runs["mdlm"] / "eval" / "generation-ddpm_cache-steps12-n40-seed0-step100.json").read_text())
+    _scored(rec, 40)
+    assert rec["family"] == "mdlm" and rec["steps"] == 12 and rec["sample_batch_size"] == 16
+    assert len(rec["nfe_per_batch"]) == 3 and all(1 <= x <= 12 for x in rec["nfe_per_batch"])  # 16 + 16 + 8 rows
 
 
 def test_generation_refuses_a_run_on_another_corpus(runs, capsys):
