@@ -68,3 +68,41 @@ def smoke_train(
     summary = train(cfg, tmp_path / "run")
     rows = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return summary, [r["val_nll"] for r in rows if r.get("split") == "validation"]
+
+
+def tree_state(*paths: Path) -> dict[str, str]:
+    """Checksums of every file (and the names of every directory) under ``paths``: compare before and after
+    a refused command to prove it left them as they were. A missing path is recorded as missing."""
+    import hashlib
+
+    out: dict[str, str] = {}
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            out[str(root)] = "missing"
+            continue
+        items = [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]
+        for p in items:
+            if p.is_dir():
+                out[str(p)] = f"dir {p.stat().st_mode:o}"
+            else:
+                out[str(p)] = f"{p.stat().st_mode:o} " + hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_refused(capsys, argv: list[str], match: str, *watch: Path) -> str:
+    """Run ``dlm ARGV`` in-process and assert the house rule for bad input: exit status 2, one line
+    ``dlm: error: ...`` on stderr containing ``match``, and every path in ``watch`` unchanged (checksums).
+    Returns the error line."""
+    from dlm.cli import main
+
+    before = tree_state(*watch)
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, f"exit status {rc}, stderr {err!r}"
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dlm: error: "), f"not one error line: {err!r}"
+    assert match in lines[0], f"{match!r} not in {lines[0]!r}"
+    assert tree_state(*watch) == before, "a refused command changed files"
+    return lines[0]
