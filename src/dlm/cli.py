@@ -7,8 +7,10 @@ unless the user sets ``DLM_ONLINE=1`` (needed only to fetch a Hugging Face datas
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -324,9 +326,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when help is printed: the config and
+    process registries import torch, which `dlm prepare` and every other parse do not need."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def config_help(preset: str | None = None, width: int = 100) -> str:
+    """Every config field (``describe_config``: type, default, docstring) grouped by section, with the
+    value the bundled ``preset`` gives it where that differs from the default."""
+    from dlm.config import describe_config, load_config
+
+    given = {} if preset is None else load_config(preset).to_dict()
+    lines = ["config fields: override any of them with --section.field VALUE or --section.field=VALUE"]
+    section = None
+    for key, type_label, default, text in describe_config():
+        if key.partition(".")[0] != section:
+            section = key.partition(".")[0]
+            lines.append(f"\n  {section}:")
+        value = given.get(section, {}).get(key.partition(".")[2], default)
+        by_preset = "" if value == default else f"; preset {preset}: {json.dumps(value)}"
+        lines.append(f"    --{key} {type_label} (default {json.dumps(default)}{by_preset})")
+        indent = " " * 8
+        lines += textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def samplers_help() -> str:
+    """The samplers of every registered process (its ``samplers``, ``default_sampler`` marked *), per
+    process.transition where they differ, and whether the family's network is time-conditioned by default."""
+    from dlm.data.specials import SpecialIds
+    from dlm.process import ProcessConfig, available_processes, get_process
+
+    specials = SpecialIds(bos=0, eos=1, pad=1, mask=8, vocab_size=8)  # any small vocabulary builds a process
+    lines = ["samplers (--sampler of sample, infill and eval --generation; * = the default):"]
+    for name in available_processes():
+        by_transition: dict[str, str] = {}
+        time_cond = False
+        for transition in ("absorbing", "uniform"):  # the values of process.transition
+            try:
+                process = get_process(ProcessConfig(name=name, transition=transition), specials)
+            except DlmError:
+                continue
+            time_cond |= process.time_conditioned
+            names = [s + "*" if s == process.default_sampler else s for s in process.samplers]
+            by_transition[transition] = ", ".join(names)
+        if len(set(by_transition.values())) == 1:
+            text = next(iter(by_transition.values()))
+        else:
+            text = "; ".join(f"{transition}: {names}" for transition, names in by_transition.items())
+        lines.append(f"  {name:<6}{text}" + ("  (time-conditioned by default)" if time_cond else ""))
+    lines.append(
+        "ddpm_cache reuses the network's output across steps: it needs a time-independent network\n"
+        "(--process.time_cond false)."
+    )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm", description=__doc__.splitlines()[0], allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    raw = argparse.RawDescriptionHelpFormatter  # epilogs keep their line breaks
+
+    def config_epilog() -> str:
+        return f"{samplers_help()}\n\n{config_help(preset='tiny-cpu')}"  # train's default preset, demo's one
 
     pp = sub.add_parser("prepare", help="tokenize a corpus into shards")
     pp.add_argument(
@@ -350,8 +417,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.set_defaults(func=cmd_prepare)
 
-    overrides_help = "any config field as a dotted override, e.g. --model.n_layer 4 --train.lr=3e-4"
-    pt = sub.add_parser("train", help="train a model (AR and, later, diffusion families)", epilog=overrides_help)
+    pt = sub.add_parser(
+        "train",
+        help="train a model of any registered family (--process.name; fields and samplers: dlm train --help)",
+        description="Train a model: a preset or YAML config, then any config field as a dotted override\n"
+        "(--model.n_layer 4 --train.lr=3e-4 --process.name mdlm). Every field and each family's samplers follow.",
+        epilog=config_epilog,
+        formatter_class=raw,
+    )
     pt.add_argument("--preset", default="tiny-cpu", help="bundled preset: tiny-cpu (default), gpt2-small")
     pt.add_argument("--config", type=Path, default=None, help="YAML config file (instead of a preset)")
     pt.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<preset>-<family>-<time>)")
@@ -365,15 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
     def sampler_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--sampler", default=None, help="sampler of the family (default: its default)")
+        q.add_argument("--sampler", default=None, help="a sampler of the run's family, listed below (default: *)")
         q.add_argument("--steps", type=int, default=None, help="denoising steps S of a diffusion sampler")
-        q.add_argument("--temperature", type=float, default=1.0)
-        q.add_argument("--top-k", type=int, default=None)
-        q.add_argument("--top-p", type=float, default=None)
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+        q.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+        q.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass >= p (default: all)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
 
     pe = sub.add_parser(
-        "eval", help="likelihood of a run on a split, or --generation: TER/SER of samples -> RUN/eval/*.json"
+        "eval",
+        help="likelihood of a run on a split, or --generation: TER/SER of samples -> RUN/eval/*.json",
+        epilog=samplers_help,
+        formatter_class=raw,
     )
     run_args(pe)
     pe.add_argument("--split", default=None, help="split to evaluate (default: the run's eval.split)")
@@ -392,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--steps", type=int, default=None, help="--generation: denoising steps (diffusion; default L)")
     pe.set_defaults(func=cmd_eval)
 
-    ps = sub.add_parser("sample", help="draw samples from a run -> RUN/samples/*.jsonl")
+    ps = sub.add_parser(
+        "sample", help="draw samples from a run -> RUN/samples/*.jsonl", epilog=samplers_help, formatter_class=raw
+    )
     run_args(ps)
     ps.add_argument("--n", type=int, default=4, help="number of samples (default 4)")
     ps.add_argument("--length", type=int, default=None, help="total tokens incl. the prompt (default: row length)")
@@ -403,7 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ps.set_defaults(func=cmd_sample)
 
-    pi = sub.add_parser("infill", help='fill [MASK] spans with a diffusion run: "The [MASK] sat on the [MASK:3] ."')
+    pi = sub.add_parser(
+        "infill",
+        help='fill [MASK] spans with a diffusion run: "The [MASK] sat on the [MASK:3] ."',
+        epilog=samplers_help,
+        formatter_class=raw,
+    )
     run_args(pi)
     pi.add_argument("pattern", help="text with [MASK] (span of --span tokens) or [MASK:n] (n tokens)")
     pi.add_argument("--span", type=int, default=1, help="tokens per plain [MASK] (default 1)")
@@ -442,17 +525,22 @@ def build_parser() -> argparse.ArgumentParser:
     pf.set_defaults(func=cmd_experiment_formal)
 
     pd = sub.add_parser(
-        "demo", help="the main job on the embedded corpus: prepare, train a tiny AR model, evaluate, sample"
+        "demo",
+        help="the main job on the embedded corpus: prepare, train a tiny AR model, evaluate, sample",
+        description="Prepare Shakespeare, train the tiny-cpu preset (AR), evaluate and sample; any config field\n"
+        "may be overridden with a dotted flag (--train.max_steps 50).",
+        epilog=config_epilog,
+        formatter_class=raw,
     )
     pd.add_argument("--tokenizer", default="bpe:4096", help="tokenizer of the demo data (default bpe:4096)")
-    pd.add_argument("--seq-len", type=int, default=256)
+    pd.add_argument("--seq-len", type=int, default=256, help="row length L and model.context (default 256)")
     pd.add_argument("--steps", type=int, default=0, help="training steps (default: the tiny-cpu preset's)")
-    pd.add_argument("--data-root", type=Path, default=Path("data"))
-    pd.add_argument("--runs-root", type=Path, default=Path("runs"))
-    pd.add_argument("--run-dir", type=Path, default=None)
-    pd.add_argument("--samples", type=int, default=3)
-    pd.add_argument("--sample-length", type=int, default=160)
-    pd.add_argument("--top-p", type=float, default=0.95)
+    pd.add_argument("--data-root", type=Path, default=Path("data"), help="where the data directory goes (data)")
+    pd.add_argument("--runs-root", type=Path, default=Path("runs"), help="where the run directory goes (runs)")
+    pd.add_argument("--run-dir", type=Path, default=None, help="run directory (default RUNS_ROOT/demo-<time>)")
+    pd.add_argument("--samples", type=int, default=3, help="samples printed at the end (default 3)")
+    pd.add_argument("--sample-length", type=int, default=160, help="tokens per sample (default 160)")
+    pd.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of the samples (default 0.95)")
     pd.set_defaults(func=cmd_demo, accepts_overrides=True)
     return p
 

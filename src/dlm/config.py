@@ -471,14 +471,23 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def describe_config() -> list[tuple[str, str, Any, str]]:
-    """``(section.key, type, default, help)`` for every field: the command line's help text."""
+def _type_label(tp: Any) -> str:
+    """A field's type as the help shows it: ``int``, ``float | None``, ``auto|cpu|cuda`` for a Literal."""
+    if typing.get_origin(tp) is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return _type_name(tp)
+
+
+def describe_config(sections: dict[str, type] | None = None) -> list[tuple[str, str, Any, str]]:
+    """``(section.key, type, default, help)`` for every field of ``sections`` (default: the run config's
+    sections): the help of every command that takes dotted overrides (``dlm train --help``). A field
+    without a ``name: text`` docstring line gets the help ``""`` (a test refuses that)."""
     out = []
-    for section, cls in SECTIONS.items():
-        hints, helps = _hints(cls), field_help(cls)
-        defaults = RunConfig().to_dict()[section]
+    for section, cls in (SECTIONS if sections is None else sections).items():
+        hints, helps, defaults = _hints(cls), field_help(cls), cls()
         for f in dataclasses.fields(cls):
-            out.append((f"{section}.{f.name}", _type_name(hints[f.name]), defaults[f.name], helps.get(f.name, "")))
+            default = _plain(getattr(defaults, f.name))
+            out.append((f"{section}.{f.name}", _type_label(hints[f.name]), default, helps.get(f.name, "")))
     return out
 
 
