@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -47,6 +48,19 @@ def test_cache_equals_full_forward(model):
         chunks = [model(x[:, :6], cache=cache), model(x[:, 6:13], cache=cache), model(x[:, 13:], cache=cache)]
     assert (torch.cat(steps, 1) - full).abs().amax() <= 1e-5
     assert (torch.cat(chunks, 1) - full).abs().amax() <= 1e-5
+
+
+def test_cached_decode_emits_no_deprecation_warning(model):
+    """The backbone uses transformers' current cache API (``past_key_values`` warns: removed in 5.40)."""
+    x = ids()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")  # any FutureWarning / DeprecationWarning fails the test
+        full = model(x)
+        cache = model.init_cache(2)
+        steps = [model(x[:, :4], cache=cache)] + [model(x[:, i : i + 1], cache=cache) for i in range(4, 16)]
+        model(x[:, :2], cache=cache, commit=False)  # the uncommitted path (a crop) too
+    assert cache.length == 16 and cache.dynamic.get_seq_length() == 16
+    assert (torch.cat(steps, 1) - full).abs().amax() <= 1e-5
 
 
 def test_uncommitted_forward_leaves_the_cache_alone(model):

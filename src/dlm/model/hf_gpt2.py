@@ -101,7 +101,7 @@ class GPT2Backbone(nn.Module):
             input_ids=ids_BL,
             attention_mask=attention_mask,
             position_ids=position_ids.expand(B, L),
-            past_key_values=None if cache is None else cache.dynamic,
+            cache=None if cache is None else cache.dynamic,  # not past_key_values: deprecated, gone in 5.40
             use_cache=cache is not None,
         )
         if cache is not None:
