@@ -8,6 +8,7 @@ import pytest
 
 from dlm.cli import main
 from dlm.data.tokenizers import build_tokenizer
+from dlm.eval.results import find_results
 from dlm.eval.run import infill_ids
 from tests.helpers import write_corpus
 
@@ -37,7 +38,7 @@ def runs(tmp_path_factory):
 def test_eval_labels_the_bound(runs, capsys):
     assert main(["eval", str(runs["mdlm"]), "--split", "validation"]) == 0
     assert "NLL ≤" in capsys.readouterr().out
-    rec = json.loads((runs["mdlm"] / "eval" / "likelihood-validation-step3.json").read_text())
+    ((_, rec),) = find_results(runs["mdlm"], "likelihood", split="validation", checkpoint_step=3)
     assert rec["exact"] is False and rec["bound"] == "<=" and rec["process"]["name"] == "mdlm"
     assert rec["process"]["eval_t_samples"] == 1 and rec["process"]["schedule"] == "loglinear"
 

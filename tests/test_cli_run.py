@@ -8,6 +8,7 @@ import math
 import pytest
 
 from dlm.cli import main
+from dlm.eval.results import find_results
 from tests.helpers import write_corpus
 
 TINY = [
@@ -41,7 +42,7 @@ def test_eval_json_is_complete_and_consistent(trained, capsys):
     assert main(["eval", str(run), "--split", "test"]) == 0
     out = capsys.readouterr().out
     assert "test: NLL =" in out and "exact" in out
-    rec = json.loads((run / "eval" / "likelihood-test-step4.json").read_text())
+    ((_, rec),) = find_results(run, "likelihood", split="test", checkpoint_step=4, max_batches=None)
     for key in ("split", "checkpoint_step", "seed", "tokens", "sequences", "nll_se", "bits_per_byte", "mode"):
         assert key in rec
     assert rec["exact"] is True and rec["bound"] == "=" and rec["family"] == "ar"
@@ -115,10 +116,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "validation: NLL" in out and "test: NLL" in out and "run directory:" in out
     (run,) = (tmp_path / "runs").iterdir()
-    assert {p.name for p in (run / "eval").iterdir()} == {
-        "likelihood-validation-step2.json",
-        "likelihood-test-step2.json",
-    }
+    names = sorted(p.name for p in (run / "eval").iterdir())
+    assert len(names) == 2 and names[0].startswith("likelihood-test-step2-")
+    assert names[1].startswith("likelihood-validation-step2-")
 
 
 def test_gpt2_backbone_trains_and_evaluates(trained, tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_gpt2_backbone_trains_and_evaluates(trained, tmp_path, capsys):
     run = tmp_path / "g2"
     assert main(["train", "--data.dir", str(data), "--run-dir", str(run), *TINY, "--model.backbone", "gpt2-hf"]) == 0
     assert main(["eval", str(run), "--split", "validation"]) == 0
-    rec = json.loads((run / "eval" / "likelihood-validation-step4.json").read_text())
+    ((_, rec),) = find_results(run, "likelihood", split="validation")
     assert rec["exact"] and math.isfinite(rec["nll"]) and rec["nll"] < math.log(259) + 1
 
 

@@ -15,6 +15,7 @@ from dlm.data.formal import get_language
 from dlm.data.tokenizers import CharTokenizer, build_tokenizer
 from dlm.errors import DlmError
 from dlm.eval.formal import symbol_table
+from dlm.eval.results import find_results
 from dlm.experiment.formal import RESULT_FILE, TEMP_MODE_DECISION, matched_speedup
 from tests.helpers import write_corpus
 
@@ -76,7 +77,8 @@ def test_generation_eval_of_a_tiny_ar_run(runs, capsys):
     assert main(["eval", str(runs["ar"]), "--generation", "--n", "40", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "generation: TER" in out and "SER" in out
-    rec = json.loads((runs["ar"] / "eval" / "generation-ancestral-n40-seed3-step100.json").read_text())
+    ((path, rec),) = find_results(runs["ar"], "generation", n=40, seed=3, checkpoint_step=100)
+    assert path.name.startswith("generation-ancestral-n40-seed3-step100-")
     _scored(rec, 40)
     assert rec["family"] == "ar" and rec["steps"] is None and rec["seed"] == 3
     assert rec["nfe"] <= L  # one forward per generated position at most (fewer when every row stopped early)
@@ -86,7 +88,8 @@ def test_generation_eval_of_a_tiny_mdlm_run(runs, capsys):
     argv = ["eval", str(runs["mdlm"]), "--generation", "--n", "40", "--sampler", "ddpm_cache", "--steps", "12"]
     assert main([*argv, "--batch-size", "16"]) == 0
     capsys.readouterr()
-    rec = json.loads((runs["mdlm"] / "eval" / "generation-ddpm_cache-steps12-n40-seed0-step100.json").read_text())
+    ((path, rec),) = find_results(runs["mdlm"], "generation", sampler="ddpm_cache", steps=12, n=40, batch_size=16)
+    assert path.name.startswith("generation-ddpm_cache-steps12-n40-seed0-step100-")
     _scored(rec, 40)
     assert rec["family"] == "mdlm" and rec["steps"] == 12 and rec["sample_batch_size"] == 16
     assert len(rec["nfe_per_batch"]) == 3 and all(1 <= x <= 12 for x in rec["nfe_per_batch"])  # 16 + 16 + 8 rows
@@ -169,7 +172,8 @@ def test_experiment_end_to_end_resume_and_refusals(tmp_path, capsys):
     assert abs(res["nll"]["true_model_nll"]["nll"] - res["entropy_rate"]) < 4 * res["nll"]["true_model_nll"]["nll_se"]
     assert res["backbone"]["params"]["mdlm"] - res["backbone"]["params"]["ar"] == 32  # one more embedding row
     assert (out / res["figure"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((out / "mdlm" / "eval").glob("generation-ddpm_cache-steps*-n24-seed0-step30.json"))) == 2
+    assert len(list((out / "mdlm" / "eval").glob("generation-ddpm_cache-steps*-n24-seed0-step30-*.json"))) == 2
+    assert len(find_results(out / "mdlm", "generation", n=24, batch_size=8)) == 2
 
     # a finished experiment is not overwritten
     mtime = (out / RESULT_FILE).stat().st_mtime_ns

@@ -152,6 +152,7 @@ def print_generation(record: dict, path: Path) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dlm.eval.progress import Progress
     from dlm.eval.run import evaluate_run
 
     if args.generation:
@@ -165,11 +166,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sampler=args.sampler,
             steps=args.steps,
             seed=0 if args.seed is None else args.seed,
-            batch_size=args.batch_size or 16,
+            batch_size=16 if args.batch_size is None else args.batch_size,
             which=_checkpoint(args.checkpoint),
             ema=not args.no_ema,
             device=args.device,
+            force=args.force,
             log=print,
+            progress=Progress("sampling", "sequences"),
         )
         print_generation(record, path)
         return 0
@@ -185,6 +188,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_batches=args.max_batches,
         seed=args.seed,
         device=args.device,
+        force=args.force,
+        log=print,
+        progress=Progress("eval", "batches"),
     )
     print_eval(record, path)
     return 0
@@ -196,7 +202,8 @@ def print_samples(records: list[dict], path: Path) -> None:
         print(head)
         print((r["prompt"] or "") + r["text"])
     if records:
-        print(f"--- {len(records)} samples in {records[0]['wall_s_batch']:.1f}s, written to {path}")
+        wall = sum({r.get("batch", 0): r["wall_s_batch"] for r in records}.values())  # one time per batch
+        print(f"--- {len(records)} samples in {wall:.1f}s, written to {path}")
 
 
 def _sampler_opts(args: argparse.Namespace) -> dict:
@@ -206,6 +213,7 @@ def _sampler_opts(args: argparse.Namespace) -> dict:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from dlm.eval.progress import Progress
     from dlm.eval.run import sample_run
 
     records, path = sample_run(
@@ -218,6 +226,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         which=_checkpoint(args.checkpoint),
         ema=not args.no_ema,
         device=args.device,
+        batch_size=args.batch_size,
+        progress=Progress("sampling", "sequences"),
         **_sampler_opts(args),
         **({"return_trajectory": True} if args.trajectory else {}),
     )
@@ -457,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="rows per batch (--generation: rows sampled at once, default 16)"
     )
     pe.add_argument("--max-batches", type=int, default=None, help="evaluate only this many batches")
+    pe.add_argument(
+        "--force", action="store_true", help="recompute a result that RUN/eval already holds for the same settings"
+    )
     pe.add_argument("--seed", type=int, default=None, help="seed of the evaluation noise / of the samples (0)")
     pe.add_argument(
         "--generation",
@@ -475,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--n", type=int, default=4, help="number of samples (default 4)")
     ps.add_argument("--length", type=int, default=None, help="total tokens incl. the prompt (default: row length)")
     ps.add_argument("--prompt", default=None, help="text the samples continue")
+    ps.add_argument("--batch-size", type=int, default=16, help="rows sampled at once (default 16)")
     sampler_args(ps)
     ps.add_argument(
         "--trajectory", action="store_true", help="save the step at which each position was revealed (diffusion)"

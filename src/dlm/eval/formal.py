@@ -34,6 +34,7 @@ is sampling the trained joint distribution). Positions 1..L of each row are mapp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -46,8 +47,10 @@ import torch
 
 from dlm.data.batch import Batch
 from dlm.data.formal import FormalLanguage
-from dlm.data.tokenizers import Tokenizer, load_tokenizer
+from dlm.data.tokenizers import Tokenizer
 from dlm.errors import DlmError
+from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.eval.run import run_tokenizer
 from dlm.io import write_json_atomic
 from dlm.train.checkpoint import LoadedRun, load_run
 
@@ -56,6 +59,7 @@ __all__ = [
     "ar_symbol_nll",
     "evaluate_generation",
     "formal_generation_metrics",
+    "generation_settings",
     "run_language",
     "sample_symbols",
     "symbol_table",
@@ -244,9 +248,11 @@ def sample_symbols(
     batch_size: int = 16,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` rows from a run, ``batch_size`` at a time from one torch.Generator seeded with ``seed``, and
-    map positions 1..L to symbols with ``table`` (-1 for a non-symbol id).
+    map positions 1..L to symbols with ``table`` (-1 for a non-symbol id). ``progress(done, n)`` is called
+    after every batch; ``log`` gets a line every 20 batches.
 
     AR: prompt [BOS], L generated tokens (an early EOS leaves EOS/PAD ids: non-symbol). Diffusion: the row
     template of :func:`_row_template` with BOS/EOS/PAD fixed, ``steps`` (default L) denoising steps.
@@ -281,15 +287,46 @@ def sample_symbols(
             raise AssertionError(f"sampler returned rows of {ids.shape[1] + 1} tokens, expected {L + 1} or more")
         out[start : start + b] = np.where((ids >= 0) & (ids < len(table)), table[np.clip(ids, 0, len(table) - 1)], -1)
         nfes.append(int(res.nfe))
+        if progress is not None:
+            progress(start + b, n)
         if log is not None and (start + b == n or (start // batch_size) % 20 == 19):
             log(f"  {process.name} {name}{'' if is_ar else f' {steps} steps'}: {start + b}/{n} sequences, {wall:.1f}s")
     return {"symbols": out, "nfe": nfes, "wall_s": wall, "sampler": name, "steps": steps}
 
 
-def generation_path(run_dir: Path, sampler: str, steps: int | None, n: int, seed: int, step: int) -> Path:
-    """RUN/eval/generation-{sampler}[-steps{S}]-n{N}-seed{seed}-step{checkpoint}.json"""
-    s = "" if steps is None else f"-steps{steps}"
-    return Path(run_dir) / "eval" / f"generation-{sampler}{s}-n{n}-seed{seed}-step{step}.json"
+#: Version of the generation protocol, part of every result's settings (bump when old results become
+#: incomparable, so they are recomputed rather than reused).
+GENERATION_PROTOCOL = 1
+
+
+def generation_settings(
+    run: LoadedRun, sampler: str, steps: int | None, n: int, seed: int, batch_size: int, device: str
+) -> dict[str, Any]:
+    """Every setting that changes a generation result; its hash names the file (:mod:`dlm.eval.results`).
+    ``batch_size`` is in because rows are drawn batch by batch from one generator; ``device`` is its type."""
+    return {
+        "protocol": GENERATION_PROTOCOL,
+        "sampler": sampler,
+        "steps": steps,
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "process": dataclasses.asdict(run.cfg.process),
+        "data": {
+            "source": run.data_meta["source"].get("fingerprint"),
+            "tokenizer": run.data_meta["tokenizer"]["fingerprint"],
+        },
+        "device": torch.device(device).type,
+    }
+
+
+def generation_path(run_dir: Path, settings: dict[str, Any]) -> Path:
+    """RUN/eval/generation-{sampler}[-steps{S}]-n{N}-seed{seed}-step{checkpoint}-{settings hash}.json"""
+    s = "" if settings["steps"] is None else f"-steps{settings['steps']}"
+    readable = f"{settings['sampler']}{s}-n{settings['n']}-seed{settings['seed']}-step{settings['checkpoint_step']}"
+    return result_path(run_dir, "generation", readable, settings)
 
 
 def evaluate_generation(
@@ -303,18 +340,47 @@ def evaluate_generation(
     which: str | int = "last",
     ema: bool = True,
     device: str = "cpu",
+    force: bool = False,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Sample ``n`` sequences from a run trained on a ``formal:`` corpus and score them with its true language
     (TER, SER and their standard errors, :func:`formal_generation_metrics`); the record goes atomically to
-    :func:`generation_path`. Returns (record, path)."""
+    :func:`generation_path`. A result already there with the same :func:`generation_settings` is returned as
+    it is (``log`` says so) unless ``force``. ``progress(done, n)`` is called after every batch of samples;
+    without it ``log`` also gets a line every 20 batches. Returns (record, path)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DlmError(f"number of samples must be a positive integer, got {n!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DlmError(f"sample batch size must be a positive integer, got {batch_size!r}")
+    check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
     language, L = run_language(run)
-    tokenizer = load_tokenizer(run.data_meta["tokenizer"]["name"], Path(run.cfg.data.dir))
+    tokenizer = run_tokenizer(run)
     table = symbol_table(tokenizer, language.vocab_size, run.process.vocab_size)
+    name = run.process.resolve_sampler(sampler)
+    if run.process.name != "ar" and steps is None:
+        steps = L  # sample_symbols' default, resolved here so that it is part of the settings
+    settings = generation_settings(run, name, steps, n, seed, batch_size, device)
+    path = generation_path(Path(run_dir), settings)
+    if not force and (old := reusable(path, settings)) is not None:
+        if log is not None:
+            log(f"reused {path}: a result with the same settings (--force recomputes it)")
+        return old, path
+    check_writable(path.parent)
     with torch.no_grad():
         s = sample_symbols(
-            run, table, L, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, device=device, log=log
+            run,
+            table,
+            L,
+            n,
+            sampler=name,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            log=log if progress is None else None,
+            progress=progress,
         )
     metrics = formal_generation_metrics(language, s["symbols"], allow_non_symbols=True)
     record = {
@@ -345,7 +411,7 @@ def evaluate_generation(
         "data_dir": str(Path(run.cfg.data.dir).resolve()),
         "source": run.data_meta["source"]["spec"],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings,
     }
-    path = generation_path(Path(run_dir), s["sampler"], s["steps"], n, seed, run.step)
     write_json_atomic(path, record)
     return record, path

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -83,18 +83,23 @@ def evaluate_nll(
     max_batches: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Per-token NLL of ``model`` under ``process`` over a finite loader (see ``summarize_nll``).
 
     Runs ``process.nll`` batch by batch under ``torch.no_grad`` with the model in eval mode (its mode is
     restored afterwards), at most ``max_batches`` batches. ``exact`` is True only when every batch gave an
-    exact likelihood; otherwise the figures are upper bounds ("<=").
+    exact likelihood; otherwise the figures are upper bounds ("<="). ``progress(done, total)`` is called
+    after every batch (``total``: the batches this call evaluates, None for a loader without a length).
     """
     if max_batches is not None and max_batches < 1:
         raise DlmError(f"max_batches must be >= 1 or None, got {max_batches!r}")
     nats: list[torch.Tensor] = []
     tokens: list[torch.Tensor] = []
     exact = True
+    total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
     was_training = model.training
     model.eval()
     try:
@@ -106,6 +111,8 @@ def evaluate_nll(
                 nats.append(result.nats_B.detach().to("cpu", torch.float64))
                 tokens.append(result.tokens_B.detach().to("cpu", torch.int64))
                 exact = exact and result.exact
+                if progress is not None:
+                    progress(i + 1, total)
     finally:
         model.train(was_training)
     if not nats:

@@ -1,17 +1,18 @@
 """Evaluate and sample a trained run; results go into the run directory.
 
-``evaluate_run`` writes ``RUN/eval/likelihood-{split}-step{N}.json``; ``sample_run`` writes
+``evaluate_run`` writes ``RUN/eval/likelihood-{split}-step{N}-{hash}.json``, one file per distinct setting
+(:mod:`dlm.eval.results`: a rerun with the same settings reuses it, ``force`` recomputes); ``sample_run`` writes
 ``RUN/samples/samples-step{N}-{time}.jsonl``. Both read only the run directory and the data directory
-recorded in its config, so they work on any finished or interrupted run.
+recorded in its config, so they work on any finished or interrupted run. Every check of the user's input (device,
+lengths, prompt characters, the data directory's tokenizer, a writable output directory) is done before the work.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,24 +25,43 @@ from dlm.data.shards import ShardSplit, open_split
 from dlm.data.tokenizers import Tokenizer, load_tokenizer
 from dlm.errors import DlmError
 from dlm.eval.likelihood import bits_per_byte, evaluate_nll
-from dlm.io import write_json_atomic
+from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.io import json_line, write_json_atomic, write_text_atomic
 from dlm.train.checkpoint import LoadedRun, load_run
+
+#: Version of the likelihood protocol (what is scored, how it is summed), part of every result's settings:
+#: bump it when a change makes old results incomparable, so they are recomputed rather than reused.
+LIKELIHOOD_PROTOCOL = 2
+
+
+def check_tokenizer(run: LoadedRun, fingerprint: str, name: str) -> None:
+    """The one check that the data directory's tokenizer (its shards' meta, or the tokenizer files that
+    eval, sample and infill load) is the tokenizer the run was trained on (the fingerprint in RUN/run.json)."""
+    trained = run.data_meta.get("tokenizer", {})
+    if fingerprint != trained.get("fingerprint"):
+        raise DlmError(
+            f"the data directory {run.cfg.data.dir} holds tokenizer {name} with another vocabulary than the "
+            f"{trained.get('name')} the run was trained on (fingerprints differ); point the run at its own data"
+        )
 
 
 def _open_run_split(run: LoadedRun, split: str) -> ShardSplit:
     """The split from the run's data directory, checked to be the data the run was trained on."""
-    data_dir = Path(run.cfg.data.dir)
-    s = open_split(data_dir, split)
-    trained = run.data_meta.get("tokenizer", {}).get("fingerprint")
-    if s.meta["tokenizer"]["fingerprint"] != trained:
-        raise DlmError(
-            f"{data_dir} is tokenized with {s.meta['tokenizer']['name']}, not with the tokenizer the run was trained on"
-        )
+    s = open_split(Path(run.cfg.data.dir), split)
+    check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"])
     return s
 
 
-def _run_tokenizer(run: LoadedRun) -> Tokenizer:
-    return load_tokenizer(run.data_meta["tokenizer"]["name"], Path(run.cfg.data.dir))
+def run_tokenizer(run: LoadedRun) -> Tokenizer:
+    """The run's tokenizer, loaded from its data directory and checked with :func:`check_tokenizer`."""
+    tok = load_tokenizer(run.data_meta["tokenizer"]["name"], Path(run.cfg.data.dir))
+    check_tokenizer(run, tok.fingerprint(), tok.name)
+    return tok
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DlmError(f"{name} must be a positive integer, got {value!r}")
 
 
 def evaluate_run(
@@ -54,8 +74,19 @@ def evaluate_run(
     max_batches: int | None = None,
     seed: int | None = None,
     device: str = "cpu",
+    force: bool = False,
+    progress: Callable[[int, int | None], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Likelihood of a run's checkpoint on a split (SPEC §5); returns (record, path of the JSON)."""
+    """Likelihood of a run's checkpoint on a split (SPEC §5); returns (record, path of the JSON).
+
+    The result goes to :func:`likelihood_settings`' file; when that file already holds a result with the same
+    settings it is returned as it is (``log`` says so) unless ``force``. ``progress(done, total)`` is called
+    after every batch.
+    """
+    _positive("batch size", batch_size)
+    _positive("max batches", max_batches)
+    check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
     ecfg = run.cfg.eval
     split = split or ecfg.split
@@ -64,9 +95,18 @@ def evaluate_run(
     seed = ecfg.seed if seed is None else seed
     s = _open_run_split(run, split)
     loader = Loader(s, bs, seed=seed, shuffle=False, infinite=False)
+    settings = likelihood_settings(run, s, split=split, seed=seed, batch_size=bs, max_batches=max_b, n=len(loader))
+    path = result_path(run_dir, "likelihood", f"{split}-step{run.step}", settings)
+    if not force and (old := reusable(path, settings)) is not None:
+        if log is not None:
+            log(f"reused {path}: a result with the same settings (--force recomputes it)")
+        return old, path
+    check_writable(path.parent)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
-    result = evaluate_nll(run.process, run.model, loader, max_batches=max_b, generator=gen, device=device)
+    result = evaluate_nll(
+        run.process, run.model, loader, max_batches=max_b, generator=gen, device=device, progress=progress
+    )
     wall = time.perf_counter() - t0
     stats = s.stats
     bytes_per_token = stats["bytes"] / stats["tokens"]
@@ -98,10 +138,38 @@ def evaluate_run(
         "process": asdict(run.cfg.process),
         "wall_s": wall,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings,
     }
-    path = Path(run_dir) / "eval" / f"likelihood-{split}-step{run.step}.json"
     write_json_atomic(path, record)
     return record, path
+
+
+def likelihood_settings(
+    run: LoadedRun, s: ShardSplit, *, split: str, seed: int, batch_size: int, max_batches: int | None, n: int
+) -> dict[str, Any]:
+    """Every setting that changes a likelihood figure; its hash names the result file (:mod:`dlm.eval.results`).
+
+    ``max_batches`` is None for the whole split (also when it is at least the ``n`` batches of the split);
+    ``batch_size`` is in because it changes the diffusion noise draws; ``device`` is the device type (CPU and
+    CUDA generators draw different noise); ``data`` holds the fingerprints of the corpus and the tokenizer.
+    """
+    return {
+        "protocol": LIKELIHOOD_PROTOCOL,
+        "split": split,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "seed": seed,
+        "batch_size": batch_size,
+        "max_batches": None if max_batches is None or max_batches >= n else max_batches,
+        "process": asdict(run.cfg.process),
+        "data": {
+            "source": s.meta["source"]["fingerprint"],
+            "tokenizer": s.meta["tokenizer"]["fingerprint"],
+            "mode": s.meta["mode"],
+            "seq_len": s.meta["seq_len"],
+        },
+        "device": torch.device(next(run.model.parameters()).device).type,
+    }
 
 
 def start_ids(meta: dict[str, Any], tokenizer: Tokenizer, prompt: str | None) -> list[int]:
@@ -114,10 +182,34 @@ def start_ids(meta: dict[str, Any], tokenizer: Tokenizer, prompt: str | None) ->
     head = [sp.eos] if meta["mode"] == "wrap" or sp.bos is None else [sp.bos]
     if prompt is None:
         return head
-    ids = tokenizer.encode(prompt)
+    ids = encode_text(tokenizer, prompt, "prompt")
     if not ids:
         raise DlmError(f"prompt {prompt!r} tokenizes to nothing")
     return head + ids
+
+
+def _unk_id(tokenizer: Tokenizer) -> int | None:
+    """The id a tokenizer gives to text it cannot represent (chars: ``unk``; WordPiece: [UNK]), or None for the
+    byte-level tokenizers (bytes, gpt2, bpe:N), which represent every text."""
+    unk = getattr(tokenizer, "unk", None)
+    if unk is not None:
+        return int(unk)
+    hf = getattr(tokenizer, "_hf", None)
+    token = getattr(getattr(hf, "model", None), "unk_token", None)
+    return hf.token_to_id(token) if token else None
+
+
+def encode_text(tokenizer: Tokenizer, text: str, what: str) -> list[int]:
+    """``tokenizer.encode(text)``; DlmError naming the characters the tokenizer cannot represent (they would
+    become UNK ids while the output echoes the text as written). ``encode`` never turns the literal text of a
+    special token into its id, so every UNK id comes from such characters."""
+    ids = tokenizer.encode(text)
+    unk = _unk_id(tokenizer)
+    if unk is not None and unk in ids:
+        bad = sorted({c for c in text if unk in tokenizer.encode(c)})
+        shown = " ".join(repr(c) for c in bad) if bad else "(a word longer than the tokenizer handles)"
+        raise DlmError(f"{what} has characters outside the vocabulary of tokenizer {tokenizer.name}: {shown}")
+    return ids
 
 
 def sample_run(
@@ -131,77 +223,101 @@ def sample_run(
     which: str | int = "last",
     ema: bool = True,
     device: str = "cpu",
+    batch_size: int = 16,
+    progress: Callable[[int, int | None], None] | None = None,
     **opts: Any,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Draw ``n`` samples of up to ``length`` tokens (default: the data's row length) from a run.
 
-    ``opts`` go to the process's sampler (temperature, top_k, top_p, ...). Returns the records written
-    to the JSONL file and its path.
+    ``opts`` go to the process's sampler (temperature, top_k, top_p, ...). The rows are drawn ``batch_size``
+    at a time from one generator seeded with ``seed`` (so the samples depend on ``batch_size`` when n exceeds
+    it); ``progress(done, n)`` is called after each batch. Returns the records written to the JSONL file and
+    its path.
     """
     if n < 1:
         raise DlmError(f"number of samples must be >= 1, got {n}")
+    _positive("length", length)
+    _positive("batch size", batch_size)
+    check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
-    tok = _run_tokenizer(run)
+    tok = run_tokenizer(run)
     meta = run.data_meta
-    length = length or meta["seq_len"]
     prompt_ids = start_ids(meta, tok, prompt)
+    if length is not None and length <= len(prompt_ids):
+        raise DlmError(
+            f"--length {length} leaves no token to generate: it counts the prompt's {len(prompt_ids)} tokens "
+            "(with the document boundary); give a larger --length"
+        )
+    length = length or meta["seq_len"]
+    samples_dir = Path(run_dir) / "samples"
+    check_writable(samples_dir)
     gen = torch.Generator(device=device).manual_seed(seed)
-    t0 = time.perf_counter()
-    result = run.process.sample(run.model, n, length, sampler=sampler, prompt_ids=prompt_ids, generator=gen, **opts)
-    wall = time.perf_counter() - t0
     settings = {
         "family": run.process.name,
         "sampler": run.process.resolve_sampler(sampler),
         "length": length,
         "seed": seed,
+        "batch_size": batch_size,
         "checkpoint_step": run.step,
         "ema": run.ema,
         **{k: v for k, v in opts.items() if v is not None},
     }
-    trajectory = getattr(result, "trajectory_NL", None)
     records = []
-    for i in range(n):
-        ids = result.ids_NL[i, : int(result.lengths_N[i])].tolist()
-        gen_ids = ids[result.prompt_len :]
-        record = {
-            "index": i,
-            "prompt": prompt,
-            "ids": ids,
-            "text": tok.decode(gen_ids),
-            "generated_tokens": len(gen_ids),
-            "nfe": result.nfe,
-            "wall_s_batch": wall,
-            **settings,
-        }
-        if trajectory is not None:  # step at which each position was revealed (-1: fixed / prompt)
-            record["reveal_step"] = trajectory[i, : len(ids)].tolist()
-        records.append(record)
-    return records, _write_jsonl(Path(run_dir) / "samples", f"samples-step{run.step}", records)
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        t0 = time.perf_counter()
+        result = run.process.sample(run.model, b, length, sampler=sampler, prompt_ids=prompt_ids, generator=gen, **opts)
+        wall = time.perf_counter() - t0
+        trajectory = getattr(result, "trajectory_NL", None)
+        for i in range(b):
+            ids = result.ids_NL[i, : int(result.lengths_N[i])].tolist()
+            gen_ids = ids[result.prompt_len :]
+            record = {
+                "index": start + i,
+                "batch": start // batch_size,
+                "prompt": prompt,
+                "ids": ids,
+                "text": tok.decode(gen_ids),
+                "generated_tokens": len(gen_ids),
+                "nfe": result.nfe,
+                "wall_s_batch": wall,
+                **settings,
+            }
+            if trajectory is not None:  # step at which each position was revealed (-1: fixed / prompt)
+                record["reveal_step"] = trajectory[i, : len(ids)].tolist()
+            records.append(record)
+        if progress is not None:
+            progress(start + b, n)
+    return records, _write_jsonl(samples_dir, f"samples-step{run.step}", records)
 
 
 _MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
 
 
-def infill_ids(pattern: str, tokenizer: Tokenizer, head: list[int], span: int) -> list[int]:
+def infill_ids(pattern: str, tokenizer: Tokenizer, head: list[int], span: int, max_len: int | None = None) -> list[int]:
     """Fixed ids of an infill pattern, -1 where the model fills in.
 
     ``"The [MASK] sat on the [MASK:3] ."``: text segments are tokenized as written (with their spaces);
     ``[MASK]`` stands for ``span`` free tokens, ``[MASK:n]`` for n. ``head`` (a document boundary) comes first.
+    ``max_len`` (the model context): the pattern's total length is checked against it before anything is built.
     """
     if span < 1:
         raise DlmError(f"mask span must be >= 1, got {span}")
     parts = _MASK_SPAN.split(pattern)
     if len(parts) == 1:
         raise DlmError(f"infill pattern {pattern!r} has no [MASK] span")
+    texts = [encode_text(tokenizer, part, "infill pattern") if part else [] for part in parts[::2]]
+    spans = [span if part is None else int(part) for part in parts[1::2]]
+    if min(spans) < 1:
+        raise DlmError(f"mask span must be >= 1 in {pattern!r}")
+    total = len(head) + sum(map(len, texts)) + sum(spans)
+    if max_len is not None and total > max_len:
+        raise DlmError(f"infill pattern is {total} tokens, longer than the model context of {max_len}")
     ids = list(head)
-    for i, part in enumerate(parts):  # text, n of [MASK:n] (None for [MASK]), text, ...
-        if i % 2 == 0:
-            ids += tokenizer.encode(part) if part else []
-        else:
-            n = span if part is None else int(part)
-            if n < 1:
-                raise DlmError(f"mask span must be >= 1 in {pattern!r}")
-            ids += [-1] * n
+    for i, text in enumerate(texts):  # text, span, text, ..., text
+        ids += text
+        if i < len(spans):
+            ids += [-1] * spans[i]
     return ids
 
 
@@ -219,14 +335,15 @@ def infill_run(
     **opts: Any,
 ) -> tuple[list[dict[str, Any]], Path]:
     """Fill the [MASK] spans of ``pattern`` with a diffusion run; every other position stays as given."""
+    _positive("number of infills (--n)", n)
+    check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
     if run.process.name == "ar":
         raise DlmError("infill needs a diffusion family; an AR model only conditions on a prefix (use dlm sample)")
-    tok = _run_tokenizer(run)
-    fixed = infill_ids(pattern, tok, start_ids(run.data_meta, tok, None), span)
-    context = run.cfg.model.context
-    if len(fixed) > context:
-        raise DlmError(f"infill pattern is {len(fixed)} tokens, longer than the model context of {context}")
+    tok = run_tokenizer(run)
+    fixed = infill_ids(pattern, tok, start_ids(run.data_meta, tok, None), span, max_len=run.cfg.model.context)
+    samples_dir = Path(run_dir) / "samples"
+    check_writable(samples_dir)
     fixed_NL = torch.tensor(fixed, dtype=torch.int64, device=device).expand(n, -1)
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
@@ -253,14 +370,12 @@ def infill_run(
                 **{k: v for k, v in opts.items() if v is not None},
             }
         )
-    return records, _write_jsonl(Path(run_dir) / "samples", f"infill-step{run.step}", records)
+    return records, _write_jsonl(samples_dir, f"infill-step{run.step}", records)
 
 
 def _write_jsonl(directory: Path, stem: str, records: list[dict[str, Any]]) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     path = directory / f"{stem}-{stamp}.jsonl"
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json_line(r) + "\n" for r in records))  # strict JSON, umask honoured
     return path

@@ -8,7 +8,8 @@ killed experiment resumes where it stopped:
     DIR/ar/, DIR/mdlm/ an AR model and an MDLM (process.time_cond false, so ddpm_cache is exact) with the same
                        backbone config, data, training steps, optimizer and seed; only the vocabulary differs
                        (MDLM appends the MASK id)
-    RUN/eval/generation-*.json   N samples of each setting scored by ``dlm.eval.formal.evaluate_generation``:
+    RUN/eval/generation-*-HASH.json  N samples of each setting scored by ``dlm.eval.formal.evaluate_generation``
+                       (one file per distinct setting, listed by ``dlm.eval.results.find_results``):
                        AR ancestral with a KV cache, MDLM ddpm_cache at every step count of the sweep
     DIR/experiment.json, DIR/ter_ser_vs_steps.png   the results and the two-panel figure
 
@@ -31,7 +32,6 @@ temp_mode: see :data:`TEMP_MODE_DECISION`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -53,7 +53,7 @@ from dlm.data.loader import Loader
 from dlm.data.shards import inputs_hash, open_split, prepare, read_meta
 from dlm.data.sources import get_source
 from dlm.errors import DlmError
-from dlm.eval.formal import GENERATION_DEFINITIONS, evaluate_generation, generation_path
+from dlm.eval.formal import GENERATION_DEFINITIONS, evaluate_generation
 from dlm.io import write_json_atomic
 from dlm.train import load_run, train
 from dlm.train.checkpoint import CONFIG_FILE, list_checkpoints, read_info, read_run_config, read_run_info
@@ -383,14 +383,8 @@ def _true_val_nll(language: Any, data: Path, L: int) -> dict[str, Any]:
 def _generation(
     run_dir: Path, sampler: str, steps: int | None, cfg: FormalExperimentConfig, device: str, force: bool, log: Callable
 ) -> dict[str, Any]:
-    """A generation record of RUN/eval, reused when one with the same settings is there (and not --force)."""
-    step = list_checkpoints(run_dir)[-1][0]
-    path = generation_path(run_dir, sampler, steps, cfg.n_samples, cfg.seed, step)
-    if path.is_file() and not force:
-        rec = json.loads(path.read_text())
-        if rec.get("sample_batch_size") == cfg.sample_batch_size and rec.get("device") == device:
-            log(f"reusing {path}")
-            return rec
+    """A generation record of RUN/eval, reused when one with the same settings is there (and not --force):
+    :func:`dlm.eval.formal.evaluate_generation` names its files by the hash of every setting."""
     rec, _ = evaluate_generation(
         run_dir,
         n=cfg.n_samples,
@@ -399,6 +393,7 @@ def _generation(
         seed=cfg.seed,
         batch_size=cfg.sample_batch_size,
         device=device,
+        force=force,
         log=log,
     )
     return rec
