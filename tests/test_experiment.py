@@ -95,6 +95,26 @@ def test_generation_eval_of_a_tiny_mdlm_run(runs, capsys):
     assert len(rec["nfe_per_batch"]) == 3 and all(1 <= x <= 12 for x in rec["nfe_per_batch"])  # 16 + 16 + 8 rows
 
 
+def test_generation_results_per_setting_reuse_and_force(runs, capsys):
+    """One file per distinct setting: a rerun reuses it, --force redraws, another batch size is another file."""
+    argv = ["eval", str(runs["mdlm"]), "--generation", "--n", "6", "--steps", "3", "--seed", "9"]
+    assert main([*argv, "--batch-size", "3"]) == 0
+    assert "reused" not in capsys.readouterr().out
+    ((path, rec),) = find_results(runs["mdlm"], "generation", n=6, seed=9)
+    assert rec["settings"]["batch_size"] == 3 and rec["settings"]["steps"] == 3
+    before = path.stat().st_mtime_ns, path.read_bytes()
+    assert main([*argv, "--batch-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"reused {path}" in out and "--force" in out
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+    assert main([*argv, "--batch-size", "3", "--force"]) == 0
+    assert "reused" not in capsys.readouterr().out and path.stat().st_mtime_ns != before[0]
+    assert json.loads(path.read_text())["ter"] == rec["ter"]  # the same seed redraws the same samples
+    assert main([*argv, "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    assert len(find_results(runs["mdlm"], "generation", n=6, seed=9)) == 2
+
+
 def test_generation_refuses_a_run_on_another_corpus(runs, capsys):
     assert main(["eval", str(runs["text"]), "--generation", "--n", "2"]) == 2
     err = capsys.readouterr().err.strip()
