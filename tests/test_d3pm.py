@@ -93,11 +93,14 @@ def test_uniform_posterior_equals_matrix_formula(a_s: float, a_t: float) -> None
 
 
 def _absorbing_exact(proc: D3PMProcess, model, x_L: torch.Tensor) -> float:
-    """L_T + sum_i sum_{mask patterns} q(pattern) sum_{masked l} a_i (-log p_theta(x^l | z_t)), float64."""
+    """L_T + sum_i sum_{mask patterns} q(pattern) sum_{masked l} a_i (-log p_theta(x^l | z_t)), float64.
+
+    Position 0 is context (never masked, never scored): the patterns range over positions 1..L-1."""
     L = x_L.shape[0]
-    pats = torch.tensor(list(itertools.product([0, 1], repeat=L)), dtype=torch.bool)  # [2^L, L]
+    pats = torch.tensor(list(itertools.product([0, 1], repeat=L - 1)), dtype=torch.bool)  # [2^(L-1), L-1]
+    pats = torch.cat([torch.zeros(pats.shape[0], 1, dtype=torch.bool), pats], 1)  # position 0 clean
     P = pats.shape[0]
-    total = float(proc.prior_kl(torch.ones(1, L, dtype=torch.bool))[0])
+    total = float(proc.prior_kl(torch.ones(1, L - 1, dtype=torch.bool))[0])
     steps = torch.arange(1, proc.T + 1)
     chunk = max(1, 4096 // P)
     with torch.no_grad():
@@ -109,7 +112,7 @@ def _absorbing_exact(proc: D3PMProcess, model, x_L: torch.Tensor) -> float:
             ce = -(logp.gather(-1, x_L[None, :, None].expand(z.shape[0], L, 1)).squeeze(-1) * pt).sum(1)
             a_s, a_t = proc.alpha[i - 1], proc.alpha[i]
             m = pt.sum(1).to(torch.float64)
-            q = a_t ** (L - m) * (1 - a_t) ** m
+            q = a_t ** (L - 1 - m) * (1 - a_t) ** m
             total += float((q * (a_s - a_t) / (1 - a_t) * ce).sum())
     return total
 
@@ -131,13 +134,14 @@ class CopyLM(torch.nn.Module):
 
 
 def _uniform_exact(proc: D3PMProcess, model, x_L: torch.Tensor) -> float:
-    """L_T + sum_i sum_{z_t in K^L} q(z_t | x) sum_l KL, with the KL from the explicit matrix formula."""
+    """L_T + sum_i sum_{z_t} q(z_t | x) sum_{l >= 1} KL, with the KL from the explicit matrix formula; position 0
+    is context (z^0 = x^0, never scored)."""
     K, L = proc.K, x_L.shape[0]
-    z = torch.tensor(list(itertools.product(range(K), repeat=L)))
+    z = torch.tensor([[int(x_L[0]), *c] for c in itertools.product(range(K), repeat=L - 1)])
     a1 = float(proc.alpha[-1])
     qT = a1 * np.eye(K) + (1 - a1) / K
     total = L * 0.0
-    for x in x_L.tolist():
+    for x in x_L.tolist()[1:]:
         total += float((qT[x] * np.log(qT[x] * K)).sum())
     with torch.no_grad():
         for i in range(1, proc.T + 1):
@@ -145,8 +149,8 @@ def _uniform_exact(proc: D3PMProcess, model, x_L: torch.Tensor) -> float:
             Qts, Qs, Qt = _matrices(K, a_s, a_t)
             p = torch.softmax(proc._logits(model, z, torch.full((z.shape[0],), i)).double(), -1).numpy()
             for r in range(z.shape[0]):
-                prob = np.prod([Qt[x, y] for x, y in zip(x_L.tolist(), z[r].tolist(), strict=True)])
-                for pos in range(L):
+                prob = np.prod([Qt[x, y] for x, y in zip(x_L.tolist()[1:], z[r].tolist()[1:], strict=True)])
+                for pos in range(1, L):
                     x, y = int(x_L[pos]), int(z[r, pos])
                     post = Qts[:, y] * Qs[:, :] / Qt[:, y : y + 1]  # row x': q(z_s | z_t = y, x')
                     rev = p[r, pos] @ post
@@ -166,7 +170,7 @@ def test_absorbing_estimators_are_unbiased() -> None:
     batch = Batch(x_L[None].repeat(n, 1), torch.ones(n, L, dtype=torch.bool))
     g = torch.Generator().manual_seed(0)
     res = proc.nll(model, batch, generator=g)
-    assert res.exact is False and res.tokens_B.tolist() == [L] * n
+    assert res.exact is False and res.tokens_B.tolist() == [L - 1] * n  # position 0 is context only
     est = res.nats_B
     se = float(est.std() / math.sqrt(n))
     assert abs(float(est.mean()) - exact) < 3 * se, (float(est.mean()), exact, se)
@@ -199,13 +203,15 @@ def test_uniform_estimators_are_unbiased() -> None:
 
 @pytest.mark.parametrize("kind", ["real", "copy"])
 def test_absorbing_bound_converges_to_continuous_mdlm_bound(kind: str) -> None:
-    K, L = 6, 5
+    K, L = 6, 6
     time_cond = kind == "real"
     model = _model(K + 1, time_cond=True, seed=3) if time_cond else CopyLM(K)
-    x_L = torch.tensor([3, 4, 5, 3, 0]) if time_cond else torch.tensor([3, 3, 3, 3, 4])
-    pats = torch.tensor(list(itertools.product([0, 1], repeat=L)), dtype=torch.bool)
+    # position 0 is context only; the scored positions 1..5 hold the tokens the test always used
+    x_L = torch.tensor([1, 3, 4, 5, 3, 0]) if time_cond else torch.tensor([5, 3, 3, 3, 3, 4])
+    pats = torch.tensor(list(itertools.product([0, 1], repeat=L - 1)), dtype=torch.bool)
+    pats = torch.cat([torch.zeros(pats.shape[0], 1, dtype=torch.bool), pats], 1)  # position 0 is context
     P = pats.shape[0]
-    # continuous bound: int_0^1 (1/t) sum_p t^m (1-t)^(L-m) CE_p(t) dt, Gauss-Legendre on [0, 1]
+    # continuous bound: int_0^1 (1/t) sum_p t^m (1-t)^(L-1-m) CE_p(t) dt, Gauss-Legendre on [0, 1]
     nodes, weights = np.polynomial.legendre.leggauss(200)
     t_R = torch.tensor((nodes + 1) / 2).repeat_interleave(P)
     w_R = torch.tensor(weights / 2).repeat_interleave(P)
@@ -216,7 +222,7 @@ def test_absorbing_bound_converges_to_continuous_mdlm_bound(kind: str) -> None:
     logp = torch.log_softmax(out[..., :K].double(), -1)
     ce = -(logp.gather(-1, x_L[None, :, None].expand(zz.shape[0], L, 1)).squeeze(-1) * pp).sum(1)
     m = pp.sum(1).to(torch.float64)
-    cont = float((w_R * t_R ** (m - 1) * (1 - t_R) ** (L - m) * ce).sum())
+    cont = float((w_R * t_R ** (m - 1) * (1 - t_R) ** (L - 1 - m) * ce).sum())
     b1000 = _absorbing_exact(_process(K, T=1000, schedule="linear", time_cond=time_cond), model, x_L)
     b10 = _absorbing_exact(_process(K, T=10, schedule="linear", time_cond=time_cond), model, x_L)
     assert abs(b1000 - cont) < 0.01 * cont, (b1000, cont)
@@ -274,7 +280,8 @@ def test_loss_is_differentiable_and_hybrid_adds_ce() -> None:
     batch = Batch(x, mask)
     proc = _process(K, T=50)
     loss, stats = proc.loss(model, batch, generator=torch.Generator().manual_seed(1))
-    assert stats["tokens"] == 29 and loss.ndim == 0 and math.isfinite(float(loss.detach()))
+    # 29 real tokens less the 4 context positions 0
+    assert stats["tokens"] == 25 and loss.ndim == 0 and math.isfinite(float(loss.detach()))
     loss.backward()
     hyb = _process(K, T=50, hybrid_lambda=0.01)
     loss2, stats2 = hyb.loss(model, batch, generator=torch.Generator().manual_seed(1))

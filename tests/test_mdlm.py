@@ -165,14 +165,16 @@ def test_loss_zero_at_t0_and_cross_entropy_at_t1() -> None:
 
     proc._times = lambda n, gen, dev: torch.full((n,), 1e-9, dtype=torch.float64)  # type: ignore[method-assign]
     loss0, stats0 = proc.loss(model, batch, g)
-    assert float(loss0.detach()) == 0.0 and stats0["tokens"] == 21
+    assert float(loss0.detach()) == 0.0 and stats0["tokens"] == 18  # 21 real tokens less 3 context positions 0
 
     proc._times = lambda n, gen, dev: torch.ones(n, dtype=torch.float64)  # type: ignore[method-assign]
     loss1, _ = proc.loss(model, batch, g)
-    z = torch.where(batch.mask_BL, MASK, batch.ids_BL)  # alpha_1 = 0: every real token masked, padding kept
+    scored = batch.mask_BL.clone()
+    scored[:, 0] = False  # position 0 is context only
+    z = torch.where(scored, MASK, batch.ids_BL)  # alpha_1 = 0: every scored token masked, padding and x^0 kept
     logits = model(z, attn="bidirectional")[..., :K]
     ce = F.cross_entropy(logits.reshape(-1, K), batch.ids_BL.reshape(-1), reduction="none").view(3, 8)
-    expected = ce[batch.mask_BL].sum() / batch.mask_BL.sum()
+    expected = ce[scored].sum() / scored.sum()
     assert torch.allclose(loss1, expected, atol=1e-5)
     # gradient flows
     loss1.backward()
@@ -181,18 +183,20 @@ def test_loss_zero_at_t0_and_cross_entropy_at_t1() -> None:
 
 @torch.no_grad()
 def _exact_nelbo_linear(model: nn.Module, x_L: torch.Tensor) -> float:
-    """Linear schedule: NELBO = sum_M B(|M|, L-|M|+1) sum_{l in M} -log p(x^l | z_M) (exact t-integral)."""
+    """Linear schedule: NELBO = sum_M B(|M|, n-|M|+1) sum_{l in M} -log p(x^l | z_M) (exact t-integral), M over
+    subsets of the n = L-1 scored positions 1..L-1 (position 0 is context, never masked)."""
     L = x_L.shape[0]
+    n = L - 1
     total = 0.0
-    for bits in itertools.product([0, 1], repeat=L):
-        m = torch.tensor(bits, dtype=torch.bool)
+    for bits in itertools.product([0, 1], repeat=n):
+        m = torch.tensor((0, *bits), dtype=torch.bool)
         k = int(m.sum())
         if k == 0:
             continue
         z = torch.where(m, MASK, x_L)[None]
         lp = subs_log_probs(model(z, attn="bidirectional"), z, MASK)[0].double()
         ce = -lp[m].gather(1, x_L[m][:, None]).sum()
-        beta = math.gamma(k) * math.gamma(L - k + 1) / math.gamma(L + 1)
+        beta = math.gamma(k) * math.gamma(n - k + 1) / math.gamma(n + 1)
         total += beta * float(ce)
     return total
 
@@ -206,22 +210,23 @@ def test_nll_estimate_matches_exact_nelbo() -> None:
     # Cross-check the Beta integral against a fine midpoint quadrature of the t-integral.
     ts = (torch.arange(2000, dtype=torch.float64) + 0.5) / 2000
     quad = 0.0
-    for bits in itertools.product([0, 1], repeat=L):
-        m = torch.tensor(bits, dtype=torch.bool)
+    for bits in itertools.product([0, 1], repeat=L - 1):
+        m = torch.tensor((0, *bits), dtype=torch.bool)
         k = int(m.sum())
         if k == 0:
             continue
         z = torch.where(m, MASK, x)[None]
         lp = subs_log_probs(model(z, attn="bidirectional"), z, MASK)[0].double()
         ce = float(-lp[m].gather(1, x[m][:, None]).sum())
-        quad += ce * float((ts ** (k - 1) * (1 - ts) ** (L - k)).mean())
+        quad += ce * float((ts ** (k - 1) * (1 - ts) ** (L - 1 - k)).mean())
     assert abs(quad - exact) < 1e-3 * exact
 
     B = 16
     batch = Batch(x.expand(B, L).clone(), torch.ones(B, L, dtype=torch.bool))
     proc = make_process(schedule="linear", eval_t_samples=300, antithetic=False)
     res = proc.nll(model, batch, torch.Generator().manual_seed(5))
-    assert res.exact is False and res.nats_B.dtype == torch.float64 and torch.equal(res.tokens_B, torch.full((B,), L))
+    assert res.exact is False and res.nats_B.dtype == torch.float64
+    assert torch.equal(res.tokens_B, torch.full((B,), L - 1))
     se = float(res.nats_B.std()) / math.sqrt(B)
     assert abs(float(res.nats_B.mean()) - exact) < 3 * se, (float(res.nats_B.mean()), exact, se)
     # antithetic estimate is unbiased too (and at least as precise)
@@ -235,7 +240,7 @@ def test_nll_padding_not_scored() -> None:
     batch = _batch(pad_from=3)
     proc = make_process(eval_t_samples=2)
     res = proc.nll(model, batch, torch.Generator().manual_seed(0))
-    assert res.tokens_B.tolist() == [8, 8, 3]
+    assert res.tokens_B.tolist() == [7, 7, 2]  # real positions 1..L-1
     assert bool(torch.isfinite(res.nats_B).all()) and bool((res.nats_B >= 0).all())
 
 

@@ -9,9 +9,11 @@ the MDLM loss are equal sample by sample."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -140,7 +142,7 @@ def test_loss_gradient_and_time_conditioning() -> None:
     loss, stats = sedd.loss(model, _batch(), torch.Generator().manual_seed(0))
     loss.backward()
     value = float(loss.detach())
-    assert math.isfinite(value) and value >= 0 and stats["tokens"] == 38
+    assert math.isfinite(value) and value >= 0 and stats["tokens"] == 33  # 38 real less 5 context positions 0
     assert model.E.grad is not None and torch.isfinite(model.E.grad).all()
     t_seen = model.seen_t[-1]
     assert t_seen is not None and t_seen.dtype == torch.float32  # sigma_t
@@ -296,7 +298,7 @@ def test_uniform_process_loss_nll_and_euler() -> None:
     batch = _batch()
     loss, stats = sedd.loss(model, batch, torch.Generator().manual_seed(0))
     loss.backward()
-    assert math.isfinite(float(loss.detach())) and float(loss.detach()) >= 0 and stats["tokens"] == 38
+    assert math.isfinite(float(loss.detach())) and float(loss.detach()) >= 0 and stats["tokens"] == 33
     assert model.E.grad is not None and torch.isfinite(model.E.grad).all()
     res = sedd.nll(model, batch, torch.Generator().manual_seed(1))
     assert not res.exact and bool(torch.isfinite(res.nats_B).all()) and bool((res.nats_B >= 0).all())
@@ -345,3 +347,111 @@ def test_absorbing_trajectory_and_fixed_positions(sampler: str) -> None:
     assert bool((traj < S).all())
     assert bool((out.ids_NL[:, 0] == 1).all()) and bool((out.ids_NL[:, 6] == 2).all())
     assert bool((out.ids_NL != MASK).all())
+
+
+# ---------------------------------------------------------------------------------------------- uniform bound
+
+
+class ExactUniformScore(nn.Module):
+    """The exact concrete score of a known p0(x^{1..n} | x^0) under the uniform forward process (no network):
+
+        p_t(z) = sum_x p0(x | x^0) prod_l [alpha_t 1{z^l = x^l} + (1 - alpha_t) / K],
+        log s(z)_{l,y} = log p_t(z^{l <- y}) - log p_t(z)     (positions l = 1..n; position 0 is the context x^0)
+
+    ``t_R`` (float64, one t per row) is set by the test before each call (the process is built time-independent)."""
+
+    def __init__(self, p0_CS: Tensor, K: int, n: int, schedule) -> None:
+        super().__init__()
+        self.p0_CS, self.K, self.n, self.schedule = p0_CS, K, n, schedule
+        self.states_SN = torch.tensor(list(itertools.product(range(K), repeat=n)))  # [S, n]
+        self.index = {tuple(s.tolist()): i for i, s in enumerate(self.states_SN)}
+        S = self.states_SN.shape[0]
+        nb = torch.empty(S, n, K, dtype=torch.int64)  # state index of z with position l set to y
+        for i, st in enumerate(self.states_SN.tolist()):
+            for pos in range(n):
+                for y in range(K):
+                    nb[i, pos, y] = self.index[tuple([*st[:pos], y, *st[pos + 1 :]])]
+        self.nb_SNK = nb
+        self.t_R: Tensor | None = None
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def marginal(self, alpha_R: Tensor, c_R: Tensor) -> Tensor:
+        """p_t(z) over the states, float64 [R, S], for per-row alpha and context token."""
+        eq_SSN = (self.states_SN[:, None, :] == self.states_SN[None, :, :]).to(torch.float64)
+        a = alpha_R[:, None, None, None]
+        q_RSS = (a * eq_SSN + (1 - a) / self.K).prod(-1)  # q(z = row state | x = column state)
+        return torch.einsum("rzx,rx->rz", q_RSS, self.p0_CS[c_R])
+
+    def forward(self, ids_BL, *, attn="bidirectional", t_B=None, key_mask_BL=None):
+        assert t_B is None and self.t_R is not None
+        R = ids_BL.shape[0]
+        p_RS = self.marginal(self.schedule.alpha(self.t_R).to(torch.float64), ids_BL[:, 0])
+        iz_R = torch.tensor([self.index[tuple(r)] for r in ids_BL[:, 1:].tolist()])
+        nb_RNK = self.nb_SNK[iz_R]
+        log_p = torch.log(p_RS)
+        out = log_p.gather(1, nb_RNK.reshape(R, -1)).view(R, self.n, self.K) - log_p.gather(1, iz_R[:, None])[..., None]
+        return torch.cat([torch.zeros(R, 1, self.K, dtype=torch.float64), out], 1)
+
+
+@pytest.mark.parametrize(("Kv", "n"), [(3, 1), (4, 2), (5, 2)])
+def test_uniform_bound_with_the_exact_score_equals_minus_log_p0(Kv: int, n: int) -> None:
+    """With the exact score the reverse process is the true one, so the bound is tight up to the prior term:
+
+        -log p0(x^{1..n} | x^0) = int_0^1 E_{z_t ~ p_{t|0}(.|x)} (sigma'(t)/K) sum_l DSE_l dt + KL(p_{1|0}(.|x) || p_1)
+
+    The t-integral is done by Gauss-Legendre quadrature in sigma (t = (1 - e^{-sigma}) / (1 - eps), loglinear) with
+    the expectation over z_t exact (all K^n states); the process's own ``bound_integrand`` gives the integrand.
+    The prior KL is ~1e-6 here (alpha_1 = eps = 1e-3), so the bound itself also equals -log p0 to 1e-4."""
+    g = torch.Generator().manual_seed(10 * Kv + n)
+    specials = SpecialIds(bos=0, eos=1, pad=1, mask=Kv, vocab_size=Kv)
+    proc = get_process(ProcessConfig(name="sedd", transition="uniform", time_cond=False, eps=1e-3), specials)
+    S = Kv**n
+    p0_CS = torch.rand(Kv, S, generator=g, dtype=torch.float64) + 0.05
+    p0_CS = p0_CS / p0_CS.sum(1, keepdim=True)
+    model = ExactUniformScore(p0_CS, Kv, n, proc.schedule)
+    states = model.states_SN
+    eps = 1e-3
+    sig_1 = -math.log(eps)
+    panels = [0.0, 1e-3, 0.05, 1.0, sig_1]
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    sig_Q = torch.cat([torch.tensor((nodes + 1) / 2 * (b - a) + a) for a, b in itertools.pairwise(panels)])
+    w_Q = torch.cat([torch.tensor(weights / 2 * (b - a)) for a, b in itertools.pairwise(panels)])
+    t_Q = -torch.expm1(-sig_Q) / (1 - eps)
+    dt_Q = torch.exp(-sig_Q) / (1 - eps)  # dt / dsigma
+    for c, xi in ((0, 0), (1, S - 1), (Kv - 1, S // 2)):
+        x_L = torch.cat([torch.tensor([c]), states[xi]])
+        # every (node, z_t state) pair in one batch; z^0 = x^0 (context, never resampled)
+        z_RL = torch.cat([torch.full((S, 1), c), states], 1).repeat(len(t_Q), 1)
+        t_R = t_Q.repeat_interleave(S)
+        batch = Batch(x_L[None].expand(len(t_R), n + 1).clone(), torch.ones(len(t_R), n + 1, dtype=torch.bool))
+        model.t_R = t_R
+        with torch.no_grad():
+            f_R = proc.bound_integrand(model, batch, t_R, z_RL).to(torch.float64)
+        alpha_R = proc.schedule.alpha(t_R).to(torch.float64)
+        q_R = (alpha_R[:, None] * (z_RL[:, 1:] == x_L[1:]) + (1 - alpha_R[:, None]) / Kv).prod(1)
+        bound = float(((f_R * q_R).view(len(t_Q), S).sum(1) * dt_Q * w_Q).sum())
+        a1 = torch.tensor([eps], dtype=torch.float64)
+        p1 = model.marginal(a1, torch.tensor([c]))[0]
+        q1 = (a1 * (states == x_L[1:]) + (1 - a1) / Kv).prod(1)
+        prior_kl = float((q1 * (q1.log() - p1.log())).sum())
+        target = -math.log(float(p0_CS[c, xi]))
+        assert abs(bound + prior_kl - target) < 1e-4, (bound, prior_kl, target)
+        assert abs(bound - target) < 1e-4, (bound, target)
+
+
+def test_uniform_bound_of_an_untrained_score_is_about_log_K() -> None:
+    """log s = 0 (an untrained network) at K = 4096: the bound is about ln K nats per token, not K ln K (the rate
+    of a jump z -> y is sigma'(t)/K)."""
+    Kv = 4096
+    specials = SpecialIds(bos=0, eos=1, pad=1, mask=Kv, vocab_size=Kv)
+    proc = get_process(ProcessConfig(name="sedd", transition="uniform", time_cond=False, eval_t_samples=64), specials)
+
+    class Zero(nn.Module):
+        def forward(self, ids_BL, *, attn="bidirectional", t_B=None, key_mask_BL=None):
+            return torch.zeros(*ids_BL.shape, Kv)
+
+    x = torch.randint(0, Kv, (32, 4), generator=torch.Generator().manual_seed(0))
+    res = proc.nll(Zero(), Batch(x, torch.ones_like(x, dtype=torch.bool)), torch.Generator().manual_seed(1))
+    per_token = float(res.nats_B.sum() / res.tokens_B.sum())
+    assert res.tokens_B.tolist() == [3] * 32
+    assert abs(per_token - math.log(Kv)) < 0.1 * math.log(Kv), (per_token, math.log(Kv))

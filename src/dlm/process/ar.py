@@ -3,7 +3,8 @@
     -log p(x) = sum_{i=2..L} -log p_theta(x^i | x^<i)
 
 The first token of a row has no context and is not scored: rows start with BOS (``pad`` shards) or in the
-middle of a stream (``wrap`` shards), and in both cases the model predicts positions 2..L only.
+middle of a stream (``wrap`` shards), and in both cases the model predicts positions 2..L only (0-based 1..L-1,
+``base.scored_positions``: the same tokens every diffusion family scores).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, register_process
+from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, register_process, scored_positions
 from dlm.process.sampling import sample_categorical
 
 _CHUNK_ELEMENTS = 1 << 24  # float64 log-softmax in chunks of at most this many logits (128 MiB)
@@ -68,11 +69,11 @@ class ARProcess(Process):
 
     def _shifted(self, model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Logits for positions 1..L-1 given the prefix, their targets and which of them are scored."""
-        ids_BL, mask_BL = batch.ids_BL, batch.mask_BL
+        ids_BL = batch.ids_BL
         if ids_BL.ndim != 2 or ids_BL.shape[1] < 2:
             raise DlmError(f"AR needs rows of at least 2 tokens, got ids of shape {tuple(ids_BL.shape)}")
         logits_BLV = model(ids_BL[:, :-1], attn="causal")
-        return logits_BLV, ids_BL[:, 1:], mask_BL[:, 1:].bool()
+        return logits_BLV, ids_BL[:, 1:], scored_positions(batch)[:, 1:]
 
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None

@@ -63,13 +63,31 @@ class NLLResult:
     """Per-sequence negative log-likelihood.
 
     nats_B:   float64 [B], summed -log p(x) per sequence in nats (an upper bound when ``exact`` is False).
-    tokens_B: int64 [B], number of tokens scored per sequence.
+    tokens_B: int64 [B], number of tokens scored per sequence (``scored_positions(batch).sum(1)`` for every family).
     exact:    True for an exact likelihood (AR); False for a variational bound (diffusion).
     """
 
     nats_B: Tensor
     tokens_B: Tensor
     exact: bool
+
+
+def scored_positions(batch: Batch) -> Tensor:
+    """The positions every family scores, bool [B, L] (the one scoring rule of the project, SPEC §5).
+
+    The first position of every row is context only: it is never noised, masked or resampled, never scored,
+    and always shown clean to the network. Every family (AR, D3PM, MDLM, SEDD) scores exactly the real
+    positions 1..L-1 (0-based; ``batch.mask_BL`` True):
+
+        scored_BL[b, l] = mask_BL[b, l] and l >= 1
+
+    In ``pad`` data position 0 is the BOS (or the first document token when the tokenizer has no BOS); in
+    ``wrap`` data it is a mid-stream token. Per-token NLLs of all families therefore average over the same
+    tokens, and bits per byte counts the bytes of exactly these tokens.
+    """
+    mask_BL = batch.mask_BL.bool()
+    col_L = torch.arange(mask_BL.shape[1], device=mask_BL.device)
+    return mask_BL & (col_L >= 1)
 
 
 @dataclass

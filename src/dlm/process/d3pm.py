@@ -34,10 +34,14 @@ Uniform posterior, per token in O(K) (never a K x K matrix), with beta = alpha_t
     p_theta(z_s = j | z_t) = A_j [ alpha_s w_j + (1 - alpha_s) / K sum_x w_x ],  w_x = p_theta(x | z_t) / Z(x, y)
 
 and KL(q || p) = sum_j q_j [ log B_j(x) - log Z(x, y) - log(alpha_s w_j + (1 - alpha_s) W / K) ] (A_j cancels),
-computed in float64. Every real position is scored (any token may have been corrupted).
+computed in float64. Every scored position enters (any token may have been corrupted).
+
+Scored positions S (``base.scored_positions``, the same for every family): the real positions 1..L-1 of a row.
+Position 0 is context only: never corrupted, always clean, never scored; L_T and every L_{i-1} sum over S only, so
+the NELBO bounds -log p(x^S | x^0), the quantity AR scores (L_T = |S| times the per-position prior KL above).
 
 Estimators: the training loss samples one i ~ U{1..T} per sequence and uses T * L_{i-1} + L_T (unbiased for the
-NELBO), normalised per real token; ``nll`` averages eval_t_samples such draws per sequence (an unbiased estimate
+NELBO), normalised per scored token; ``nll`` averages eval_t_samples such draws per sequence (an unbiased estimate
 of the exact T-step bound, which needs T forwards: ``nelbo_exact`` sums all T terms with one z_t per term).
 """
 
@@ -64,6 +68,7 @@ from dlm.process.base import (
     fixed_positions,
     full_length_result,
     register_process,
+    scored_positions,
 )
 from dlm.process.sampling import filter_logits
 from dlm.process.schedules import get_schedule
@@ -173,7 +178,8 @@ class D3PMProcess(Process):
         return out[..., : self.K].float()
 
     def _corrupt(self, x_BL: Tensor, real_BL: Tensor, alpha_t_B: Tensor, generator: torch.Generator | None) -> Tensor:
-        """z_t ~ q(z_t | x) at real positions (float64 uniforms); padding stays clean."""
+        """z_t ~ q(z_t | x) where ``real_BL`` (the scored positions) is True (float64 uniforms); the rest (padding,
+        position 0) stays clean."""
         where = generator.device if generator is not None else x_BL.device
         u = torch.rand(x_BL.shape, dtype=torch.float64, generator=generator, device=where).to(x_BL.device)
         noised = (u >= alpha_t_B[:, None]) & real_BL
@@ -183,7 +189,8 @@ class D3PMProcess(Process):
         return torch.where(noised, r, x_BL)
 
     def prior_kl(self, real_BL: Tensor) -> Tensor:
-        """L_T per sequence, float64 [B] (module docstring)."""
+        """L_T per sequence, float64 [B]: |S_b| times the per-position KL (module docstring); ``real_BL`` = the
+        scored positions S."""
         a1, K = float(self.alpha[-1]), self.K
         if self.absorbing:
             per = a1 * math.log(K) if a1 > 0 else 0.0
@@ -200,8 +207,9 @@ class D3PMProcess(Process):
         """One draw z_t ~ q(z_t | x) per row at step i_B; returns (L_{i-1} per row float64 [B] with one sample of
         z_t, and the summed cross-entropy -log p_theta(x | z_t) over the scored positions, differentiable [B]).
 
-        Scored positions: masked ones (absorbing) or every real one (uniform)."""
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        Terms at: the masked scored positions (absorbing) or every scored position (uniform); S = real
+        positions 1..L-1 (``scored_positions``)."""
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         alpha_s, alpha_t = self._alpha(i_B)
         z_BL = self._corrupt(x_BL, real_BL, alpha_t, generator)
         logits_BLK = self._logits(model, z_BL, i_B)
@@ -244,12 +252,13 @@ class D3PMProcess(Process):
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, float]]:
-        """(sum_b [T * L_{i_b - 1}(x_b) + L_T(x_b)]) / N_real, i_b ~ U{1..T} (+ hybrid_lambda * CE / N_real).
+        """(sum_b [T * L_{i_b - 1}(x_b) + L_T(x_b)]) / N, i_b ~ U{1..T} (+ hybrid_lambda * CE / N), N = sum_b |S_b|
+        the scored tokens (real positions 1..L-1).
 
         For absorbing the KL is a_i * CE at masked positions (differentiable through CE); for uniform the
         closed-form KL in float64. ``nll`` stat: the (unbiased, one-draw) NELBO per token without the hybrid term.
         """
-        real_BL = batch.mask_BL.bool()
+        real_BL = scored_positions(batch)
         i_B = self._sample_steps(batch.ids_BL.shape[0], 1, batch.ids_BL.device, generator)[:, 0]
         kl_B, ce_B = self.step_terms(model, batch, i_B, generator)
         count = real_BL.sum()
@@ -262,20 +271,21 @@ class D3PMProcess(Process):
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
         """Unbiased estimate of the T-step NELBO per sequence: L_T + T * mean_k L_{i_k - 1}, k = 1..eval_t_samples
-        (i_k ~ U{1..T}, stratified when ``antithetic``; one z_t per draw). An upper bound in expectation."""
+        (i_k ~ U{1..T}, stratified when ``antithetic``; one z_t per draw). An upper bound in expectation on
+        -log p(x^S | x^0); tokens_b = |S_b| (real positions 1..L-1)."""
         B = batch.ids_BL.shape[0]
         k = self.cfg.eval_t_samples
         i_BK = self._sample_steps(B, k, batch.ids_BL.device, generator)
         rep = Batch(batch.ids_BL.repeat_interleave(k, 0), batch.mask_BL.repeat_interleave(k, 0))
         kl, _ = self.step_terms(model, rep, i_BK.reshape(-1), generator)
-        real_BL = batch.mask_BL.bool()
+        real_BL = scored_positions(batch)
         nats_B = self.prior_kl(real_BL) + self.T * kl.view(B, k).mean(1)
         return NLLResult(nats_B=nats_B, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
 
     @torch.no_grad()
     def nelbo_exact(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> Tensor:
         """L_T + sum_{i=1..T} L_{i-1} per sequence, float64 [B]: all T terms (T forwards), one z_t draw each."""
-        real_BL = batch.mask_BL.bool()
+        real_BL = scored_positions(batch)
         total = self.prior_kl(real_BL)
         B = batch.ids_BL.shape[0]
         for i in range(1, self.T + 1):

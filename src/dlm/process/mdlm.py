@@ -1,12 +1,15 @@
 """MDLM: continuous-time masked diffusion with the SUBS parameterisation (Sahoo et al. 2024, SPEC §3.4).
 
-    NELBO(x) = E_{t ~ U[0,1]} E_{z_t ~ q(. | x)} [ w(t) sum_{l : z_t^l = m} -log p_theta(x^l | z_t) ],
+    NELBO(x) = E_{t ~ U[0,1]} E_{z_t ~ q(. | x)} [ w(t) sum_{l in S, z_t^l = m} -log p_theta(x^l | z_t) ],
     w(t) = -alpha'_t / (1 - alpha_t)            (= 1/t for the linear and loglinear schedules)
+
+S = the scored positions (``base.scored_positions``): the real positions 1..L-1 of the row. Position 0 is context
+only (never masked, always clean), so this bounds -log p(x^{1..L-1} | x^0), the quantity AR scores too.
 
 -log p(x) <= NELBO(x): likelihoods reported from this process are upper bounds ("≤"). The network sees z_t
 with bidirectional attention and, only when ``process.time_cond`` is true, the time t (default off: the model
 is then time-independent, which makes the ``ddpm_cache`` sampler exact). Padding positions (batch.mask_BL
-False) are never masked and never scored.
+False) and position 0 are never masked and never scored.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dlm.process.base import (
     fixed_positions,
     full_length_result,
     register_process,
+    scored_positions,
 )
 from dlm.process.schedules import Schedule, get_schedule, sample_times
 
@@ -103,10 +107,10 @@ class MDLMProcess(Process):
         return denoise
 
     def _noisy(self, batch: Batch, t_B: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """z_t ~ q(z_t | x) with padding kept clean, and the scored positions (masked real tokens)."""
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
-        z_BL = absorbing.mask_tokens(x_BL, self.schedule.alpha(t_B), self.mask_id, generator, keep_BL=~real_BL)
-        return z_BL, (z_BL == self.mask_id) & real_BL
+        """z_t ~ q(z_t | x) at the scored positions S (padding and position 0 kept clean), and the masked ones."""
+        x_BL, score_BL = batch.ids_BL, scored_positions(batch)
+        z_BL = absorbing.mask_tokens(x_BL, self.schedule.alpha(t_B), self.mask_id, generator, keep_BL=~score_BL)
+        return z_BL, (z_BL == self.mask_id) & score_BL
 
     def _times(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         t = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device)
@@ -120,14 +124,15 @@ class MDLMProcess(Process):
         """One-sample NELBO per token (nats/token):
 
             t_b ~ U[0, 1] (antithetic: t_b = (u + b/B) mod 1),  z_b ~ q(z_t | x_b)
-            loss = sum_b w(t_b) sum_{l real, z_b^l = m} -log p_theta(x_b^l | z_b)  /  sum_b #real tokens of b
+            loss = sum_b w(t_b) sum_{l in S_b, z_b^l = m} -log p_theta(x_b^l | z_b)  /  sum_b |S_b|
 
-        with p_theta the SUBS distribution (MASK logit -inf). Its expectation is the mean NELBO per real token.
+        with p_theta the SUBS distribution (MASK logit -inf) and S_b the scored positions of row b (real
+        positions 1..L-1, ``scored_positions``). Its expectation is the mean NELBO per scored token.
         Only the masked rows of the logits enter the softmax (``masked_cross_entropy``): unmasked positions
         carry no loss under SUBS, so their [V] rows are never normalised (about half the work of a full softmax).
-        Stats: ``nll`` (the loss value) and ``tokens`` (real tokens in the batch).
+        Stats: ``nll`` (the loss value) and ``tokens`` (scored tokens in the batch).
         """
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_B = self._times(x_BL.shape[0], generator, x_BL.device)
         z_BL, scored_BL = self._noisy(batch, t_B, generator)
         logits = self._logits(model, z_BL, t_B)
@@ -143,14 +148,14 @@ class MDLMProcess(Process):
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
         """Unbiased estimate of the NELBO per sequence, an upper bound: -log p(x_b) <= NELBO(x_b) ≈ nats_b.
 
-            nats_b = (1/K) sum_{k=1..K} w(t_bk) sum_{l real, z_bk^l = m} -log p_theta(x_b^l | z_bk),
+            nats_b = (1/K) sum_{k=1..K} w(t_bk) sum_{l in S_b, z_bk^l = m} -log p_theta(x_b^l | z_bk),
             z_bk ~ q(z_t | x_b) at t = t_bk
 
         K = ``process.eval_t_samples``; the B*K times are drawn at once (antithetic: evenly spaced over the
         B*K samples, t_{k*B+b}), then K forwards of the batch. -log p_theta in float64 from the float32 logits.
-        tokens_b = real tokens of row b; exact = False.
+        tokens_b = |S_b|, the scored positions of row b (real positions 1..L-1); exact = False.
         """
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         B = x_BL.shape[0]
         K = self.cfg.eval_t_samples
         t_KB = self._times(B * K, generator, x_BL.device).view(K, B)

@@ -15,9 +15,14 @@ position, so the normalisation loses nothing, and s_theta (e^sigma - 1) = p_thet
 over y that plays the role of MDLM's SUBS p_theta (SPEC §3.5 identity). We call
 ell_y = log(s_y (e^sigma - 1)) the *scaled log-score*.
 
-Denoising score entropy per position l, weighted by sigma'(t) (SPEC §3.5):
+Denoising score entropy per position l, each jump z^l -> y weighted by its forward rate sigma'(t) Q(y, z^l)
+(SPEC §3.5): Q(m, x) = 1 for absorbing, Q(y, x) = 1/K for uniform (Q = (1/K) 11^T - I):
 
     DSE_l = sum_{y != z^l} [ s_y - r_y log s_y + r_y (log r_y - 1) ],   r_y = p_{t|0}(y | x) / p_{t|0}(z^l | x).
+
+Scored positions (``base.scored_positions``, the same for every family): the real positions 1..L-1 of a row.
+Position 0 is context only: never masked or resampled, always clean, never scored, so the bound is on
+-log p(x^{1..L-1} | x^0), the quantity AR scores.
 
 Absorbing: r_y = 1/(e^sigma - 1) =: r for y = x^l at a masked position, 0 for every other y and at every unmasked
 position (where s = 0 too), so only masked positions contribute, and with log s_y = ell_y - log(e^sigma - 1):
@@ -27,8 +32,9 @@ position (where s = 0 too), so only masked positions contribute, and with log s_
 With the normalised parameterisation sum_y e^{ell_y} = 1, so sigma'(t) DSE_l = sigma'(t) / (e^{sigma_t} - 1)
 (-log p_theta(x^l | z_t)), and sigma'/(e^sigma - 1) = -alpha'_t / (1 - alpha_t) = MDLM's weight w(t): for the
 same (x, t, z_t) the SEDD-absorb bound equals the MDLM NELBO term by term (the change of variables between the
-two time weights is this identity). Bound: -log p(x) <= int_0^1 sigma'(t) E_{z_t} sum_l DSE_l dt (the prior
-term KL(p_{1|0} || p_base) is omitted as in MDLM's NELBO: it is 0 when alpha_1 = 0 and O(alpha_1) otherwise).
+two time weights is this identity). Bound: -log p(x^S | x^0) <= int_0^1 sigma'(t) E_{z_t} sum_{l in S} DSE_l dt
+(the prior term KL(p_{1|0} || p_base) is omitted as in MDLM's NELBO: it is 0 when alpha_1 = 0 and O(alpha_1)
+otherwise).
 
 Time conditioning (default on, ``process.time_cond``): the network is given the total noise sigma_t (float32),
 as in the SEDD reference implementation, not t. Time t is clamped to >= T_MIN so sigma_t > 0.
@@ -45,8 +51,14 @@ Samplers (``sample``), on the uniform grid t_i = 1 - i/S, one network call per s
              (alpha_s - alpha_t)/(1 - alpha_t), token ~ p_theta. Implemented by ``absorbing.ddpm``.
 
 Uniform transitions (``process.transition=uniform``; network vocabulary K): p_{t|0}(y | x) = alpha_t 1{y = x}
-+ (1 - alpha_t)/K, the network output is log s directly (no normalisation), every real position is scored with
-``dse_uniform`` (closed-form r, O(K) per position). Samplers from ``dlm.process.uniform``: ``euler`` (rate
++ (1 - alpha_t)/K, the network output is log s directly (no normalisation), every scored position (any of them may
+have been resampled) enters with ``dse_uniform`` (closed-form r, O(K) per position) and the rate weight sigma'(t)/K:
+
+    -log p(x^S | x^0) <= int_0^1 (sigma'(t) / K) E_{z_t} sum_{l in S} DSE_l(z_t, t) dt   (+ KL(p_{1|0} || Unif),
+                                                                                       O(alpha_1^2 K) per position)
+
+With the exact score the gap is exactly that prior KL (the reverse process is then the true one).
+Samplers from ``dlm.process.uniform``: ``euler`` (rate
 z -> y = sigma'(t) s_y / K) and ``analytic`` (Tweedie tau-leaping with the closed form of exp(c Q_uniform), last
 step the Tweedie x0 estimate); free positions start from the uniform prior; temperature / top-k / top-p act on the
 Tweedie estimate of p(x0 | z_t) (see that module).
@@ -75,6 +87,7 @@ from dlm.process.base import (
     fixed_positions,
     full_length_result,
     register_process,
+    scored_positions,
 )
 from dlm.process.mdlm import build_schedule
 from dlm.process.schedules import Schedule, sample_times
@@ -253,7 +266,9 @@ class SEDDProcess(Process):
         return sample_times(n, generator, antithetic=self.cfg.antithetic, device=device).clamp(min=T_MIN)
 
     def _noisy(self, batch: Batch, t_B: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        """z_t ~ p_{t|0}(. | x) at the scored positions S (padding and position 0 kept clean); returns z_t and
+        the positions that carry a DSE term (absorbing: the masked ones of S; uniform: all of S)."""
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         if not self.absorbing:
             # z^l = x^l w.p. alpha_t, else uniform over the K tokens (two float64 uniforms per position).
             B, L = x_BL.shape
@@ -266,15 +281,23 @@ class SEDDProcess(Process):
         z_BL = absorbing.mask_tokens(x_BL, self.schedule.alpha(t_B), self.mask_id, generator, keep_BL=~real_BL)
         return z_BL, (z_BL == self.mask_id) & real_BL
 
-    def _dse_sum(self, model: torch.nn.Module, batch: Batch, t_B: Tensor, z_BL: Tensor, scored_BL: Tensor) -> Tensor:
-        """sigma'(t_b) sum_{l scored} DSE_l per row, [B] (float64 weights; float32 network math)."""
+    def bound_integrand(self, model: torch.nn.Module, batch: Batch, t_B: Tensor, z_BL: Tensor) -> Tensor:
+        """The integrand of the bound at (t_b, z_b) per row, [B] (float64 weights; float32 network math):
+
+            absorbing:  sigma'(t) sum_{l in S, z^l = m} DSE_l      uniform:  (sigma'(t) / K) sum_{l in S} DSE_l
+
+        (the rate of a jump z^l -> y is sigma'(t) Q(y, z^l): 1 absorbing, 1/K uniform). ``z_BL`` must be clean
+        outside the scored positions S (as ``_noisy`` draws it)."""
+        score_BL = scored_positions(batch)
         if not self.absorbing:
-            log_s = self._logits(model, z_BL, t_B).float()
+            K = self.specials.vocab_size
+            log_s = self._logits(model, z_BL, t_B)[..., :K].float()
             B, L, V = log_s.shape
             sig = self.schedule.sigma(t_B)[:, None].expand(B, L).reshape(-1)
             d = dse_uniform(log_s.reshape(B * L, V), batch.ids_BL.reshape(-1), z_BL.reshape(-1), sig).view(B, L)
-            d = torch.where(scored_BL, d, torch.zeros_like(d))
-            return self.schedule.dsigma(t_B) * d.sum(1)
+            d = torch.where(score_BL, d, torch.zeros_like(d))
+            return self.schedule.dsigma(t_B) / K * d.sum(1)
+        scored_BL = (z_BL == self.mask_id) & score_BL
         # Only the masked rows: DSE is 0 at unmasked positions (s = 0 and r = 0 there).
         sel = self._logits(model, z_BL, t_B)[scored_BL].float()
         sel = sel.index_fill(1, torch.tensor([self.mask_id], device=sel.device), float("-inf"))
@@ -293,15 +316,17 @@ class SEDDProcess(Process):
     ) -> tuple[Tensor, dict[str, float]]:
         """One-sample DSE bound per token (nats/token):
 
-            t_b ~ U[0, 1] (antithetic), z_b ~ p_{t|0}(. | x_b)
-            loss = sum_b sigma'(t_b) sum_{l real, z_b^l = m} DSE_l  /  sum_b #real tokens of b
+            t_b ~ U[0, 1] (antithetic), z_b ~ p_{t|0}(. | x_b) on the scored positions S_b
+            loss = sum_b sigma'(t_b) sum_{l in S_b, z_b^l = m} DSE_l  /  sum_b |S_b|           (absorbing)
+            loss = sum_b (sigma'(t_b) / K) sum_{l in S_b} DSE_l  /  sum_b |S_b|                (uniform)
 
-        (DSE_l = r [sum_y e^{ell_y} - 1 - ell_x], module docstring). Stats: ``nll`` and ``tokens``.
+        (absorbing DSE_l = r [sum_y e^{ell_y} - 1 - ell_x], module docstring; S_b = real positions 1..L-1).
+        Stats: ``nll`` and ``tokens`` (scored tokens).
         """
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_B = self._times(x_BL.shape[0], generator, x_BL.device)
-        z_BL, scored_BL = self._noisy(batch, t_B, generator)
-        per_seq_B = self._dse_sum(model, batch, t_B, z_BL, scored_BL)
+        z_BL, _ = self._noisy(batch, t_B, generator)
+        per_seq_B = self.bound_integrand(model, batch, t_B, z_BL)
         tokens = real_BL.sum()
         loss = per_seq_B.sum() / tokens.clamp(min=1)
         return loss, {"nll": float(loss.detach()), "tokens": float(tokens)}
@@ -310,18 +335,21 @@ class SEDDProcess(Process):
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
         """Unbiased estimate of the DSE bound per sequence (an upper bound on -log p(x_b), exact = False):
 
-            nats_b = (1/K) sum_k sigma'(t_bk) sum_{l real, z_bk^l = m} DSE_l(z_bk, t_bk)
+            nats_b = (1/K) sum_k bound_integrand(t_bk, z_bk)
+                   = (1/K) sum_k sigma'(t_bk) sum_{l in S_b, z_bk^l = m} DSE_l(z_bk, t_bk)      (absorbing)
+                   = (1/K) sum_k (sigma'(t_bk) / V) sum_{l in S_b} DSE_l(z_bk, t_bk)            (uniform, V tokens)
 
         K = ``process.eval_t_samples``; B*K times drawn at once (antithetic over all of them, t_{k*B+b}).
+        tokens_b = |S_b| (real positions 1..L-1, ``scored_positions``).
         """
-        x_BL, real_BL = batch.ids_BL, batch.mask_BL.bool()
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         B = x_BL.shape[0]
         K = self.cfg.eval_t_samples
         t_KB = self._times(B * K, generator, x_BL.device).view(K, B)
         nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
         for k in range(K):
-            z_BL, scored_BL = self._noisy(batch, t_KB[k], generator)
-            nats_B += self._dse_sum(model, batch, t_KB[k], z_BL, scored_BL).to(torch.float64)
+            z_BL, _ = self._noisy(batch, t_KB[k], generator)
+            nats_B += self.bound_integrand(model, batch, t_KB[k], z_BL).to(torch.float64)
         return NLLResult(nats_B=nats_B / K, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
 
     # ------------------------------------------------------------------------------------------- sampling
