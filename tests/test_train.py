@@ -215,7 +215,7 @@ def test_failed_starts_leave_the_run_directory_untouched(
         train(cfg, run_dir)
     with pytest.raises(DlmError, match=r"cannot resume .*train.lr: 0.003 -> 0.001"):
         train(tiny(data_dir, "--train.ema=0.9", "--train.lr=1e-3"), run_dir, resume=True)
-    with pytest.raises(DlmError, match=r"model.context 16 is shorter than the data rows \(32\)"):
+    with pytest.raises(DlmError, match=r"configuration differs \(model.context: 32 -> 16\)"):
         train(tiny(data_dir, "--train.ema=0.9", "--model.context=16"), run_dir, resume=True)
     corpus = write_corpus(tmp_path / "corpus2", n_docs=40, seed=9)
     other_data = prepare(get_source(str(corpus)), "bytes", seq_len=32, out_dir=tmp_path / "data2", log=lambda s: None)

@@ -87,7 +87,7 @@ def _timestamp() -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dlm.config import apply_overrides, load_config
-    from dlm.train import train
+    from dlm.train import TrainingInterrupted, train
     from dlm.train.checkpoint import read_run_config
 
     if args.resume:
@@ -102,9 +102,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     if cfg.data.dir:
         cfg.data.dir = str(Path(cfg.data.dir).resolve())  # eval/sample may run from another directory
-    summary = train(cfg, run_dir, resume=args.resume)
+    try:
+        summary = train(cfg, run_dir, resume=args.resume)
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: a checkpoint at the current step was written
+        print(f"dlm: interrupted by {e}", file=sys.stderr)
+        return e.exit_status
     if summary.get("val_nll") is not None:
         print(f"validation NLL {summary['val_nll']:.4f} nats/token at step {summary['step']}")
+    if summary["stopped"] == "time_limit":
+        print(
+            f"stopped early at step {summary['step']} of {summary['total_steps']} (time limit); "
+            f"continue with dlm train --run-dir {run_dir} --resume"
+        )
     print(f"run directory: {run_dir}")
     return 0
 

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -176,6 +177,10 @@ OPERATIONAL_KEYS = (
     | frozenset(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig))
 )
 
+# Keys a resumed run may raise (or lower) to extend a finished run: they change the LR schedule's length,
+# which the trainer states when it resumes (the cosine decay is recomputed over the new total).
+EXTENDABLE_KEYS = frozenset({"train.max_steps", "train.max_tokens"})
+
 
 @dataclass
 class RunConfig:
@@ -203,6 +208,11 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise ``DlmError`` naming the first impossible value; returns self."""
+        for section in SECTIONS:  # NaN and infinity pass every "> 0" test below: refuse them first
+            for key, value in vars(getattr(self, section)).items():
+                values = value if isinstance(value, tuple | list) else (value,)
+                if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                    raise DlmError(f"{section}.{key} must be a finite number, got {value!r}")
         # vocab_size 0 means "fill from the data" and is resolved by the trainer.
         dataclasses.replace(self.model, vocab_size=self.model.vocab_size or 1).validate()
         if self.model.vocab_size < 0:

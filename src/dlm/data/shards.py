@@ -22,6 +22,8 @@ existing directory is reused only when its ``inputs_hash`` equals that of the re
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -41,7 +43,7 @@ from dlm.data.sources import Source
 from dlm.data.specials import SpecialIds
 from dlm.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer, needs_training
 from dlm.errors import DlmError
-from dlm.io import write_json_atomic
+from dlm.io import exclusive_lock, write_json_atomic
 
 FORMAT_VERSION = 1
 MODES = ("wrap", "pad")
@@ -205,24 +207,78 @@ def prepare(
         if out_dir is not None
         else default_data_dir(Path(data_root), source, tokenizer_spec, seq_len, mode, h)
     )
-    meta_path = out / "meta.json"
-    if out.exists():
-        if not meta_path.exists():
-            if any(out.iterdir()):
-                raise DlmError(f"{out} exists and is not a dlm data directory (no meta.json); choose another")
-        else:
-            meta = read_meta(out)
-            if meta.get("inputs_hash") != h:
-                raise DlmError(
-                    f"{out} holds shards prepared from different inputs "
-                    f"({meta.get('source', {}).get('spec')}, {meta.get('tokenizer', {}).get('name')}, "
-                    f"{meta.get('mode')}, L={meta.get('seq_len')}); choose another --out or delete it"
-                )
-            for split in meta["splits"]:
-                open_split(out, split, verify=True)
-            log(f"reusing {out} (same inputs, shards verified)")
-            return out
+    if _reuse(out, h, log):
+        return out
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive_lock(out.parent / f".{out.name}.lock", out):  # one prepare per target at a time
+            if _reuse(out, h, log):  # another prepare finished it meanwhile
+                return out
+            remove_stale_tmp_dirs(out)
+            return _prepare_locked(source, tokenizer_spec, h, out, seq_len, mode, dtype, log)
+    except BaseException:
+        for p in created:  # a failed prepare leaves the tree as it was
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
+
+def _reuse(out: Path, h: str, log: Callable[[str], None]) -> bool:
+    """True when ``out`` is a complete data directory of these inputs (verified); False when it is missing
+    or empty; DlmError when it is something else (a file, another directory, other inputs)."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise DlmError(f"{out} exists and is not a directory; choose another --out")
+    if not (out / "meta.json").exists():
+        if any(out.iterdir()):
+            raise DlmError(f"{out} exists and is not a dlm data directory (no meta.json); choose another")
+        return False
+    meta = read_meta(out)
+    if meta.get("inputs_hash") != h:
+        raise DlmError(
+            f"{out} holds shards prepared from different inputs "
+            f"({meta.get('source', {}).get('spec')}, {meta.get('tokenizer', {}).get('name')}, "
+            f"{meta.get('mode')}, L={meta.get('seq_len')}); choose another --out or delete it"
+        )
+    for split in meta["splits"]:
+        open_split(out, split, verify=True)
+    log(f"reusing {out} (same inputs, shards verified)")
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp_dirs(out: Path) -> None:
+    """Delete ``.NAME.tmp-PID`` directories next to ``out`` left by a killed prepare (PID no longer running;
+    called under the target's lock, so no live prepare is writing one)."""
+    prefix = f".{out.name}.tmp-"
+    for p in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix) :]
+        if p.is_dir() and pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _prepare_locked(
+    source: Source,
+    tokenizer_spec: str,
+    h: str,
+    out: Path,
+    seq_len: int,
+    mode: str,
+    dtype: str | None,
+    log: Callable[[str], None],
+) -> Path:
+    """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory)."""
     t0 = time.perf_counter()
     if needs_training(tokenizer_spec):
         log(f"training tokenizer {tokenizer_spec} on the train split of {source.name}")
@@ -232,10 +288,7 @@ def prepare(
     dt = dtype or default_dtype(tok.vocab_size)
     _check_dtype_fits(dt, tok.vocab_size, tok.name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         tok.save(tmp)

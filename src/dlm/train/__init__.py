@@ -3,6 +3,6 @@ directory (checkpoint.py), device / precision / DDP / FSDP (runtime.py), metrics
 weight EMA (ema.py)."""
 
 from dlm.train.checkpoint import LoadedRun, find_checkpoint, list_checkpoints, load_run
-from dlm.train.loop import train
+from dlm.train.loop import TrainingInterrupted, train
 
-__all__ = ["LoadedRun", "find_checkpoint", "list_checkpoints", "load_run", "train"]
+__all__ = ["LoadedRun", "TrainingInterrupted", "find_checkpoint", "list_checkpoints", "load_run", "train"]

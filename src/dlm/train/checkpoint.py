@@ -36,12 +36,13 @@ from torch import nn
 from dlm import __version__
 from dlm.config import RunConfig
 from dlm.errors import DlmError
-from dlm.io import write_json_atomic
+from dlm.io import honour_umask, write_json_atomic
 from dlm.train.ema import EMA
 from dlm.train.runtime import Runtime
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"  # held (flock) by the training process for the whole run, see dlm.io.exclusive_lock
 CKPT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -50,10 +51,10 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def check_run_dir_free(run_dir: Path) -> None:
-    """A fresh run needs a missing or empty directory."""
+    """A fresh run needs a missing or empty directory (its lock file aside)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise DlmError(f"run directory {run_dir} is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         what = "already has a run" if (run_dir / CONFIG_FILE).exists() else "is not empty"
         raise DlmError(f"run directory {run_dir} {what}; use --resume or another --run-dir")
 
@@ -255,13 +256,18 @@ def find_checkpoint(run_dir: Path, which: str | int = "last") -> tuple[int, Path
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file; a missing, truncated or corrupt file raises DlmError."""
+    """A safetensors file; a missing, truncated or corrupt file, or one holding a NaN or infinity (a bit
+    flip; training never writes one), raises DlmError naming the file and the tensor."""
     if not path.is_file():
         raise DlmError(f"checkpoint file missing: {path}")
     try:
-        return load_file(path)
+        sd = load_file(path)
     except (SafetensorError, OSError) as e:
         raise DlmError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DlmError(f"checkpoint file {path} is corrupt: tensor {name} holds non-finite values")
+    return sd
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -272,7 +278,8 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise DlmError(f"checkpoint file {f} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+        why = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]
+        raise DlmError(f"checkpoint file {f} is truncated or corrupt: {why}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -322,19 +329,25 @@ def save_checkpoint(
     final = root / step_dir_name(step)
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(model_sd, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
-    if ema_sd is not None:
-        save_file(ema_sd, tmp / "ema.safetensors", metadata={"format": "pt", "step": str(step)})
-    torch.save({**state, "optimizer": optim_sd, "ranks": ranks}, tmp / "state.pt")
-    write_json_atomic(tmp / "state.json", info)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        tmp.mkdir()
+        save_file(model_sd, tmp / "model.safetensors", metadata={"format": "pt", "step": str(step)})
+        if ema_sd is not None:
+            save_file(ema_sd, tmp / "ema.safetensors", metadata={"format": "pt", "step": str(step)})
+        torch.save({**state, "optimizer": optim_sd, "ranks": ranks}, tmp / "state.pt")
+        write_json_atomic(tmp / "state.json", info)
+        for f in tmp.iterdir():
+            honour_umask(f)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, RuntimeError) as e:  # disk full, quota, permissions (torch.save raises RuntimeError)
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        raise DlmError(f"cannot write checkpoint {final}: {why}; the last complete checkpoint is kept") from None
     prune_checkpoints(run_dir, keep_last)
     rt.barrier()
     return final

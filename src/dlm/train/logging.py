@@ -11,7 +11,7 @@ far for a non-finite loss or gradient, and such a step's own line has ``"nonfini
 loss / grad_norm. Validation lines (NLL per token over the fixed validation batches, EMA weights when
 ``ema`` is true):
     {"step", "split": "validation", "val_nll", "val_bpt", "val_ppl", "val_tokens", "exact", "ema", "elapsed"}
-Non-finite floats are written as null, so every line is strict JSON.
+Non-finite floats are written as null, so every line is strict JSON (written with allow_nan=False).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 from typing import IO, Any
+
+from dlm.io import json_line
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -52,7 +54,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.writelines(json_line(r) + "\n" for r in kept)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -128,7 +130,7 @@ class RunLogger:
     def write(self, record: dict[str, Any]) -> None:
         """Append one metrics line (flushed, so a killed run leaves only complete lines but the last)."""
         record = {k: _clean(v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record) + "\n")
         self.file.flush()
         step = record["step"]
         prefix = "val/" if record.get("split") == "validation" else "train/"

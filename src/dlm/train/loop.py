@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dlm.config import RunConfig, config_diff, config_hash
+from dlm.config import EXTENDABLE_KEYS, OPERATIONAL_KEYS, RunConfig, config_diff, config_hash
 from dlm.data.batch import Batch
 from dlm.data.loader import Loader
 from dlm.data.shards import ShardSplit, open_split
 from dlm.errors import DlmError
-from dlm.io import write_json_atomic
+from dlm.io import exclusive_lock, finite_or_none, write_json_atomic
 from dlm.model import build_model, count_params, flops_per_token
 from dlm.process import Process, get_process
 from dlm.train.checkpoint import (
     CONFIG_FILE,
+    LOCK_FILE,
     check_run_dir_free,
     list_checkpoints,
     load_model_state,
@@ -76,9 +80,102 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     cfg = RunConfig.from_dict(cfg.to_dict()).validate()  # a private copy; vocab_size gets filled in
     rt = setup_runtime(cfg.train)
     try:
-        return _train(cfg, Path(run_dir), resume, rt)
+        with contextlib.ExitStack() as held:
+            return _train(cfg, Path(run_dir), resume, rt, held)
     finally:
         shutdown_runtime(rt)
+
+
+# Keys that may differ between a run and its resumption.
+RESUME_EXCLUDE = OPERATIONAL_KEYS | EXTENDABLE_KEYS
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM stopped training after a checkpoint at the current step; ``exit_status`` is 128 + signal."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, run_dir: Path) -> None:
+        self.signum, self.step, self.exit_status = signum, step, 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} at step {step} of {total_steps}: checkpoint written; "
+            f"continue with dlm train --run-dir {run_dir} --resume"
+        )
+
+
+def resume_hash(cfg: RunConfig) -> str:
+    """state.json's config hash: the configuration minus the keys a resumption may change."""
+    return config_hash(cfg, RESUME_EXCLUDE)
+
+
+def _lock_run(run_dir: Path, rt: Runtime, held: contextlib.ExitStack) -> None:
+    """Rank 0 holds RUN/.lock for the rest of the run (a second dlm process is refused)."""
+    if rt.is_main:
+        held.enter_context(exclusive_lock(run_dir / LOCK_FILE, run_dir))
+
+
+def _check_before_data(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+    """A resumption's configuration diff, before anything is built from it (the fields the trainer fills in
+    from the data and the process, model.vocab_size when 0 and model.time_cond, are compared later)."""
+    probe = RunConfig.from_dict(cfg.to_dict())
+    if probe.model.vocab_size == 0:
+        probe.model.vocab_size = stored.model.vocab_size
+    probe.model.time_cond = stored.model.time_cond
+    diff = config_diff(stored, probe, RESUME_EXCLUDE)
+    if diff:
+        raise DlmError(f"cannot resume {run_dir}: the configuration differs ({'; '.join(diff)})")
+
+
+def _check_start(
+    cfg: RunConfig, model: torch.nn.Module, process: Process, train_split: ShardSplit, rt: Runtime
+) -> None:
+    """What would otherwise fail only after the run directory is written: a batch larger than the data,
+    and the model and process together on this device (one forward of one row, no RNG consumed)."""
+    t = cfg.train
+    if t.batch_size * rt.world_size > len(train_split):
+        raise DlmError(
+            f"train.batch_size {t.batch_size} x {rt.world_size} rank(s) exceeds the {len(train_split)} rows of "
+            f"the {cfg.data.train_split!r} split"
+        )
+    row = next(Loader(train_split, 1, shuffle=False, infinite=False))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), preserved_rng(rt.device), rt.autocast():
+            process.nll(model, row.to(rt.device), generator=torch.Generator(device=rt.device).manual_seed(0))
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _stop_signals(received: list[int]) -> Any:
+    """SIGINT / SIGTERM append their number to ``received`` (the loop checkpoints and stops); a second
+    signal acts at once. Only in the main thread (elsewhere signals cannot be caught)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    defaults: dict[int, Callable[..., Any] | int] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+    }
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, defaults[signum])
+
+    old = {sig: signal.signal(sig, handler) for sig in defaults}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _agree(rt: Runtime, *flags: bool) -> list[bool]:
+    """Flags OR-ed over all ranks (one all-reduce when distributed)."""
+    if not rt.distributed:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=rt.device)
+    return [bool(x > 0) for x in rt.all_reduce(t, "max").tolist()]
 
 
 def resolve_data(cfg: RunConfig) -> tuple[ShardSplit, ShardSplit, Process]:
@@ -158,7 +255,7 @@ def validate(model: torch.nn.Module, process: Process, batches: list[Batch], rt:
     return {
         "val_nll": nll,
         "val_bpt": nll / math.log(2),
-        "val_ppl": math.exp(nll) if nll < 700 else float("inf"),
+        "val_ppl": math.exp(nll) if nll < 700 else None,  # None: beyond float range (JSON null)
         "val_tokens": int(tokens),
         "exact": bool(exact),
     }
@@ -187,7 +284,9 @@ def _restore(
 ) -> tuple[_Progress, str | None]:
     """Load checkpoint ``path`` into the training objects; returns its counters and a note, if any."""
     info = read_info(path)
-    if info.get("config_hash") != config_hash(cfg):
+    # checkpoints written before max_steps/max_tokens could change carry the hash of every key but the
+    # operational ones: they resume with unchanged max_steps/max_tokens
+    if info.get("config_hash") not in (resume_hash(cfg), config_hash(cfg)):
         raise DlmError(f"checkpoint {path} was written by a different configuration (config hash differs)")
     state = read_state(path)
     if ema is not None:  # the average goes through the model into the EMA, then the trained weights
@@ -244,17 +343,23 @@ def _train_step(
     return loss_v, gnorm_v, finite
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str, Any]:
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: contextlib.ExitStack) -> dict[str, Any]:
     t = cfg.train
     # ---- check everything before writing anything
+    stored = None
+    if resume:
+        if run_dir.is_dir():
+            _lock_run(run_dir, rt, held)  # before reading: another process may be writing this run
+        stored = read_run_config(run_dir)
+        _check_before_data(stored, cfg, run_dir)
     train_split, val_split, process = resolve_data(cfg)
     L = train_split.seq_len
     grad_accum = _grad_accum(cfg, rt.world_size)
     tokens_per_step = t.batch_size * grad_accum * rt.world_size * L
     total_steps = _total_steps(cfg, tokens_per_step)
     ckpts: list[tuple[int, Path]] = []
-    if resume:
-        diff = config_diff(read_run_config(run_dir), cfg)
+    if stored is not None:
+        diff = config_diff(stored, cfg, RESUME_EXCLUDE)
         if diff:
             raise DlmError(f"cannot resume {run_dir}: the configuration differs ({'; '.join(diff)})")
         trained_on = read_run_info(run_dir)["data_meta"].get("inputs_hash")
@@ -266,6 +371,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str
 
     seed_everything(t.seed)
     model = build_model(cfg.model).to(rt.device)
+    _check_start(cfg, model, process, train_split, rt)
     fwd = wrap_model(model, rt, compile=t.compile)
     optimizer = build_optimizer(model, t, rt.device)
     ema = EMA(model, t.ema) if t.ema > 0 else None
@@ -276,6 +382,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str
     prog, note = _Progress(), None
     if ckpts:
         prog, note = _restore(ckpts[-1][1], cfg, model, optimizer, ema, loader, gen, rt)
+    extended = None
+    if stored is not None and prog.step > 0:
+        old_total = _total_steps(stored, tokens_per_step)
+        if old_total != total_steps:
+            old_lr = lr_at(min(prog.step, old_total - 1), t, old_total)  # the last LR of the old schedule
+            extended = (
+                f"the run's length changes from {old_total} to {total_steps} steps: the {t.schedule} LR schedule "
+                f"is recomputed over {total_steps} steps, so the LR jumps from {old_lr:.3e} to "
+                f"{lr_at(prog.step, t, total_steps):.3e} at step {prog.step + 1}"
+            )
     val_loader = Loader(val_split, t.batch_size, seed=t.seed, shuffle=False, infinite=False)
     val_batches = _take(val_loader, t.val_batches)
     use_ema_for_val = ema is not None and t.eval_with_ema
@@ -286,6 +402,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str
     rt.barrier()
     logger = None
     if rt.is_main:
+        if not resume:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _lock_run(run_dir, rt, held)
+            check_run_dir_free(run_dir)  # again, now that no other dlm process can start here
         if resume:
             write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())  # operational keys may have changed
             truncate_metrics(run_dir / METRICS_FILE, prog.step)
@@ -310,6 +430,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str
         )
         if note:
             logger.note(note)
+        if extended:
+            logger.note(extended)
     rt.barrier()
 
     start = time.perf_counter()
@@ -317,90 +439,105 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime) -> dict[str
     last_log_t, last_log_tokens = start, prog.tokens
     stopped = "max_steps" if t.max_steps and total_steps == t.max_steps else "max_tokens"
     last_loss = val_nll = last_ckpt = None
+    received: list[int] = []  # SIGINT / SIGTERM: checkpoint at the current step, then stop
     model.train()
     try:
-        while prog.step < total_steps:
-            lr = lr_at(prog.step, t, total_steps)
-            set_lr(optimizer, lr)
-            loss, gnorm, finite = _train_step(
-                fwd, model, process, loader, gen, optimizer, ema, grad_accum, t.grad_clip, rt
-            )
-            prog.step += 1
-            prog.tokens += tokens_per_step
-            prog.nonfinite += not finite
-            last_loss = loss if finite else last_loss
-            now = time.perf_counter()
-            elapsed = prog.elapsed + now - start
-
-            step = prog.step
-            if logger is not None and (step % t.log_every == 0 or not finite or step == total_steps):
-                tok_s = (prog.tokens - last_log_tokens) / max(now - last_log_t, 1e-9)
-                record = {
-                    "step": step,
-                    "tokens": prog.tokens,
-                    "epoch": round(loader.epoch, 4),
-                    "loss": loss if finite else None,
-                    "lr": lr,
-                    "grad_norm": gnorm if finite else None,
-                    "tok_s": tok_s,
-                    "mfu": tok_s * fpt / (peak * rt.world_size) if peak else None,
-                    "elapsed": elapsed,
-                    "skipped": prog.nonfinite,
-                    **({} if finite else {"nonfinite": True}),
-                }
-                logger.write(record)
-                eta = (now - start) / (step - start_step) * (total_steps - step)
-                logger.progress(progress_line(record, total_steps, eta))
-                last_log_t, last_log_tokens = now, prog.tokens
-            if prog.nonfinite > t.max_nonfinite:
-                raise DlmError(
-                    f"stopping at step {step}: {prog.nonfinite} steps had a non-finite loss or gradient (more "
-                    f"than train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data"
+        with _stop_signals(received):
+            while prog.step < total_steps:
+                lr = lr_at(prog.step, t, total_steps)
+                set_lr(optimizer, lr)
+                loss, gnorm, finite = _train_step(
+                    fwd, model, process, loader, gen, optimizer, ema, grad_accum, t.grad_clip, rt
                 )
+                prog.step += 1
+                prog.tokens += tokens_per_step
+                prog.nonfinite += not finite
+                last_loss = loss if finite else last_loss
+                now = time.perf_counter()
+                elapsed = prog.elapsed + now - start
 
-            out_of_time = False
-            if t.time_limit_min is not None:  # rank 0's clock decides for everyone
-                flag = torch.tensor(float(now - start >= 60 * t.time_limit_min), device=rt.device)
-                out_of_time = bool(rt.all_reduce(flag, "max") > 0)
-            ckpt_due = step == total_steps or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
-            if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
-                with ema.applied() if use_ema_for_val else contextlib.nullcontext():
-                    v = validate(model, process, val_batches, rt, t.seed)
-                val_nll = v["val_nll"]
-                if math.isfinite(val_nll) and (prog.best_val is None or val_nll < prog.best_val):
-                    prog.best_val = val_nll
-                if logger is not None:
-                    logger.write({"step": step, "split": "validation", **v, "ema": use_ema_for_val, "elapsed": elapsed})
-                    logger.note(f"step {step}: val nll {val_nll:.4f} ({v['val_bpt']:.4f} bits/token)")
-            if ckpt_due:
-                last_ckpt = save_checkpoint(
-                    run_dir,
-                    step,
-                    model=model,
-                    optimizer=optimizer,
-                    ema=ema,
-                    rt=rt,
-                    state={"step": step, "loader": loader.state_dict()},
-                    rank_state={"rng": get_rng_state(), "generator": gen.get_state()},
-                    info={
+                step = prog.step
+                if logger is not None and (step % t.log_every == 0 or not finite or step == total_steps):
+                    tok_s = (prog.tokens - last_log_tokens) / max(now - last_log_t, 1e-9)
+                    record = {
                         "step": step,
                         "tokens": prog.tokens,
-                        "elapsed": prog.elapsed + time.perf_counter() - start,
-                        "nonfinite": prog.nonfinite,
-                        "loss": last_loss,
-                        "val_nll": val_nll,
-                        "best_val_nll": prog.best_val,
-                        "config_hash": config_hash(cfg),
-                        "world_size": rt.world_size,
-                    },
-                    keep_last=t.keep_last,
-                )
-            if out_of_time and step < total_steps:
-                stopped = "time_limit"
-                break
+                        "epoch": round(loader.epoch, 4),
+                        "loss": loss if finite else None,
+                        "lr": lr,
+                        "grad_norm": gnorm if finite else None,
+                        "tok_s": tok_s,
+                        "mfu": tok_s * fpt / (peak * rt.world_size) if peak else None,
+                        "elapsed": elapsed,
+                        "skipped": prog.nonfinite,
+                        **({} if finite else {"nonfinite": True}),
+                    }
+                    logger.write(record)
+                    eta = (now - start) / (step - start_step) * (total_steps - step)
+                    logger.progress(progress_line(record, total_steps, eta))
+                    last_log_t, last_log_tokens = now, prog.tokens
+                if prog.nonfinite > t.max_nonfinite:
+                    raise DlmError(
+                        f"stopping at step {step}: {prog.nonfinite} steps had a non-finite loss or gradient (more "
+                        f"than train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data"
+                    )
+
+                # rank 0's clock (and signals) decide for everyone
+                late = t.time_limit_min is not None and now - start >= 60 * t.time_limit_min
+                out_of_time, interrupted = _agree(rt, late, bool(received))
+                ckpt_due = step == total_steps or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
+                validated = None
+                if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
+                    with ema.applied() if use_ema_for_val else contextlib.nullcontext():
+                        v = validate(model, process, val_batches, rt, t.seed)
+                    val_nll = validated = finite_or_none(v["val_nll"])
+                    if validated is not None and (prog.best_val is None or validated < prog.best_val):
+                        prog.best_val = validated
+                    if logger is not None:
+                        logger.write(
+                            {"step": step, "split": "validation", **v, "ema": use_ema_for_val, "elapsed": elapsed}
+                        )
+                        logger.note(f"step {step}: val nll {v['val_nll']:.4f} ({v['val_bpt']:.4f} bits/token)")
+                stopping = (out_of_time or interrupted) and step < total_steps
+                if stopping:
+                    stopped = "time_limit" if out_of_time else "signal"
+                if ckpt_due or interrupted:  # an interruption's checkpoint skips validation (exact resume)
+                    last_ckpt = save_checkpoint(
+                        run_dir,
+                        step,
+                        model=model,
+                        optimizer=optimizer,
+                        ema=ema,
+                        rt=rt,
+                        state={"step": step, "loader": loader.state_dict()},
+                        rank_state={"rng": get_rng_state(), "generator": gen.get_state()},
+                        info={
+                            "step": step,
+                            "tokens": prog.tokens,
+                            "elapsed": prog.elapsed + time.perf_counter() - start,
+                            "nonfinite": prog.nonfinite,
+                            "loss": finite_or_none(last_loss),
+                            "val_nll": validated,  # of this step's weights only (the "best" checkpoint)
+                            "best_val_nll": prog.best_val,
+                            "config_hash": resume_hash(cfg),
+                            "world_size": rt.world_size,
+                            "stopped": stopped if stopping else None,
+                        },
+                        keep_last=t.keep_last,
+                    )
+                if stopping:
+                    if logger is not None:
+                        why = "time limit" if out_of_time else signal.Signals(received[0]).name
+                        logger.note(
+                            f"stopped early at step {step} of {total_steps} ({why}); "
+                            f"continue with dlm train --run-dir {run_dir} --resume"
+                        )
+                    break
     finally:
         if logger is not None:
             logger.close()
+    if stopped == "signal":
+        raise TrainingInterrupted(received[0], prog.step, total_steps, run_dir)
     return {
         "run_dir": str(run_dir),
         "step": prog.step,

@@ -127,6 +127,11 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     if world_size > 1 and cfg.dist == "none":
         raise DlmError(f"launched with WORLD_SIZE={world_size} but train.dist is 'none'; set --train.dist ddp")
+    if cfg.dist == "ddp" and "WORLD_SIZE" not in os.environ:  # torchrun sets WORLD_SIZE / RANK for every rank
+        raise DlmError(
+            "train.dist 'ddp' needs one process per device: launch with torchrun --nproc-per-node N -m dlm train ... "
+            "(or use --train.dist none for one process)"
+        )
     device = resolve_device(cfg.device, local_rank)
     if cfg.dist == "fsdp" and device.type != "cuda":
         raise DlmError("train.dist 'fsdp' needs CUDA devices; use --train.dist ddp on CPU")
