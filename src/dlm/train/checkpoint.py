@@ -5,9 +5,11 @@ Layout::
     RUN/config.json                  the resolved RunConfig (``RunConfig.from_dict`` reads it back)
     RUN/run.json                     provenance: dlm version, git commit, start time, the data's meta.json
     RUN/metrics.jsonl                training and validation lines (see dlm.train.logging)
+    RUN/.lock                        exists while a dlm process trains the run (flock; removed at the end)
     RUN/checkpoints/step-0000100/    model.safetensors, ema.safetensors (when train.ema > 0),
                                      state.pt (optimizer, RNG states of every rank, loader position),
-                                     state.json (step, tokens, elapsed, val_nll, non-finite count, config hash)
+                                     state.json (step, tokens, elapsed, val_nll, non-finite count, config
+                                     hash, "stopped": "time_limit" / "signal" when the run stopped early there)
 
 A checkpoint is written into ``step-XXXXXXX.tmp-<pid>`` and renamed when complete, so a killed process
 never leaves a half-written ``step-*`` directory. ``state.pt`` holds only tensors and primitive containers

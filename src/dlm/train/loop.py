@@ -9,7 +9,14 @@ One optimizer step (G = global batch, A = grad_accum micro-batches of batch_size
 
 A step whose loss or gradient norm is not finite is skipped (no update, gradients dropped) and counted;
 more than train.max_nonfinite of them stop the run with DlmError. Everything is checked (config, data,
-vocabulary, context, run directory, the checkpoint to resume) before the first file is written.
+vocabulary, context, batch size against the data, one forward of the model and process on the device,
+run directory, the checkpoint to resume) before the first file is written, so a failed start leaves the
+directory as it was. Rank 0 holds RUN/.lock for the whole run: a second dlm process is refused.
+
+Stopping early: at train.time_limit_min, or on SIGINT / SIGTERM, the current step is checkpointed and the
+run stops saying so ("stopped early at step N of M"; a signal raises TrainingInterrupted, exit 128 + signal);
+``--resume`` continues it exactly. Resuming with a larger train.max_steps / max_tokens extends a finished
+run: the LR schedule is recomputed over the new total (the cosine jumps back up), which the log states.
 
 The one seed train.seed determines the model init, the data order (loader seed), dropout and the
 process noise (a torch.Generator per rank); resuming restores all of them, the optimizer, the EMA and the
