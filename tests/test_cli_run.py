@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from dlm.cli import main
@@ -43,15 +44,25 @@ def test_eval_json_is_complete_and_consistent(trained, capsys):
     out = capsys.readouterr().out
     assert "test: NLL =" in out and "exact" in out
     ((_, rec),) = find_results(run, "likelihood", split="test", checkpoint_step=4, max_batches=None)
+    train_seed = json.loads((run / "config.json").read_text())["train"]["seed"]
+    assert rec["train_seed"] == train_seed and rec["eval_seed"] == rec["seed"]
+    assert f"train seed {train_seed}, eval seed {rec['eval_seed']}" in out
     for key in ("split", "checkpoint_step", "seed", "tokens", "sequences", "nll_se", "bits_per_byte", "mode"):
         assert key in rec
     assert rec["exact"] is True and rec["bound"] == "=" and rec["family"] == "ar"
     assert rec["bpt"] == pytest.approx(rec["nll"] / math.log(2))
     assert rec["ppl"] == pytest.approx(math.exp(rec["nll"]))
     meta = json.loads((data / "meta.json").read_text())["splits"]["test"]
-    # AR scores every real position but the first of each row
+    # every family scores every real position but the first of each row
     assert rec["tokens"] == meta["tokens"] - meta["rows"] and rec["sequences"] == meta["rows"]
-    assert rec["bits_per_byte"] == pytest.approx(rec["bpt"] * meta["tokens"] / meta["bytes"])
+    # bits per byte: the nats over the UTF-8 bytes of exactly the scored tokens (bytes tokenizer: ids < 256)
+    from dlm.data.shards import open_split
+
+    s = open_split(data, "test")
+    ids, real = s.rows(np.arange(len(s)))
+    n_bytes = int(((ids < 256) & real & (np.arange(ids.shape[1]) >= 1)).sum())
+    assert rec["bytes"] == n_bytes
+    assert rec["bits_per_byte"] == pytest.approx(rec["nats"] / (math.log(2) * n_bytes), rel=1e-12)
 
 
 def test_sample_is_deterministic_and_saved(trained, capsys):

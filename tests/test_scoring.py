@@ -5,6 +5,7 @@ that records what it is shown; and bits per byte counts the UTF-8 bytes of exact
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,34 @@ def test_position_zero_is_never_corrupted(data, mode: str, name: str, opts: dict
             assert torch.equal(z[~real], x[~real])
             corrupted += int((z[:, 1:] != x[:, 1:]).sum())
     assert corrupted > 0
+
+
+# ---------------------------------------------------------------------------------------------- bits per byte
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens_pad_mode(tmp_path) -> None:
+    """A pad-mode split with known text, bytes counted by hand: rows [BOS] doc [EOS] pad...; the scored tokens are
+    the document bytes and the EOS (0 bytes), so the byte count is the documents' 7 + 12 = 19 bytes ("Ça va?":
+    Ç is 2 bytes; "Hello there."), and bits per byte = nats / (ln 2 * 19). The old rule (bytes per token of the
+    split, BOS included, times the scored tokens) gave 23/21 times more."""
+    from dlm.config import load_config
+    from dlm.eval.run import evaluate_run
+    from dlm.train import train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation"):
+        (corpus / f"{split}.txt").write_text("A cat sat.\n\nThe mat.\n")
+    (corpus / "test.txt").write_text("Ça va?\n\nHello there.\n")
+    data = prepare(get_source(str(corpus)), "bytes", seq_len=16, mode="pad", out_dir=tmp_path / "d", log=lambda s: None)
+    meta = open_split(data, "test").stats
+    assert meta["bytes"] == 19 and meta["tokens"] == 23 and meta["truncated_documents"] == 0  # by hand
+    tiny = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context=16"]
+    steps = ["--train.device=cpu", "--train.batch_size=2", "--train.max_steps=1", "--train.warmup_steps=1"]
+    cfg = load_config(None, [f"--data.dir={data}", *tiny, *steps, "--train.val_every=1", "--train.val_batches=1"])
+    train(cfg, tmp_path / "run")
+    rec, _ = evaluate_run(tmp_path / "run", split="test")
+    assert rec["tokens"] == 21 and rec["bytes"] == 19
+    assert rec["bits_per_byte"] == pytest.approx(rec["nats"] / (math.log(2) * 19), rel=1e-12)
+    old = rec["nll"] * 21 / (math.log(2) * 21 * 19 / 23)
+    assert rec["bits_per_byte"] == pytest.approx(old * 21 / 23, rel=1e-12)

@@ -337,3 +337,35 @@ def test_bert_missing_extra(monkeypatch):
 def test_chars_empty_corpus():
     with pytest.raises(DlmError, match="no characters"):
         build_tokenizer("chars", ["", ""])
+
+
+# ---------------------------------------------------------------------------------------------- byte tables
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_token_bytes_sum_to_the_utf8_length(gpt2, bytes_tok, bpe, text):
+    """The per-id byte table is exact for the byte-level tokenizers: the bytes of the ids of a text add up to
+    the text's UTF-8 length, whatever the merges (multi-byte characters split across tokens included)."""
+    for tok in (gpt2, bytes_tok, bpe):
+        table = tok.token_bytes()
+        assert tok.token_bytes_exact and len(table) == tok.vocab_size
+        assert sum(table[i] for i in tok.encode(text)) == len(text.encode("utf-8")), tok.name
+
+
+def test_token_bytes_of_specials_and_chars(gpt2, bytes_tok, chars, bpe, bert):
+    for tok in (gpt2, bytes_tok, chars, bpe, bert):
+        table = tok.token_bytes()
+        assert all(table[i] == 0 for i in tok.special_set if i < tok.vocab_size), tok.name
+    assert bytes_tok.token_bytes() == [1] * 256 + [0, 0, 0]
+    text = "Über naïve café 🎉"  # every character is in the alphabet: exact
+    assert sum(chars.token_bytes()[i] for i in chars.encode(text)) == len(text.encode("utf-8"))
+    assert chars.token_bytes()[chars.unk] == 3  # the U+FFFD it decodes to
+    assert gpt2.token_bytes()[gpt2.encode(" the")[0]] == 4
+
+
+def test_bert_token_bytes_are_approximate(bert):
+    """BERT drops whitespace and lower-cases: the table is an approximation (stated), close on plain text."""
+    assert bert.token_bytes_exact is False
+    text = "The quick brown fox jumps over the lazy dog, and unaffable people laugh."
+    got = sum(bert.token_bytes()[i] for i in bert.encode(text))
+    assert abs(got - len(text.encode("utf-8"))) <= 2

@@ -130,11 +130,13 @@ def print_eval(record: dict, path: Path) -> None:
     se = record["nll_se"]
     se_txt = f" ± {se:.4f}" if se is not None else ""
     rel = "=" if record["exact"] else "≤"
+    bpb = record["bits_per_byte"]
+    bpb_txt = "undefined" if bpb is None else f"{bpb:.3f}"
     print(
         f"{record['split']}: NLL {rel} {record['nll']:.4f}{se_txt} nats/token ({record['likelihood']}) | "
-        f"BPT {record['bpt']:.3f} | PPL {rel} {_num(record['ppl'])} | {record['bits_per_byte']:.3f} bits/byte | "
+        f"BPT {record['bpt']:.3f} | PPL {rel} {_num(record['ppl'])} | {bpb_txt} bits/byte | "
         f"{record['tokens']:,} tokens, {record['sequences']} sequences | step {record['checkpoint_step']} | "
-        f"seed {record['seed']}"
+        f"train seed {record.get('train_seed', 'unknown')}, eval seed {record.get('eval_seed', record['seed'])}"
     )
     print(f"  written to {path}")
 

@@ -76,11 +76,16 @@ def _package_dir(package: str) -> Path | None:
 
 
 class Tokenizer(ABC):
-    """Text <-> ids. Subclasses set ``name``, ``specials`` and ``vocab_size`` (== ``specials.vocab_size``)."""
+    """Text <-> ids. Subclasses set ``name``, ``specials`` and ``vocab_size`` (== ``specials.vocab_size``).
+
+    ``token_bytes()`` is the per-id byte-length table bits per byte is counted with; ``token_bytes_exact``
+    says whether it is exact (the bytes, chars and byte-level BPE tokenizers) or an approximation (BERT).
+    """
 
     name: str
     specials: SpecialIds
     vocab_size: int
+    token_bytes_exact: bool = True
 
     def __init__(self, name: str, specials: SpecialIds) -> None:
         self.name = name
@@ -105,6 +110,24 @@ class Tokenizer(ABC):
 
     def save(self, directory: Path) -> None:  # noqa: B027 - deliberately a no-op for fixed tokenizers
         """Write the files :func:`load_tokenizer` needs to rebuild this tokenizer (fixed ones: nothing)."""
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 bytes each id in ``[0, K)`` contributes to the decoded text (BOS/EOS/PAD/MASK: 0), so that
+        ``sum(table[i] for i in encode(text)) == len(text.encode("utf-8"))`` when ``token_bytes_exact``.
+        Computed once and cached."""
+        table = getattr(self, "_token_bytes", None)
+        if table is None:
+            table = self._byte_lengths()
+            assert len(table) == self.vocab_size, (len(table), self.vocab_size)
+            for i in self.special_set:
+                if i < self.vocab_size:
+                    table[i] = 0
+            self._token_bytes = table
+        return list(table)
+
+    @abstractmethod
+    def _byte_lengths(self) -> list[int]:
+        """The table of ``token_bytes`` before the specials are set to 0."""
 
     @property
     def special_set(self) -> frozenset[int]:
@@ -144,6 +167,20 @@ class _HFBacked(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         batch = getattr(self._hf, "encode_batch_fast", None) or self._hf.encode_batch
         return [e.ids for e in batch(list(texts), add_special_tokens=False)]
+
+    def _byte_lengths(self) -> list[int]:
+        """Byte-level BPE (GPT-2, ``bpe:N``): every character of a token's string stands for one byte (the
+        ByteLevel alphabet), so a token contributes len(token string) bytes. DlmError for a non-byte-level model."""
+        alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        table = [0] * self.vocab_size
+        special = self.special_set
+        for piece, i in self._hf.get_vocab(with_added_tokens=True).items():
+            if i in special or i >= self.vocab_size:
+                continue
+            if not set(piece) <= alphabet:
+                raise DlmError(f"tokenizer {self.name}: token {piece!r} is not byte-level, cannot count its bytes")
+            table[i] = len(piece)
+        return table
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         ids = self._check_ids(ids)
@@ -226,6 +263,24 @@ class BertTokenizer(_HFBacked):
         )
         super().__init__("bert-base-uncased", specials, hf)
 
+    token_bytes_exact = False
+
+    def _byte_lengths(self) -> list[int]:
+        """Approximate (BERT lower-cases and drops whitespace): a word-start piece counts its UTF-8 bytes plus one
+        for the space before it (none for a single punctuation character), a ``##`` continuation its bytes after
+        ``##``; [UNK] counts 1 + 1."""
+        table = [0] * self.vocab_size
+        for piece, i in self._hf.get_vocab().items():
+            if piece.startswith("##") and len(piece) > 2:
+                table[i] = len(piece[2:].encode("utf-8"))
+            elif piece == "[UNK]":
+                table[i] = 2
+            elif len(piece) == 1 and not piece.isalnum():
+                table[i] = len(piece.encode("utf-8"))
+            else:
+                table[i] = len(piece.encode("utf-8")) + 1
+        return table
+
     def fingerprint(self) -> str:
         return _sha256(_canonical_json({"tokenizer": "bert-base-uncased", "vocab.txt.md5": _BERT_VOCAB_MD5}))
 
@@ -257,6 +312,10 @@ class BytesTokenizer(_TableTokenizer):
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def _byte_lengths(self) -> list[int]:
+        """One byte per byte id 0..255 (specials 0)."""
+        return [1] * 256 + [0] * (self.vocab_size - 256)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Bytes decoded as UTF-8 with ``errors="replace"``; a special ends the current byte run."""
@@ -304,6 +363,11 @@ class CharTokenizer(_TableTokenizer):
     def encode(self, text: str) -> list[int]:
         get, unk = self._index.get, self.unk
         return [get(c, unk) for c in text]
+
+    def _byte_lengths(self) -> list[int]:
+        """UTF-8 length of each character; UNK counts the 3 bytes of the U+FFFD it decodes to (exact for text
+        in the alphabet)."""
+        return [len(c.encode("utf-8")) for c in self._table] + [0] * (self.vocab_size - len(self._table))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         table = self._table

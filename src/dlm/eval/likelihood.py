@@ -10,21 +10,25 @@ with t_s > 0, A = sum a_s, T = sum t_s):
     nll_se       = sqrt( n/(n-1) * sum_s (a_s - nll t_s)^2 ) / T
                    the delta-method standard error of the ratio estimator A / T, treating sequences as the
                    independent units (None when n < 2)
-    bits_per_byte = nll * T / (ln 2 * bytes)             tokenizer-independent
+    bits_per_byte = A / (ln 2 * bytes)                   tokenizer-independent, bytes = sum over the scored
+                   tokens of the UTF-8 bytes each contributes (``Tokenizer.token_bytes``)
+
+Every family scores the same positions (``dlm.process.base.scored_positions``: the real positions 1..L-1 of a
+row; position 0 is context only), so T and bytes count the same tokens for every family.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process.base import Process
+from dlm.process.base import Process, scored_positions
 
 
 def bits_per_byte(nll_nats_per_token: float, tokens: int, bytes: int) -> float:
@@ -39,8 +43,11 @@ def _exp_or_none(x: float) -> float | None:
     return math.exp(x) if x < math.log(sys.float_info.max) else None
 
 
-def summarize_nll(nats_S: torch.Tensor, tokens_S: torch.Tensor, exact: bool) -> dict[str, Any]:
-    """The metrics of the module docstring from per-sequence nats (float64) and token counts.
+def summarize_nll(
+    nats_S: torch.Tensor, tokens_S: torch.Tensor, exact: bool, bytes_S: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """The metrics of the module docstring from per-sequence nats (float64) and token counts; with ``bytes_S``
+    (UTF-8 bytes of each sequence's scored tokens) also ``bytes``, their total (``bits_per_byte`` takes it).
 
     Sequences with no scored token are left out of every figure.
     """
@@ -61,6 +68,7 @@ def summarize_nll(nats_S: torch.Tensor, tokens_S: torch.Tensor, exact: bool) -> 
     else:
         nll_se = None
     seq_ppl = float(torch.exp(nats / toks64).mean())
+    extra = {} if bytes_S is None else {"bytes": int(bytes_S.to(torch.int64).cpu()[keep].sum())}
     return {
         "nll": nll,
         "bpt": nll / math.log(2.0),
@@ -72,6 +80,7 @@ def summarize_nll(nats_S: torch.Tensor, tokens_S: torch.Tensor, exact: bool) -> 
         "sequences": n,
         "exact": bool(exact),
         "bound": "=" if exact else "<=",
+        **extra,
     }
 
 
@@ -84,6 +93,7 @@ def evaluate_nll(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int | None], None] | None = None,
+    token_bytes: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Per-token NLL of ``model`` under ``process`` over a finite loader (see ``summarize_nll``).
 
@@ -91,11 +101,15 @@ def evaluate_nll(
     restored afterwards), at most ``max_batches`` batches. ``exact`` is True only when every batch gave an
     exact likelihood; otherwise the figures are upper bounds ("<="). ``progress(done, total)`` is called
     after every batch (``total``: the batches this call evaluates, None for a loader without a length).
+    With ``token_bytes`` (the tokenizer's per-id byte table, ``Tokenizer.token_bytes``) the result also has
+    ``bytes``, the UTF-8 bytes of exactly the scored tokens (``scored_positions``), for ``bits_per_byte``.
     """
     if max_batches is not None and max_batches < 1:
         raise DlmError(f"max_batches must be >= 1 or None, got {max_batches!r}")
     nats: list[torch.Tensor] = []
     tokens: list[torch.Tensor] = []
+    n_bytes: list[torch.Tensor] = []
+    table = torch.as_tensor(list(token_bytes), dtype=torch.int64) if token_bytes is not None else None
     exact = True
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and max_batches is not None:
@@ -110,6 +124,8 @@ def evaluate_nll(
                 result = process.nll(model, batch.to(device), generator=generator)
                 nats.append(result.nats_B.detach().to("cpu", torch.float64))
                 tokens.append(result.tokens_B.detach().to("cpu", torch.int64))
+                if table is not None:
+                    n_bytes.append(_scored_bytes(batch, table, tokens[-1]))
                 exact = exact and result.exact
                 if progress is not None:
                     progress(i + 1, total)
@@ -117,4 +133,14 @@ def evaluate_nll(
         model.train(was_training)
     if not nats:
         raise DlmError("likelihood evaluation got no batches from the loader")
-    return summarize_nll(torch.cat(nats), torch.cat(tokens), exact)
+    return summarize_nll(torch.cat(nats), torch.cat(tokens), exact, torch.cat(n_bytes) if table is not None else None)
+
+
+def _scored_bytes(batch: Batch, table: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+    """UTF-8 bytes of the scored tokens of each row, int64 [B]: sum_l table[x^l] over ``scored_positions``."""
+    scored_BL = scored_positions(batch).cpu()
+    assert torch.equal(scored_BL.sum(1), tokens_B), "the process scored other positions than scored_positions"
+    ids_BL = batch.ids_BL.cpu()
+    if int(ids_BL.max()) >= len(table) or int(ids_BL.min()) < 0:
+        raise DlmError(f"token ids outside the tokenizer's {len(table)} ids: is the data tokenized with another one?")
+    return (table[ids_BL] * scored_BL).sum(1)

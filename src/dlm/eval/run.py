@@ -33,6 +33,12 @@ from dlm.train.checkpoint import LoadedRun, load_run
 #: bump it when a change makes old results incomparable, so they are recomputed rather than reused.
 LIKELIHOOD_PROTOCOL = 2
 
+#: What every family scores (``dlm.process.base.scored_positions``), written into every likelihood JSON.
+SCORED_RULE = (
+    "the real positions 1..L-1 of each row, the same tokens for every family; position 0 (BOS in pad mode, a "
+    "mid-stream token in wrap mode) is context only: never noised, never scored, always shown clean"
+)
+
 
 def check_tokenizer(run: LoadedRun, fingerprint: str, name: str) -> None:
     """The one check that the data directory's tokenizer (its shards' meta, or the tokenizer files that
@@ -103,26 +109,31 @@ def evaluate_run(
         return old, path
     check_writable(path.parent)
     gen = torch.Generator(device=device).manual_seed(seed)
+    tok = s.tokenizer()
     t0 = time.perf_counter()
     result = evaluate_nll(
-        run.process, run.model, loader, max_batches=max_b, generator=gen, device=device, progress=progress
-    )
+        run.process, run.model, loader, max_batches=max_b, generator=gen, device=device, progress=progress,
+        token_bytes=tok.token_bytes(),
+    )  # fmt: skip
     wall = time.perf_counter() - t0
-    stats = s.stats
-    bytes_per_token = stats["bytes"] / stats["tokens"]
     record = {
         "metric": "likelihood",
         "family": run.process.name,
         "likelihood": "exact" if result["exact"] else "upper bound (NELBO)",
         **result,
-        "bits_per_byte": bits_per_byte(result["nll"], result["tokens"], result["tokens"] * bytes_per_token),
-        "bits_per_byte_note": "nll per token x (tokens / UTF-8 bytes of the split); separators count 0 bytes",
+        "bits_per_byte": bits_per_byte(result["nll"], result["tokens"], result["bytes"]) if result["bytes"] else None,
+        "bits_per_byte_note": "nats of the scored tokens / (ln 2 x UTF-8 bytes of exactly those tokens); BOS, EOS "
+        "and padding count 0 bytes"
+        + ("" if tok.token_bytes_exact else f"; APPROXIMATE: {tok.name} drops whitespace and lower-cases, its "
+           "per-token byte counts are estimates"),
         "split": split,
         "split_rows_evaluated": f"{min(len(loader), max_b or math.inf) * bs} of {len(s)} (at most)",
         "whole_split": max_b is None or max_b >= len(loader),
         "checkpoint_step": run.step,
         "ema": run.ema,
         "seed": seed,
+        "eval_seed": seed,
+        "train_seed": run.cfg.train.seed,
         "batch_size": bs,
         "data_dir": str(Path(run.cfg.data.dir).resolve()),
         "source": s.meta["source"]["spec"],
@@ -130,11 +141,7 @@ def evaluate_run(
         "mode": s.meta["mode"],
         "seq_len": s.meta["seq_len"],
         "layout": s.meta["layout"],
-        "scored": (
-            "targets at positions 1..L-1 of each row (the first token of a row has no context)"
-            if run.process.name == "ar"
-            else "every real position of each row"
-        ),
+        "scored": SCORED_RULE,
         "process": asdict(run.cfg.process),
         "wall_s": wall,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
