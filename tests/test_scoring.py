@@ -156,7 +156,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens_pad_mode(tmp_path) 
     Ç is 2 bytes; "Hello there."), and bits per byte = nats / (ln 2 * 19). The old rule (bytes per token of the
     split, BOS included, times the scored tokens) gave 23/21 times more."""
     from dlm.config import load_config
-    from dlm.eval.run import evaluate_run
+    from dlm.eval.run import SCORED_RULE, evaluate_run
     from dlm.train import train
 
     corpus = tmp_path / "corpus"
@@ -173,6 +173,7 @@ def test_bits_per_byte_counts_the_bytes_of_the_scored_tokens_pad_mode(tmp_path) 
     train(cfg, tmp_path / "run")
     rec, _ = evaluate_run(tmp_path / "run", split="test")
     assert rec["tokens"] == 21 and rec["bytes"] == 19
+    assert rec["scored"] == SCORED_RULE and "1..L-1" in rec["scored"] and "every family" in rec["scored"]
     assert rec["bits_per_byte"] == pytest.approx(rec["nats"] / (math.log(2) * 19), rel=1e-12)
     old = rec["nll"] * 21 / (math.log(2) * 21 * 19 / 23)
     assert rec["bits_per_byte"] == pytest.approx(old * 21 / 23, rel=1e-12)
