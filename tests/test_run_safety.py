@@ -254,23 +254,28 @@ def test_extending_a_finished_run_recomputes_the_schedule_and_says_so(run: Path,
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 10
 
 
-# SIGTERM / SIGINT: the CLI in a fresh interpreter, 0.1 s per batch so the parent can signal it mid-run
+# SIGTERM / SIGINT: the CLI in a fresh interpreter; with slow=True 0.1 s per batch (timing only) so the
+# parent can signal it mid-run
 SLOW_CLI = """
-import sys, time
-from dlm.data.loader import Loader
-_next = Loader.__next__
-def _slow_next(self):
-    time.sleep(0.1)
-    return _next(self)
-Loader.__next__ = _slow_next
+import os, sys, time
+if os.environ.get("DLM_TEST_SLOW"):
+    from dlm.data.loader import Loader
+    _next = Loader.__next__
+    def _slow_next(self):
+        time.sleep(0.1)
+        return _next(self)
+    Loader.__next__ = _slow_next
 from dlm.cli import main
-sys.exit(main(sys.argv[1:]))
+for argv in " ".join(sys.argv[1:]).split(" --then "):  # several commands in one interpreter
+    if rc := main(argv.split()):
+        sys.exit(rc)
 """
 
 
-def run_cli(argv: list[str]) -> subprocess.Popen:
+def run_cli(argv: list[str], slow: bool = True) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DLM_TEST_SLOW"} | ({"DLM_TEST_SLOW": "1"} if slow else {})
     return subprocess.Popen(
-        [sys.executable, "-c", SLOW_CLI, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", SLOW_CLI, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
     )
 
 
@@ -287,24 +292,28 @@ def signal_after_first_step(proc: subprocess.Popen, run_dir: Path, sig: int) -> 
 
 
 def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(data: Path, tmp_path: Path) -> None:
-    args = tiny_args(data, "--process.name=mdlm", "--model.dropout=0.1", "--train.max_steps=20", "--train.ckpt_every=5")
+    args = tiny_args(data, "--process.name=mdlm", "--model.dropout=0.1", "--train.max_steps=10", "--train.val_every=2")
     stopped, reference = tmp_path / "stopped", tmp_path / "reference"
     err = signal_after_first_step(run_cli(["train", "--run-dir", str(stopped), *args]), stopped, signal.SIGTERM)
     step = list_checkpoints(stopped)[-1][0]
-    assert 1 <= step < 20
+    assert 1 <= step < 10
     assert err == (
-        f"dlm: interrupted by SIGTERM at step {step} of 20: checkpoint written; "
+        f"dlm: interrupted by SIGTERM at step {step} of 10: checkpoint written; "
         f"continue with dlm train --run-dir {stopped} --resume"
     )
-    for argv in (["train", "--run-dir", str(stopped), "--resume"], ["train", "--run-dir", str(reference), *args]):
-        proc = run_cli(argv)
-        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    proc = run_cli(
+        ["train", "--run-dir", str(stopped), "--resume", "--then", "train", "--run-dir", str(reference), *args],
+        slow=False,
+    )
+    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
     assert metric_lines(stopped) == metric_lines(reference)  # floats compared exactly
 
 
 def test_sigint_checkpoints_and_exits_130(data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli(["train", "--run-dir", str(run_dir), *tiny_args(data, "--train.max_steps=50")])
+    proc = run_cli(
+        ["train", "--run-dir", str(run_dir), *tiny_args(data, "--train.max_steps=50", "--train.val_every=0")]
+    )
     err = signal_after_first_step(proc, run_dir, signal.SIGINT)
     step = list_checkpoints(run_dir)[-1][0]
     assert err.startswith(f"dlm: interrupted by SIGINT at step {step} of 50: checkpoint written")
