@@ -97,8 +97,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 RESUME_EXCLUDE = OPERATIONAL_KEYS | EXTENDABLE_KEYS
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT / SIGTERM stopped training after a checkpoint at the current step; ``exit_status`` is 128 + signal."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped training after a checkpoint at the current step; ``exit_status`` is 128 + signal.
+
+    A KeyboardInterrupt, so callers that do not catch it (``dlm demo``, ``dlm experiment``) stop as on Ctrl-C.
+    """
 
     def __init__(self, signum: int, step: int, total_steps: int, run_dir: Path) -> None:
         self.signum, self.step, self.exit_status = signum, step, 128 + signum
