@@ -392,3 +392,25 @@ def test_resume_with_another_process_says_the_configuration_differs(run: Path, t
     argv = ["train", "--run-dir", str(run_dir), "--resume", "--process.name=mdlm"]
     assert_refused(capsys, argv, "the configuration differs (process.name: 'ar' -> 'mdlm')", run_dir)
     assert math.isfinite(json.loads((run_dir / "checkpoints" / "step-0000006" / "state.json").read_text())["loss"])
+
+
+def test_a_full_disk_while_preparing_is_one_line_and_leaves_nothing(
+    corpus: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from dlm.data import shards
+
+    def full(self, rows):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards._RowWriter, "write", full)
+    root = tmp_path / "data"
+    root.mkdir()
+    argv = ["prepare", str(corpus), "--tokenizer", "bytes", "--seq-len", "24", "--out", str(root / "d")]
+    assert_refused(capsys, argv, f"cannot write {root / 'd'}: No space left on device", root)
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line(data: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    argv = ["train", "--run-dir", str(blocker / "run"), *tiny_args(data)]
+    assert_refused(capsys, argv, f"cannot create the run directory {blocker / 'run'}: Not a directory", tmp_path)

@@ -83,13 +83,16 @@ def exclusive_lock(lock_file: str | Path, what: str | Path) -> Iterator[None]:
     """
     lock_file = Path(lock_file)
     for _ in range(10):
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:  # a read-only or missing directory
+            raise DlmError(f"cannot create the lock file {lock_file}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 os.close(fd)
-                raise
+                raise DlmError(f"cannot lock {lock_file}: {e.strerror or e}") from None
             try:
                 pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
             finally:

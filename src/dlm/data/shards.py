@@ -210,7 +210,10 @@ def prepare(
     if _reuse(out, h, log):
         return out
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DlmError(f"cannot create {out.parent}: {e.strerror or e}") from None
     try:
         with exclusive_lock(out.parent / f".{out.name}.lock", out):  # one prepare per target at a time
             if _reuse(out, h, log):  # another prepare finished it meanwhile
@@ -289,8 +292,8 @@ def _prepare_locked(
     _check_dtype_fits(dt, tok.vocab_size, tok.name)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         tok.save(tmp)
         splits = {}
         for split in source.available_splits:
@@ -329,6 +332,9 @@ def _prepare_locked(
         if out.exists():
             out.rmdir()  # only reached for an existing empty directory
         os.replace(tmp, out)
+    except OSError as e:  # disk full, quota, permissions: one line, nothing half-written left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DlmError(f"cannot write {out}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -413,7 +413,10 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
     logger = None
     if rt.is_main:
         if not resume:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DlmError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
             _lock_run(run_dir, rt, held)
             check_run_dir_free(run_dir)  # again, now that no other dlm process can start here
         if resume:
