@@ -30,7 +30,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ def _check_start(
 
 
 @contextlib.contextmanager
-def _stop_signals(received: list[int]) -> Any:
+def _stop_signals(received: list[int]) -> Iterator[None]:
     """SIGINT / SIGTERM append their number to ``received`` (the loop checkpoints and stops); a second
     signal acts at once. Only in the main thread (elsewhere signals cannot be caught)."""
     if threading.current_thread() is not threading.main_thread():
