@@ -20,10 +20,11 @@ Definitions (also written into experiment.json):
   TER_S <= TER_AR + k sqrt(se_AR^2 + se_S^2), k = 2 (the MDLM is not worse than AR by more than two standard
   errors of the difference); speedup = AR wall time per sequence / MDLM wall time per sequence at S; None when
   no step count matches. The same rule on SER gives ``matched_ser``.
-* Validation NLL per symbol (nats), on the validation split: AR exact, -log p_theta(x_1..x_L | BOS) / L (the EOS
-  target is not scored); MDLM an upper bound, the NELBO of the whole row [BOS] x [EOS] / L averaged over
-  ``nll_t_samples`` draws of (t, z_t) per sequence (BOS and EOS are deterministic in the data, so an ideal model
-  pays nothing for them); gap = NLL - entropy rate (exact for n-grams). ``true_model_nll`` is -log p(x) / L
+* Validation NLL per symbol (nats), on the validation split, of the same L symbols for both families (the
+  project's scoring rule, ``dlm.process.base.scored_positions``: BOS is context; here the EOS, deterministic in
+  the data, is left out of the scored set for both): AR exact, -log p_theta(x_1..x_L | BOS) / L; MDLM an upper
+  bound on the same quantity, the NELBO of x_1..x_L given BOS (EOS shown clean, never masked) / L, averaged over
+  ``nll_t_samples`` draws of (t, z_t) per sequence; gap = NLL - entropy rate (exact for n-grams). ``true_model_nll`` is -log p(x) / L
   of the same validation sequences under the true language: the floor a perfect model would reach on them.
 
 temp_mode: see :data:`TEMP_MODE_DECISION`.
@@ -341,23 +342,23 @@ def _train(
 
 @torch.no_grad()
 def _val_nll(run_dir: Path, data: Path, L: int, passes: int, seed: int, device: str) -> dict[str, Any]:
-    """Validation NLL per symbol (module docstring): AR exact, MDLM the NELBO of the whole row, per sequence
+    """Validation NLL per symbol of x_1..x_L given BOS (module docstring): AR exact, MDLM its NELBO, per sequence
     averaged over ``passes`` noise draws; mean and standard error across sequences."""
     run = load_run(run_dir, device=device)
     split = open_split(data, "validation")
     eos = split.specials.eos
-    ar = run.process.name == "ar"
+    ar = run.process.exact_likelihood
     gen = torch.Generator(device=device).manual_seed(seed)
     per_pass = []
     for _ in range(1 if ar else passes):
         nats = []
         for batch in Loader(split, 100, shuffle=False, infinite=False):
             batch = batch.to(device)
-            if ar:  # score x_1..x_L given BOS, not the EOS (dlm.eval.formal.ar_symbol_nll)
-                batch = Batch(batch.ids_BL, batch.mask_BL & (batch.ids_BL != eos))
+            # score x_1..x_L given BOS, not the EOS, for both families (dlm.eval.formal.ar_symbol_nll)
+            batch = Batch(batch.ids_BL, batch.mask_BL & (batch.ids_BL != eos))
             res = run.process.nll(run.model, batch, generator=gen)
-            if ar and not bool((res.tokens_B == L).all()):
-                raise AssertionError("AR scored a number of tokens per row other than L")
+            if not bool((res.tokens_B == L).all()):
+                raise AssertionError("a family scored a number of tokens per row other than L")
             nats.append(res.nats_B.cpu())
         per_pass.append(torch.cat(nats))
     per_symbol = (torch.stack(per_pass).mean(0) / L).numpy()
@@ -548,8 +549,8 @@ def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: 
             "matched_ser": "the same rule on SER",
             "wall_s": "wall seconds of this invocation per stage (a reused run or sample file costs ~0) and in total",
             "training_wall_s": "wall seconds of each training over all its sessions (its last checkpoint's elapsed)",
-            "nll": "validation NLL per symbol in nats: AR exact -log p(x_1..x_L | BOS) / L; MDLM the NELBO of the "
-            "row [BOS] x [EOS] / L (an upper bound); gap = nll - entropy_rate; true_model_nll = -log p(x) / L of "
+            "nll": "validation NLL per symbol in nats of x_1..x_L given BOS (EOS not scored, for both): AR exact "
+            "-log p(x_1..x_L | BOS) / L; MDLM its NELBO / L (an upper bound); gap = nll - entropy_rate; true_model_nll = -log p(x) / L of "
             "the same sequences under the true language",
         },
         "runs": {"data": str(data.resolve()), "ar": str(runs["ar"].resolve()), "mdlm": str(runs["mdlm"].resolve())},
