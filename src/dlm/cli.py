@@ -138,7 +138,7 @@ def print_eval(record: dict, path: Path) -> None:
         f"{record['tokens']:,} tokens, {record['sequences']} sequences | step {record['checkpoint_step']} | "
         f"train seed {record.get('train_seed', 'unknown')}, eval seed {record.get('eval_seed', record['seed'])}"
     )
-    print(f"  written to {path}")
+    print(f"  result file: {path}")
 
 
 def print_generation(record: dict, path: Path) -> None:
@@ -159,7 +159,7 @@ def print_generation(record: dict, path: Path) -> None:
     )
     if record["non_symbol_sequences"]:
         print(f"  {record['non_symbol_sequences']} sequences hold a non-symbol token (counted as out of support)")
-    print(f"  written to {path}")
+    print(f"  result file: {path}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
