@@ -254,6 +254,12 @@ def test_extending_a_finished_run_recomputes_the_schedule_and_says_so(run: Path,
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 10
 
 
+def test_a_run_cannot_be_shortened_below_its_step(run: Path, tmp_path: Path, capsys) -> None:
+    run_dir = copy_run(run, tmp_path)
+    argv = ["train", "--run-dir", str(run_dir), "--resume", "--train.max_steps=3"]
+    assert_refused(capsys, argv, "it is already at step 6 (a run can be extended, not shortened)", run_dir)
+
+
 # SIGTERM / SIGINT: the CLI in a fresh interpreter; with slow=True 0.1 s per batch (timing only) so the
 # parent can signal it mid-run
 SLOW_CLI = """

@@ -124,8 +124,11 @@ def evaluate_run(
         "bits_per_byte": bits_per_byte(result["nll"], result["tokens"], result["bytes"]) if result["bytes"] else None,
         "bits_per_byte_note": "nats of the scored tokens / (ln 2 x UTF-8 bytes of exactly those tokens); BOS, EOS "
         "and padding count 0 bytes"
-        + ("" if tok.token_bytes_exact else f"; APPROXIMATE: {tok.name} drops whitespace and lower-cases, its "
-           "per-token byte counts are estimates"),
+        + (
+            ""
+            if tok.token_bytes_exact
+            else f"; APPROXIMATE: {tok.name} drops whitespace and lower-cases, its per-token byte counts are estimates"
+        ),
         "split": split,
         "split_rows_evaluated": f"{min(len(loader), max_b or math.inf) * bs} of {len(s)} (at most)",
         "whole_split": max_b is None or max_b >= len(loader),

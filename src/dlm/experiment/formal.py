@@ -24,8 +24,9 @@ Definitions (also written into experiment.json):
   project's scoring rule, ``dlm.process.base.scored_positions``: BOS is context; here the EOS, deterministic in
   the data, is left out of the scored set for both): AR exact, -log p_theta(x_1..x_L | BOS) / L; MDLM an upper
   bound on the same quantity, the NELBO of x_1..x_L given BOS (EOS shown clean, never masked) / L, averaged over
-  ``nll_t_samples`` draws of (t, z_t) per sequence; gap = NLL - entropy rate (exact for n-grams). ``true_model_nll`` is -log p(x) / L
-  of the same validation sequences under the true language: the floor a perfect model would reach on them.
+  ``nll_t_samples`` draws of (t, z_t) per sequence; gap = NLL - entropy rate (exact for n-grams).
+  ``true_model_nll`` is -log p(x) / L of the same validation sequences under the true language: the floor a
+  perfect model would reach on them.
 
 temp_mode: see :data:`TEMP_MODE_DECISION`.
 """
@@ -550,8 +551,8 @@ def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: 
             "wall_s": "wall seconds of this invocation per stage (a reused run or sample file costs ~0) and in total",
             "training_wall_s": "wall seconds of each training over all its sessions (its last checkpoint's elapsed)",
             "nll": "validation NLL per symbol in nats of x_1..x_L given BOS (EOS not scored, for both): AR exact "
-            "-log p(x_1..x_L | BOS) / L; MDLM its NELBO / L (an upper bound); gap = nll - entropy_rate; true_model_nll = -log p(x) / L of "
-            "the same sequences under the true language",
+            "-log p(x_1..x_L | BOS) / L; MDLM its NELBO / L (an upper bound); gap = nll - entropy_rate; "
+            "true_model_nll = -log p(x) / L of the same sequences under the true language",
         },
         "runs": {"data": str(data.resolve()), "ar": str(runs["ar"].resolve()), "mdlm": str(runs["mdlm"].resolve())},
         "figure": FIGURE_FILE,

@@ -395,6 +395,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
     extended = None
     if stored is not None and prog.step > 0:
         old_total = _total_steps(stored, tokens_per_step)
+        if total_steps < prog.step:
+            raise DlmError(
+                f"cannot resume {run_dir} with {total_steps} steps: it is already at step {prog.step} "
+                f"(a run can be extended, not shortened)"
+            )
         if old_total != total_steps:
             old_lr = lr_at(min(prog.step, old_total - 1), t, old_total)  # the last LR of the old schedule
             extended = (
