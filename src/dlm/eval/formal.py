@@ -264,8 +264,8 @@ def sample_symbols(
         raise DlmError(f"sample batch size must be a positive integer, got {batch_size!r}")
     process = run.process
     name = process.resolve_sampler(sampler)
-    is_ar = process.name == "ar"
-    if not is_ar and steps is None:
+    prefix_only = process.conditioning == "prefix"  # continues BOS; else fills the fixed row template
+    if process.step_sampler and steps is None:
         steps = L
     opts: dict[str, Any] = {} if steps is None else {"steps": steps}
     template = _row_template(run, L)
@@ -276,7 +276,7 @@ def sample_symbols(
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         t0 = time.perf_counter()
-        if is_ar:
+        if prefix_only:
             res = process.sample(run.model, b, 1 + L, sampler=name, prompt_ids=template[:1], generator=gen, **opts)
         else:
             fixed = torch.tensor(template, dtype=torch.int64, device=device)
@@ -290,7 +290,10 @@ def sample_symbols(
         if progress is not None:
             progress(start + b, n)
         if log is not None and (start + b == n or (start // batch_size) % 20 == 19):
-            log(f"  {process.name} {name}{'' if is_ar else f' {steps} steps'}: {start + b}/{n} sequences, {wall:.1f}s")
+            log(
+                f"  {process.name} {name}{'' if prefix_only else f' {steps} steps'}: {start + b}/{n} sequences, "
+                f"{wall:.1f}s"
+            )
     return {"symbols": out, "nfe": nfes, "wall_s": wall, "sampler": name, "steps": steps}
 
 
@@ -359,7 +362,7 @@ def evaluate_generation(
     tokenizer = run_tokenizer(run)
     table = symbol_table(tokenizer, language.vocab_size, run.process.vocab_size)
     name = run.process.resolve_sampler(sampler)
-    if run.process.name != "ar" and steps is None:
+    if run.process.step_sampler and steps is None:
         steps = L  # sample_symbols' default, resolved here so that it is part of the settings
     settings = generation_settings(run, name, steps, n, seed, batch_size, device)
     path = generation_path(Path(run_dir), settings)

@@ -348,8 +348,11 @@ def infill_run(
     _positive("number of infills (--n)", n)
     check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
-    if run.process.name == "ar":
-        raise DlmError("infill needs a diffusion family; an AR model only conditions on a prefix (use dlm sample)")
+    if run.process.conditioning == "prefix":
+        raise DlmError(
+            f"infill needs a diffusion family (one that conditions on any positions); {run.process.name} only "
+            "continues a prefix (use dlm sample)"
+        )
     tok = run_tokenizer(run)
     fixed = infill_ids(pattern, tok, start_ids(run.data_meta, tok, None), span, max_len=run.cfg.model.context)
     samples_dir = Path(run_dir) / "samples"

@@ -55,6 +55,8 @@ class ARProcess(Process):
     name: ClassVar[str] = "ar"
     absorbing: ClassVar[bool] = False
     exact_likelihood: ClassVar[bool] = True
+    conditioning: ClassVar[str] = "prefix"
+    step_sampler: ClassVar[bool] = False
     samplers: ClassVar[tuple[str, ...]] = ("ancestral",)
     default_sampler: ClassVar[str] = "ancestral"
 

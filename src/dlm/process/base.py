@@ -117,12 +117,19 @@ class Process(ABC):
       name:             registry key.
       absorbing:        True when the process uses the MASK id (the network vocabulary may then be K + 1).
       exact_likelihood: True when ``nll`` is exact, False when it is an upper bound.
+      conditioning:     what a sampler can be conditioned on: "prefix" (a prompt it continues; rows may stop
+                        early at EOS, e.g. AR) or "any" (any fixed positions, prompt or infill; rows are full
+                        length, e.g. the diffusion families). Callers ask this, never the family's name.
+      step_sampler:     True when samplers take a number of denoising steps (``steps``), False when the number
+                        of network calls follows from the length (AR).
       samplers:         sampler names accepted by ``sample``; ``default_sampler`` is used when none is given.
     """
 
     name: ClassVar[str]
     absorbing: ClassVar[bool] = False
     exact_likelihood: ClassVar[bool]
+    conditioning: ClassVar[str] = "any"
+    step_sampler: ClassVar[bool] = True
     samplers: ClassVar[tuple[str, ...]]
     default_sampler: ClassVar[str]
 
