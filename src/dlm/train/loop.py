@@ -353,9 +353,66 @@ def _train_step(
     return loss_v, gnorm_v, finite
 
 
-def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: contextlib.ExitStack) -> dict[str, Any]:
+@dataclass
+class _Session:
+    """What the checks before the first write produce: the training objects and the run's shape."""
+
+    cfg: RunConfig
+    process: Process
+    model: torch.nn.Module
+    fwd: torch.nn.Module  # the model as wrapped for the forward (DDP / FSDP / compile)
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    loader: Loader
+    gen: torch.Generator  # the process noise
+    val_batches: list[Batch]
+    data_meta: dict[str, Any]
+    grad_accum: int
+    tokens_per_step: int
+    total_steps: int
+    prog: _Progress
+    notes: list[str]  # said once the log is open (an inexact resume, an extended schedule)
+    n_params: int
+    flops_per_token: float
+    peak_flops: float | None
+
+
+def _check_resume(stored: RunConfig, cfg: RunConfig, run_dir: Path, train_split: ShardSplit) -> list[tuple[int, Path]]:
+    """A resumption after the fields were filled in: the same configuration and data; its checkpoints."""
+    diff = config_diff(stored, cfg, RESUME_EXCLUDE)
+    if diff:
+        raise DlmError(f"cannot resume {run_dir}: the configuration differs ({'; '.join(diff)})")
+    trained_on = read_run_info(run_dir)["data_meta"].get("inputs_hash")
+    if trained_on != train_split.meta.get("inputs_hash"):
+        raise DlmError(f"cannot resume {run_dir}: {cfg.data.dir} holds different data than the run was trained on")
+    return list_checkpoints(run_dir)
+
+
+def _extension_note(
+    stored: RunConfig, cfg: RunConfig, run_dir: Path, step: int, total_steps: int, tps: int
+) -> str | None:
+    """Refuses to shorten a resumed run below ``step``; a note when its length (and so its LR schedule) changes."""
     t = cfg.train
-    # ---- check everything before writing anything
+    old_total = _total_steps(stored, tps)
+    if total_steps < step:
+        raise DlmError(
+            f"cannot resume {run_dir} with {total_steps} steps: it is already at step {step} "
+            f"(a run can be extended, not shortened)"
+        )
+    if old_total == total_steps:
+        return None
+    old_lr = lr_at(min(step, old_total - 1), t, old_total)  # the last LR of the old schedule
+    return (
+        f"the run's length changes from {old_total} to {total_steps} steps: the {t.schedule} LR schedule "
+        f"is recomputed over {total_steps} steps, so the LR jumps from {old_lr:.3e} to "
+        f"{lr_at(step, t, total_steps):.3e} at step {step + 1}"
+    )
+
+
+def _prepare(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: contextlib.ExitStack) -> _Session:
+    """Everything checked and built before a file is written: configuration, data, resumption, the model and
+    process on the device, the training objects (restored from the last checkpoint when resuming)."""
+    t = cfg.train
     stored = None
     if resume:
         if run_dir.is_dir():
@@ -363,19 +420,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
         stored = read_run_config(run_dir)
         _check_before_data(stored, cfg, run_dir)
     train_split, val_split, process = resolve_data(cfg)
-    L = train_split.seq_len
     grad_accum = _grad_accum(cfg, rt.world_size)
-    tokens_per_step = t.batch_size * grad_accum * rt.world_size * L
+    tokens_per_step = t.batch_size * grad_accum * rt.world_size * train_split.seq_len
     total_steps = _total_steps(cfg, tokens_per_step)
     ckpts: list[tuple[int, Path]] = []
     if stored is not None:
-        diff = config_diff(stored, cfg, RESUME_EXCLUDE)
-        if diff:
-            raise DlmError(f"cannot resume {run_dir}: the configuration differs ({'; '.join(diff)})")
-        trained_on = read_run_info(run_dir)["data_meta"].get("inputs_hash")
-        if trained_on != train_split.meta.get("inputs_hash"):
-            raise DlmError(f"cannot resume {run_dir}: {cfg.data.dir} holds different data than the run was trained on")
-        ckpts = list_checkpoints(run_dir)
+        ckpts = _check_resume(stored, cfg, run_dir, train_split)
     else:
         check_run_dir_free(run_dir)
 
@@ -394,160 +444,223 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
         prog, note = _restore(ckpts[-1][1], cfg, model, optimizer, ema, loader, gen, rt)
     extended = None
     if stored is not None and prog.step > 0:
-        old_total = _total_steps(stored, tokens_per_step)
-        if total_steps < prog.step:
-            raise DlmError(
-                f"cannot resume {run_dir} with {total_steps} steps: it is already at step {prog.step} "
-                f"(a run can be extended, not shortened)"
-            )
-        if old_total != total_steps:
-            old_lr = lr_at(min(prog.step, old_total - 1), t, old_total)  # the last LR of the old schedule
-            extended = (
-                f"the run's length changes from {old_total} to {total_steps} steps: the {t.schedule} LR schedule "
-                f"is recomputed over {total_steps} steps, so the LR jumps from {old_lr:.3e} to "
-                f"{lr_at(prog.step, t, total_steps):.3e} at step {prog.step + 1}"
-            )
+        extended = _extension_note(stored, cfg, run_dir, prog.step, total_steps, tokens_per_step)
     val_loader = Loader(val_split, t.batch_size, seed=t.seed, shuffle=False, infinite=False)
-    val_batches = _take(val_loader, t.val_batches)
-    use_ema_for_val = ema is not None and t.eval_with_ema
-    fpt, peak = flops_per_token(cfg.model, L)["train"], peak_flops(rt.device)
-    n_params = count_params(model)
+    return _Session(
+        cfg,
+        process,
+        model,
+        fwd,
+        optimizer,
+        ema,
+        loader,
+        gen,
+        val_batches=_take(val_loader, t.val_batches),
+        data_meta=train_split.meta,
+        grad_accum=grad_accum,
+        tokens_per_step=tokens_per_step,
+        total_steps=total_steps,
+        prog=prog,
+        notes=[n for n in (note, extended) if n],
+        n_params=count_params(model),
+        flops_per_token=flops_per_token(cfg.model, train_split.seq_len)["train"],
+        peak_flops=peak_flops(rt.device),
+    )
 
-    # ---- from here on files are written (rank 0), once every rank has passed the checks above
-    rt.barrier()
-    logger = None
-    if rt.is_main:
-        if not resume:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise DlmError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
-            _lock_run(run_dir, rt, held)
-            check_run_dir_free(run_dir)  # again, now that no other dlm process can start here
-        if resume:
-            write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())  # operational keys may have changed
-            truncate_metrics(run_dir / METRICS_FILE, prog.step)
-            remove_stale_tmp(run_dir)
-        else:
-            write_run_files(
-                run_dir,
-                cfg,
-                train_split.meta,
-                world_size=rt.world_size,
-                device=str(rt.device),
-                grad_accum=grad_accum,
-                tokens_per_step=tokens_per_step,
-                total_steps=total_steps,
-                params=n_params,
-            )
-        logger = RunLogger(run_dir, cfg.to_dict(), tensorboard=t.tensorboard, wandb=t.wandb)
-        logger.note(
-            f"{'resuming at' if prog.step else 'starting'} step {prog.step}/{total_steps}: "
-            f"{n_params / 1e6:.2f}M params, process {process.name}, {rt.world_size} x {rt.device}, "
-            f"{tokens_per_step} tokens/step"
+
+def _open_run_files(
+    s: _Session, run_dir: Path, resume: bool, rt: Runtime, held: contextlib.ExitStack
+) -> RunLogger | None:
+    """Rank 0 creates and locks the run directory (a fresh run), writes config.json and run.json (or, when
+    resuming, config.json again and metrics.jsonl cut back to the checkpoint) and opens the logger."""
+    if not rt.is_main:
+        return None
+    cfg = s.cfg
+    if resume:
+        write_json_atomic(run_dir / CONFIG_FILE, cfg.to_dict())  # operational keys may have changed
+        truncate_metrics(run_dir / METRICS_FILE, s.prog.step)
+        remove_stale_tmp(run_dir)
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DlmError(f"cannot create the run directory {run_dir}: {e.strerror or e}") from None
+        _lock_run(run_dir, rt, held)
+        check_run_dir_free(run_dir)  # again, now that no other dlm process can start here
+        write_run_files(
+            run_dir,
+            cfg,
+            s.data_meta,
+            world_size=rt.world_size,
+            device=str(rt.device),
+            grad_accum=s.grad_accum,
+            tokens_per_step=s.tokens_per_step,
+            total_steps=s.total_steps,
+            params=s.n_params,
         )
-        if note:
-            logger.note(note)
-        if extended:
-            logger.note(extended)
-    rt.barrier()
+    logger = RunLogger(run_dir, cfg.to_dict(), tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb)
+    logger.note(
+        f"{'resuming at' if s.prog.step else 'starting'} step {s.prog.step}/{s.total_steps}: "
+        f"{s.n_params / 1e6:.2f}M params, process {s.process.name}, {rt.world_size} x {rt.device}, "
+        f"{s.tokens_per_step} tokens/step"
+    )
+    for note in s.notes:
+        logger.note(note)
+    return logger
 
+
+@dataclass
+class _Clock:
+    """Wall time of this session: its start and the last progress line (for tok/s and the ETA)."""
+
+    start: float
+    start_step: int
+    last_log_t: float
+    last_log_tokens: int
+
+
+def _log_step(
+    logger: RunLogger,
+    s: _Session,
+    rt: Runtime,
+    clock: _Clock,
+    now: float,
+    loss: float,
+    lr: float,
+    gnorm: float,
+    finite: bool,
+) -> None:
+    """One metrics line and one progress line for the step just taken."""
+    prog = s.prog
+    tok_s = (prog.tokens - clock.last_log_tokens) / max(now - clock.last_log_t, 1e-9)
+    record = {
+        "step": prog.step,
+        "tokens": prog.tokens,
+        "epoch": round(s.loader.epoch, 4),
+        "loss": loss if finite else None,
+        "lr": lr,
+        "grad_norm": gnorm if finite else None,
+        "tok_s": tok_s,
+        "mfu": tok_s * s.flops_per_token / (s.peak_flops * rt.world_size) if s.peak_flops else None,
+        "elapsed": prog.elapsed + now - clock.start,
+        "skipped": prog.nonfinite,
+        **({} if finite else {"nonfinite": True}),
+    }
+    logger.write(record)
+    eta = (now - clock.start) / (prog.step - clock.start_step) * (s.total_steps - prog.step)
+    logger.progress(progress_line(record, s.total_steps, eta))
+    clock.last_log_t, clock.last_log_tokens = now, prog.tokens
+
+
+def _validate_and_log(s: _Session, rt: Runtime, logger: RunLogger | None, elapsed: float) -> float | None:
+    """Validation NLL of the current weights (the EMA's with train.eval_with_ema), logged; the best is kept."""
+    t = s.cfg.train
+    use_ema = s.ema is not None and t.eval_with_ema
+    with s.ema.applied() if use_ema and s.ema is not None else contextlib.nullcontext():
+        v = validate(s.model, s.process, s.val_batches, rt, t.seed)
+    nll = finite_or_none(v["val_nll"])
+    if nll is not None and (s.prog.best_val is None or nll < s.prog.best_val):
+        s.prog.best_val = nll
+    if logger is not None:
+        step = s.prog.step
+        logger.write({"step": step, "split": "validation", **v, "ema": use_ema, "elapsed": elapsed})
+        logger.note(f"step {step}: val nll {v['val_nll']:.4f} ({v['val_bpt']:.4f} bits/token)")
+    return nll
+
+
+def _checkpoint(
+    s: _Session,
+    run_dir: Path,
+    rt: Runtime,
+    elapsed: float,
+    loss: float | None,
+    val_nll: float | None,
+    stopped: str | None,
+) -> Path | None:
+    """Checkpoint the current step (every rank calls it); ``val_nll`` is of this step's weights only."""
+    prog = s.prog
+    return save_checkpoint(
+        run_dir,
+        prog.step,
+        model=s.model,
+        optimizer=s.optimizer,
+        ema=s.ema,
+        rt=rt,
+        state={"step": prog.step, "loader": s.loader.state_dict()},
+        rank_state={"rng": get_rng_state(), "generator": s.gen.get_state()},
+        info={
+            "step": prog.step,
+            "tokens": prog.tokens,
+            "elapsed": elapsed,
+            "nonfinite": prog.nonfinite,
+            "loss": finite_or_none(loss),
+            "val_nll": val_nll,  # the "best" checkpoint
+            "best_val_nll": prog.best_val,
+            "config_hash": resume_hash(s.cfg),
+            "world_size": rt.world_size,
+            "stopped": stopped,
+        },
+        keep_last=s.cfg.train.keep_last,
+    )
+
+
+def _check_nonfinite(prog: _Progress, max_nonfinite: int) -> None:
+    if prog.nonfinite > max_nonfinite:
+        raise DlmError(
+            f"stopping at step {prog.step}: {prog.nonfinite} steps had a non-finite loss or gradient (more "
+            f"than train.max_nonfinite={max_nonfinite}); lower train.lr or check the data"
+        )
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: contextlib.ExitStack) -> dict[str, Any]:
+    s = _prepare(cfg, run_dir, resume, rt, held)  # ---- every check, before anything is written
+    rt.barrier()  # ---- from here on files are written (rank 0), once every rank has passed the checks
+    logger = _open_run_files(s, run_dir, resume, rt, held)
+    rt.barrier()
+    t, prog, total = cfg.train, s.prog, s.total_steps
     start = time.perf_counter()
-    start_step = prog.step
-    last_log_t, last_log_tokens = start, prog.tokens
-    stopped = "max_steps" if t.max_steps and total_steps == t.max_steps else "max_tokens"
+    clock = _Clock(start, prog.step, start, prog.tokens)
+    stopped = "max_steps" if t.max_steps and total == t.max_steps else "max_tokens"
     last_loss = val_nll = last_ckpt = None
     received: list[int] = []  # SIGINT / SIGTERM: checkpoint at the current step, then stop
-    model.train()
+    s.model.train()
     try:
         with _stop_signals(received):
-            while prog.step < total_steps:
-                lr = lr_at(prog.step, t, total_steps)
-                set_lr(optimizer, lr)
+            while prog.step < total:
+                lr = lr_at(prog.step, t, total)
+                set_lr(s.optimizer, lr)
                 loss, gnorm, finite = _train_step(
-                    fwd, model, process, loader, gen, optimizer, ema, grad_accum, t.grad_clip, rt
+                    s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt
                 )
                 prog.step += 1
-                prog.tokens += tokens_per_step
+                prog.tokens += s.tokens_per_step
                 prog.nonfinite += not finite
                 last_loss = loss if finite else last_loss
                 now = time.perf_counter()
-                elapsed = prog.elapsed + now - start
-
                 step = prog.step
-                if logger is not None and (step % t.log_every == 0 or not finite or step == total_steps):
-                    tok_s = (prog.tokens - last_log_tokens) / max(now - last_log_t, 1e-9)
-                    record = {
-                        "step": step,
-                        "tokens": prog.tokens,
-                        "epoch": round(loader.epoch, 4),
-                        "loss": loss if finite else None,
-                        "lr": lr,
-                        "grad_norm": gnorm if finite else None,
-                        "tok_s": tok_s,
-                        "mfu": tok_s * fpt / (peak * rt.world_size) if peak else None,
-                        "elapsed": elapsed,
-                        "skipped": prog.nonfinite,
-                        **({} if finite else {"nonfinite": True}),
-                    }
-                    logger.write(record)
-                    eta = (now - start) / (step - start_step) * (total_steps - step)
-                    logger.progress(progress_line(record, total_steps, eta))
-                    last_log_t, last_log_tokens = now, prog.tokens
-                if prog.nonfinite > t.max_nonfinite:
-                    raise DlmError(
-                        f"stopping at step {step}: {prog.nonfinite} steps had a non-finite loss or gradient (more "
-                        f"than train.max_nonfinite={t.max_nonfinite}); lower train.lr or check the data"
-                    )
-
+                if logger is not None and (step % t.log_every == 0 or not finite or step == total):
+                    _log_step(logger, s, rt, clock, now, loss, lr, gnorm, finite)
+                _check_nonfinite(prog, t.max_nonfinite)
                 # rank 0's clock (and signals) decide for everyone
                 late = t.time_limit_min is not None and now - start >= 60 * t.time_limit_min
                 out_of_time, interrupted = _agree(rt, late, bool(received))
-                ckpt_due = step == total_steps or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
+                ckpt_due = step == total or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
                 validated = None
                 if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
-                    with ema.applied() if use_ema_for_val else contextlib.nullcontext():
-                        v = validate(model, process, val_batches, rt, t.seed)
-                    val_nll = validated = finite_or_none(v["val_nll"])
-                    if validated is not None and (prog.best_val is None or validated < prog.best_val):
-                        prog.best_val = validated
-                    if logger is not None:
-                        logger.write(
-                            {"step": step, "split": "validation", **v, "ema": use_ema_for_val, "elapsed": elapsed}
-                        )
-                        logger.note(f"step {step}: val nll {v['val_nll']:.4f} ({v['val_bpt']:.4f} bits/token)")
-                stopping = (out_of_time or interrupted) and step < total_steps
+                    val_nll = validated = _validate_and_log(s, rt, logger, prog.elapsed + now - start)
+                stopping = (out_of_time or interrupted) and step < total
                 if stopping:
                     stopped = "time_limit" if out_of_time else "signal"
                 if ckpt_due or interrupted:  # an interruption's checkpoint skips validation (exact resume)
-                    last_ckpt = save_checkpoint(
-                        run_dir,
-                        step,
-                        model=model,
-                        optimizer=optimizer,
-                        ema=ema,
-                        rt=rt,
-                        state={"step": step, "loader": loader.state_dict()},
-                        rank_state={"rng": get_rng_state(), "generator": gen.get_state()},
-                        info={
-                            "step": step,
-                            "tokens": prog.tokens,
-                            "elapsed": prog.elapsed + time.perf_counter() - start,
-                            "nonfinite": prog.nonfinite,
-                            "loss": finite_or_none(last_loss),
-                            "val_nll": validated,  # of this step's weights only (the "best" checkpoint)
-                            "best_val_nll": prog.best_val,
-                            "config_hash": resume_hash(cfg),
-                            "world_size": rt.world_size,
-                            "stopped": stopped if stopping else None,
-                        },
-                        keep_last=t.keep_last,
+                    elapsed = prog.elapsed + time.perf_counter() - start
+                    last_ckpt = _checkpoint(
+                        s, run_dir, rt, elapsed, last_loss, validated, stopped if stopping else None
                     )
                 if stopping:
                     if logger is not None:
                         why = "time limit" if out_of_time else signal.Signals(received[0]).name
                         logger.note(
-                            f"stopped early at step {step} of {total_steps} ({why}); "
+                            f"stopped early at step {step} of {total} ({why}); "
                             f"continue with dlm train --run-dir {run_dir} --resume"
                         )
                     break
@@ -555,13 +668,13 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
         if logger is not None:
             logger.close()
     if stopped == "signal":
-        raise TrainingInterrupted(received[0], prog.step, total_steps, run_dir)
+        raise TrainingInterrupted(received[0], prog.step, total, run_dir)
     return {
         "run_dir": str(run_dir),
         "step": prog.step,
-        "total_steps": total_steps,
+        "total_steps": total,
         "tokens": prog.tokens,
-        "stopped": "already_done" if start_step >= total_steps else stopped,
+        "stopped": "already_done" if clock.start_step >= total else stopped,
         "loss": last_loss,
         "val_nll": val_nll,
         "best_val_nll": prog.best_val,
