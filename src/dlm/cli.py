@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from dlm.errors import DlmError
 
@@ -408,14 +409,31 @@ def samplers_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlm", description=__doc__.splitlines()[0], allow_abbrev=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    raw = argparse.RawDescriptionHelpFormatter  # epilogs keep their line breaks
+_RAW = argparse.RawDescriptionHelpFormatter  # epilogs keep their line breaks
 
-    def config_epilog() -> str:
-        return f"{samplers_help()}\n\n{config_help(preset='tiny-cpu')}"  # train's default preset, demo's one
 
+def _config_epilog() -> str:
+    return f"{samplers_help()}\n\n{config_help(preset='tiny-cpu')}"  # train's default preset, demo's one
+
+
+def _run_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("run", type=Path, help="run directory")
+    q.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
+    q.add_argument("--no-ema", action="store_true", help="use the trained weights even if an EMA exists")
+    q.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def _sampler_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--sampler", default=None, help="a sampler of the run's family, listed below (default: *)")
+    q.add_argument("--steps", type=int, default=None, help="denoising steps S of a diffusion sampler")
+    q.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
+    q.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
+    q.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass >= p (default: all)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+
+
+def _add_prepare(sub: Any) -> None:
+    """dlm prepare SOURCE: tokenize a corpus into a data directory."""
     pp = sub.add_parser("prepare", help="tokenize a corpus into shards")
     pp.add_argument(
         "source",
@@ -438,13 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub: Any) -> None:
+    """dlm train: a preset or YAML config and dotted overrides into a run directory."""
     pt = sub.add_parser(
         "train",
         help="train a model of any registered family (--process.name; fields and samplers: dlm train --help)",
         description="Train a model: a preset or YAML config, then any config field as a dotted override\n"
         "(--model.n_layer 4 --train.lr=3e-4 --process.name mdlm). Every field and each family's samplers follow.",
-        epilog=config_epilog,
-        formatter_class=raw,
+        epilog=_config_epilog,
+        formatter_class=_RAW,
     )
     pt.add_argument("--preset", default="tiny-cpu", help="bundled preset: tiny-cpu (default), gpt2-small")
     pt.add_argument("--config", type=Path, default=None, help="YAML config file (instead of a preset)")
@@ -452,27 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     pt.set_defaults(func=cmd_train, accepts_overrides=True)
 
-    def run_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("run", type=Path, help="run directory")
-        q.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
-        q.add_argument("--no-ema", action="store_true", help="use the trained weights even if an EMA exists")
-        q.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 
-    def sampler_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--sampler", default=None, help="a sampler of the run's family, listed below (default: *)")
-        q.add_argument("--steps", type=int, default=None, help="denoising steps S of a diffusion sampler")
-        q.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1.0)")
-        q.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
-        q.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass >= p (default: all)")
-        q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-
+def _add_eval(sub: Any) -> None:
+    """dlm eval RUN: likelihood on a split, or --generation TER/SER."""
     pe = sub.add_parser(
         "eval",
         help="likelihood of a run on a split, or --generation: TER/SER of samples -> RUN/eval/*.json",
         epilog=samplers_help,
-        formatter_class=raw,
+        formatter_class=_RAW,
     )
-    run_args(pe)
+    _run_args(pe)
     pe.add_argument("--split", default=None, help="split to evaluate (default: the run's eval.split)")
     pe.add_argument(
         "--batch-size", type=int, default=None, help="rows per batch (--generation: rows sampled at once, default 16)"
@@ -492,33 +502,42 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--steps", type=int, default=None, help="--generation: denoising steps (diffusion; default L)")
     pe.set_defaults(func=cmd_eval)
 
+
+def _add_sample(sub: Any) -> None:
+    """dlm sample RUN: draw samples."""
     ps = sub.add_parser(
-        "sample", help="draw samples from a run -> RUN/samples/*.jsonl", epilog=samplers_help, formatter_class=raw
+        "sample", help="draw samples from a run -> RUN/samples/*.jsonl", epilog=samplers_help, formatter_class=_RAW
     )
-    run_args(ps)
+    _run_args(ps)
     ps.add_argument("--n", type=int, default=4, help="number of samples (default 4)")
     ps.add_argument("--length", type=int, default=None, help="total tokens incl. the prompt (default: row length)")
     ps.add_argument("--prompt", default=None, help="text the samples continue")
     ps.add_argument("--batch-size", type=int, default=16, help="rows sampled at once (default 16)")
-    sampler_args(ps)
+    _sampler_args(ps)
     ps.add_argument(
         "--trajectory", action="store_true", help="save the step at which each position was revealed (diffusion)"
     )
     ps.set_defaults(func=cmd_sample)
 
+
+def _add_infill(sub: Any) -> None:
+    """dlm infill RUN PATTERN: fill [MASK] spans."""
     pi = sub.add_parser(
         "infill",
         help='fill [MASK] spans with a diffusion run: "The [MASK] sat on the [MASK:3] ."',
         epilog=samplers_help,
-        formatter_class=raw,
+        formatter_class=_RAW,
     )
-    run_args(pi)
+    _run_args(pi)
     pi.add_argument("pattern", help="text with [MASK] (span of --span tokens) or [MASK:n] (n tokens)")
     pi.add_argument("--span", type=int, default=1, help="tokens per plain [MASK] (default 1)")
     pi.add_argument("--n", type=int, default=2, help="number of infills (default 2)")
-    sampler_args(pi)
+    _sampler_args(pi)
     pi.set_defaults(func=cmd_infill)
 
+
+def _add_experiment(sub: Any) -> None:
+    """dlm experiment formal: AR vs MDLM on a formal language."""
     px = sub.add_parser("experiment", help="named experiments: formal (AR vs MDLM, TER/SER vs sampling steps)")
     xsub = px.add_subparsers(dest="experiment", required=True)
     pf = xsub.add_parser(
@@ -549,13 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU preset 1; 0 = torch's default)")
     pf.set_defaults(func=cmd_experiment_formal)
 
+
+def _add_demo(sub: Any) -> None:
+    """dlm demo: prepare, train, evaluate and sample on the embedded corpus."""
     pd = sub.add_parser(
         "demo",
         help="the main job on the embedded corpus: prepare, train a tiny AR model, evaluate, sample",
         description="Prepare Shakespeare, train the tiny-cpu preset (AR), evaluate and sample; any config field\n"
         "may be overridden with a dotted flag (--train.max_steps 50).",
-        epilog=config_epilog,
-        formatter_class=raw,
+        epilog=_config_epilog,
+        formatter_class=_RAW,
     )
     pd.add_argument("--tokenizer", default="bpe:4096", help="tokenizer of the demo data (default bpe:4096)")
     pd.add_argument("--seq-len", type=int, default=256, help="row length L and model.context (default 256)")
@@ -567,6 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--sample-length", type=int, default=160, help="tokens per sample (default 160)")
     pd.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of the samples (default 0.95)")
     pd.set_defaults(func=cmd_demo, accepts_overrides=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlm", description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_prepare, _add_train, _add_eval, _add_sample, _add_infill, _add_experiment, _add_demo):
+        add(sub)
     return p
 
 
