@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.sampling import sample_categorical, sample_from_probs
+from dlm.process.sampling import _uniforms, sample_categorical, sample_from_probs
 from dlm.process.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -52,12 +52,6 @@ __all__ = [
     "reveal_step",
     "subs_log_probs",
 ]
-
-
-def _uniforms(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Float64 U[0, 1) drawn on the generator's device, moved to ``device``."""
-    where = generator.device if generator is not None else device
-    return torch.rand(shape, dtype=torch.float64, generator=generator, device=where).to(device)
 
 
 def _per_row(value: Tensor | float, batch: int, device: torch.device) -> Tensor:
@@ -232,6 +226,10 @@ class AbsorbingSample:
     ids_BL: Tensor
     nfe: int
     trajectory_BL: Tensor | None = None
+
+
+# (denoise, z_init, schedule, steps, generator, fixed_BL, *, mask_id, temperature, top_k, top_p, return_trajectory)
+AbsorbingSampler = Callable[..., AbsorbingSample]
 
 
 def _check_steps(steps: int) -> None:

@@ -9,6 +9,7 @@ middle of a stream (``wrap`` shards), and in both cases the model predicts posit
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -17,35 +18,71 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process.base import AttnSpec, NLLResult, Process, SampleResult, register_process, scored_positions
+from dlm.process.base import (
+    AttnSpec,
+    NLLResult,
+    Process,
+    SampleResult,
+    SamplerOptions,
+    SamplerSpec,
+    SampleStart,
+    model_device,
+    register_process,
+    scored_positions,
+    token_logprobs,
+)
 from dlm.process.sampling import sample_categorical
 
-_CHUNK_ELEMENTS = 1 << 24  # float64 log-softmax in chunks of at most this many logits (128 MiB)
 
+def ancestral(
+    process: Process,
+    model: torch.nn.Module,
+    start: SampleStart,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+) -> SampleResult:
+    """Ancestral sampling x^i ~ p_theta(. | x^{<i}) token by token, n rows in one batch.
 
-def _model_context(model: torch.nn.Module) -> int | None:
-    """Longest sequence the model accepts, when it says (``model.cfg.context`` or ``model.context``)."""
-    for holder in (model, getattr(model, "cfg", None), getattr(model, "config", None)):
-        context = getattr(holder, "context", None)
-        if isinstance(context, int):
-            return context
-    return None
+    The prompt (default: [BOS]) is prefilled in one forward; each further token costs one forward of
+    the newest token against the KV cache (``use_cache=False`` recomputes the whole prefix instead,
+    drawing identical tokens from the same random stream). Every step draws one float64 uniform per
+    row (``sampling.sample_categorical``: temperature, top_k, top_p). A row stops after emitting EOS
+    (kept) when ``stop_at_eos``; later positions hold the pad id. Generation ends when every row has
+    stopped or ``length`` tokens (prompt included) are reached.
 
+    nfe counts forward calls: one per generated position before the loop ends, i.e. with G sampled
+    positions nfe = G in both modes (cached: 1 prefill + G - 1 single-token steps; uncached: G full
+    prefixes); no forward is spent after the last sampled token.
+    """
+    specials, attn, P = process.specials, process.attention, start.prompt_len
+    n, length = start.fixed_NL.shape
+    device = model_device(model)
+    ids_NL = torch.full((n, length), specials.pad, dtype=torch.int64, device=device)
+    ids_NL[:, :P] = start.fixed_NL[:, :P]
+    lengths_N = torch.full((n,), length, dtype=torch.int64, device=device)
+    done_N = torch.zeros(n, dtype=torch.bool, device=device)
+    cache = model.init_cache(n, length, device=device) if o.use_cache else None
 
-def _device(model: torch.nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def _token_logprobs(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
-    """log softmax(logits)[target] in float64, in chunks so a 50K vocabulary stays within memory."""
-    out = torch.empty(targets_N.shape[0], dtype=torch.float64, device=logits_NV.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, logits_NV.shape[-1]))
-    for s in range(0, targets_N.shape[0], step):
-        chunk = logits_NV[s : s + step].to(torch.float64)
-        picked = chunk.gather(1, targets_N[s : s + step, None]).squeeze(1)
-        out[s : s + step] = picked - torch.logsumexp(chunk, dim=-1)
-    return out
+    logits_NLV = model(ids_NL[:, :P], attn=attn, cache=cache)
+    nfe = 1
+    for pos in range(P, length):
+        tok_N = sample_categorical(
+            logits_NLV[:, -1], temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator
+        )
+        tok_N = torch.where(done_N, specials.pad, tok_N)
+        ids_NL[:, pos] = tok_N
+        if o.stop_at_eos:
+            stopped_N = ~done_N & (tok_N == specials.eos)
+            lengths_N[stopped_N] = pos + 1
+            done_N |= stopped_N
+        if pos + 1 == length or bool(done_N.all()):
+            break
+        if o.use_cache:
+            logits_NLV = model(ids_NL[:, pos : pos + 1], attn=attn, cache=cache)
+        else:
+            logits_NLV = model(ids_NL[:, : pos + 1], attn=attn)
+        nfe += 1
+    return SampleResult(ids_NL=ids_NL, lengths_N=lengths_N, nfe=nfe, prompt_len=P)
 
 
 @register_process
@@ -57,7 +94,11 @@ class ARProcess(Process):
     exact_likelihood: ClassVar[bool] = True
     conditioning: ClassVar[str] = "prefix"
     step_sampler: ClassVar[bool] = False
-    samplers: ClassVar[tuple[str, ...]] = ("ancestral",)
+    sampler_table: ClassVar[Mapping[str, SamplerSpec]] = {
+        "ancestral": SamplerSpec(
+            ancestral, takes_steps=False, trajectory=False, extra_options=("use_cache", "stop_at_eos")
+        )
+    }
     default_sampler: ClassVar[str] = "ancestral"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -74,7 +115,7 @@ class ARProcess(Process):
         ids_BL = batch.ids_BL
         if ids_BL.ndim != 2 or ids_BL.shape[1] < 2:
             raise DlmError(f"AR needs rows of at least 2 tokens, got ids of shape {tuple(ids_BL.shape)}")
-        logits_BLV = model(ids_BL[:, :-1], attn="causal")
+        logits_BLV = model(ids_BL[:, :-1], attn=self.attention)
         return logits_BLV, ids_BL[:, 1:], scored_positions(batch)[:, 1:]
 
     def loss(
@@ -106,90 +147,7 @@ class ARProcess(Process):
         of each row is context only).
         """
         logits_BLV, targets_BL, scored_BL = self._shifted(model, batch)
-        logp_S = _token_logprobs(logits_BLV[scored_BL], targets_BL[scored_BL])
+        logp_S = token_logprobs(logits_BLV[scored_BL], targets_BL[scored_BL])
         nats_BL = torch.zeros(targets_BL.shape, dtype=torch.float64, device=logp_S.device)
         nats_BL[scored_BL] = -logp_S
         return NLLResult(nats_B=nats_BL.sum(1), tokens_B=scored_BL.sum(1).to(torch.int64), exact=True)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: torch.nn.Module,
-        n: int,
-        length: int,
-        *,
-        sampler: str | None = None,
-        prompt_ids: list[int] | None = None,
-        generator: torch.Generator | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        stop_at_eos: bool = True,
-        **opts: Any,
-    ) -> SampleResult:
-        """Ancestral sampling x^i ~ p_theta(. | x^{<i}) token by token, n rows in one batch.
-
-        The prompt (default: [BOS]) is prefilled in one forward; each further token costs one forward of
-        the newest token against the KV cache (``use_cache=False`` recomputes the whole prefix instead,
-        drawing identical tokens from the same random stream). Every step draws one float64 uniform per
-        row (``sampling.sample_categorical``: temperature, top_k, top_p). A row stops after emitting EOS
-        (kept) when ``stop_at_eos``; later positions hold the pad id. Generation ends when every row has
-        stopped or ``length`` tokens (prompt included) are reached.
-
-        nfe counts forward calls: one per generated position before the loop ends, i.e. with G sampled
-        positions nfe = G in both modes (cached: 1 prefill + G - 1 single-token steps; uncached: G full
-        prefixes); no forward is spent after the last sampled token.
-        """
-        self.resolve_sampler(sampler)
-        if opts:
-            raise DlmError(f"unknown option(s) for the AR sampler: {', '.join(sorted(opts))}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise DlmError(f"n must be a positive integer, got {n!r}")
-        prompt = [int(t) for t in prompt_ids] if prompt_ids is not None else []
-        if not prompt:
-            if self.specials.bos is None:
-                raise DlmError("this tokenizer has no BOS token; give a prompt (prompt_ids) to sample from")
-            prompt = [self.specials.bos]
-        V = self.specials.vocab_size
-        if any(not 0 <= t < V for t in prompt):
-            raise DlmError(f"prompt ids must lie in [0, {V})")
-        P = len(prompt)
-        if isinstance(length, bool) or not isinstance(length, int) or length <= P:
-            raise DlmError(f"length ({length!r}) must be an integer larger than the prompt length ({P})")
-        context = _model_context(model)
-        if context is not None and length > context:
-            raise DlmError(f"length {length} exceeds the model context of {context} tokens")
-
-        device = _device(model)
-        was_training = model.training
-        model.eval()
-        try:
-            ids_NL = torch.full((n, length), self.specials.pad, dtype=torch.int64, device=device)
-            ids_NL[:, :P] = torch.tensor(prompt, dtype=torch.int64, device=device)
-            lengths_N = torch.full((n,), length, dtype=torch.int64, device=device)
-            done_N = torch.zeros(n, dtype=torch.bool, device=device)
-            cache = model.init_cache(n, length, device=device) if use_cache else None
-
-            logits_NLV = model(ids_NL[:, :P], attn="causal", cache=cache)
-            nfe = 1
-            for pos in range(P, length):
-                tok_N = sample_categorical(
-                    logits_NLV[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-                )
-                tok_N = torch.where(done_N, self.specials.pad, tok_N)
-                ids_NL[:, pos] = tok_N
-                if stop_at_eos:
-                    stopped_N = ~done_N & (tok_N == self.specials.eos)
-                    lengths_N[stopped_N] = pos + 1
-                    done_N |= stopped_N
-                if pos + 1 == length or bool(done_N.all()):
-                    break
-                if use_cache:
-                    logits_NLV = model(ids_NL[:, pos : pos + 1], attn="causal", cache=cache)
-                else:
-                    logits_NLV = model(ids_NL[:, : pos + 1], attn="causal")
-                nfe += 1
-        finally:
-            model.train(was_training)
-        return SampleResult(ids_NL=ids_NL, lengths_N=lengths_N, nfe=nfe, prompt_len=P)

@@ -10,9 +10,9 @@ Processes register themselves by name (``@register_process``) and are built with
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +21,7 @@ from torch import Tensor
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds, model_vocab_size
 from dlm.errors import DlmError
+from dlm.process.sampling import filter_logits
 
 # "causal" | "bidirectional" | MaskFn(q_idx, kv_idx) -> bool; the same spec as dlm.model.masks.AttnSpec.
 AttnSpec = str | Callable[[Tensor, Tensor], Tensor]
@@ -110,6 +111,129 @@ class SampleResult:
     trajectory_NL: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """The options of every sampler, in one place (``Process.sample(..., **opts)`` builds one).
+
+    steps:             denoising steps of a step sampler (None: the family's ``default_steps(length)``).
+    temperature:       softmax temperature of the per-position token distribution; 0 = argmax.
+    top_k, top_p:      keep the k most likely tokens / the smallest set of mass >= p (None: off).
+    return_trajectory: also return, per position, the step at which its final token appeared.
+    use_cache:         AR: decode against the KV cache (False: recompute the prefix; the same draws).
+    stop_at_eos:       AR: a row stops after its EOS (later positions hold the pad id).
+    """
+
+    steps: int | None = None
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    return_trajectory: bool = False
+    use_cache: bool = True
+    stop_at_eos: bool = True
+
+
+@dataclass(frozen=True)
+class SampleStart:
+    """What a sampler starts from, checked by ``Process.sample``.
+
+    fixed_NL:   int64 [N, L], -1 at free positions, the id to keep elsewhere (prompt first, then fixed ids).
+    prompt_len: the prompt's length P (positions 0..P-1 of every row are the prompt).
+    """
+
+    fixed_NL: Tensor
+    prompt_len: int
+
+
+# (process, model, start, options, generator) -> result; called in eval mode without gradients.
+SamplerFn = Callable[["Process", torch.nn.Module, SampleStart, SamplerOptions, "torch.Generator | None"], SampleResult]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One named sampler of a family and what it needs, so that ``Process.sample`` checks it without its name.
+
+    run:              the sampler (``SamplerFn``).
+    takes_steps:      it takes ``steps`` (else ``steps`` is an unknown option, e.g. AR: one call per token).
+    time_independent: it reuses p_theta across steps, exact only for a model that ignores t (``ddpm_cache``).
+    trajectory:       it can return the trajectory (``return_trajectory``).
+    nfe_within_steps: its number of network calls never exceeds ``steps`` (False e.g. for first-hitting, whose
+                      calls follow from the positions to reveal).
+    extra_options:    further ``SamplerOptions`` fields it reads (e.g. AR's ``use_cache``, ``stop_at_eos``).
+    """
+
+    run: SamplerFn
+    takes_steps: bool = True
+    time_independent: bool = False
+    trajectory: bool = True
+    nfe_within_steps: bool = True
+    extra_options: tuple[str, ...] = ()
+
+    def accepted(self) -> tuple[str, ...]:
+        """The option names this sampler accepts."""
+        names = ["temperature", "top_k", "top_p", *self.extra_options]
+        names += ["steps"] * self.takes_steps + ["return_trajectory"] * self.trajectory
+        return tuple(names)
+
+    def options(self, opts: Mapping[str, Any], sampler: str, family: str) -> SamplerOptions:
+        """``SamplerOptions`` from keyword options; one the sampler does not take raises a one-line ``DlmError``."""
+        unknown = sorted(set(opts) - set(self.accepted()))
+        if unknown:
+            raise DlmError(
+                f"unknown option(s) for the {family} sampler {sampler!r}: {', '.join(unknown)} "
+                f"(accepted: {', '.join(self.accepted())})"
+            )
+        assert set(self.accepted()) <= {f.name for f in fields(SamplerOptions)}
+        return SamplerOptions(**opts)
+
+
+def model_context(model: torch.nn.Module) -> int | None:
+    """Longest sequence the model accepts, when it says (``model.cfg.context`` or ``model.context``)."""
+    for holder in (model, getattr(model, "cfg", None), getattr(model, "config", None)):
+        context = getattr(holder, "context", None)
+        if isinstance(context, int):
+            return context
+    return None
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+_CHUNK_ELEMENTS = 1 << 24  # float64 log-softmax in chunks of at most this many logits (128 MiB)
+
+
+def token_logprobs(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
+    """log softmax(logits)[target] in float64, in chunks so a 50K vocabulary stays within memory."""
+    out = torch.empty(targets_N.shape[0], dtype=torch.float64, device=logits_NV.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, logits_NV.shape[-1]))
+    for s in range(0, targets_N.shape[0], step):
+        chunk = logits_NV[s : s + step].to(torch.float64)
+        picked = chunk.gather(1, targets_N[s : s + step, None]).squeeze(1)
+        out[s : s + step] = picked - torch.logsumexp(chunk, dim=-1)
+    return out
+
+
+def monte_carlo_bound(
+    batch: Batch, K: int, draw_times: Callable[[int], Tensor], integrand: Callable[[Tensor], Tensor]
+) -> NLLResult:
+    """The K-sample estimate of a continuous-time bound per sequence (MDLM, SEDD), exact = False:
+
+        nats_b = (1/K) sum_{k=1..K} integrand(t_k)_b,   t = draw_times(B K) viewed as [K, B] (t_{k*B+b})
+
+    ``integrand(t_B)`` draws z_t itself and returns the per-row integrand [B] (float64 or cast to it);
+    tokens_b = |S_b|, the scored positions (``scored_positions``).
+    """
+    x_BL = batch.ids_BL
+    B = x_BL.shape[0]
+    t_KB = draw_times(B * K).view(K, B)
+    nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
+    for k in range(K):
+        nats_B += integrand(t_KB[k]).to(torch.float64)
+    return NLLResult(nats_B=nats_B / K, tokens_B=scored_positions(batch).sum(1).to(torch.int64), exact=False)
+
+
 class Process(ABC):
     """A family's loss, likelihood and samplers.
 
@@ -122,7 +246,11 @@ class Process(ABC):
                         length, e.g. the diffusion families). Callers ask this, never the family's name.
       step_sampler:     True when samplers take a number of denoising steps (``steps``), False when the number
                         of network calls follows from the length (AR).
-      samplers:         sampler names accepted by ``sample``; ``default_sampler`` is used when none is given.
+      transitions:      the values ``process.transition`` may take (empty: the family has one fixed forward
+                        process and ignores the field).
+      sampler_table:    the family's samplers by name (``SamplerSpec``); a family whose samplers depend on its
+                        options (e.g. the transition) overrides ``sampler_specs()`` instead. ``samplers`` lists
+                        the names; ``default_sampler`` is used when none is given.
     """
 
     name: ClassVar[str]
@@ -130,7 +258,8 @@ class Process(ABC):
     exact_likelihood: ClassVar[bool]
     conditioning: ClassVar[str] = "any"
     step_sampler: ClassVar[bool] = True
-    samplers: ClassVar[tuple[str, ...]]
+    transitions: ClassVar[tuple[str, ...]] = ()
+    sampler_table: ClassVar[Mapping[str, SamplerSpec]] = {}
     default_sampler: ClassVar[str]
 
     def __init__(self, cfg: ProcessConfig, specials: SpecialIds) -> None:
@@ -164,7 +293,26 @@ class Process(ABC):
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
         """Per-sequence NLL in nats (exact or an upper bound), accumulated in float64, without gradients."""
 
-    @abstractmethod
+    # ------------------------------------------------------------------------------------------- sampling
+
+    def sampler_specs(self) -> Mapping[str, SamplerSpec]:
+        """The family's named samplers (the first is not necessarily the default: see ``default_sampler``)."""
+        return self.sampler_table
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """Sampler names accepted by ``sample``."""
+        return tuple(self.sampler_specs())
+
+    def default_steps(self, length: int) -> int:
+        """Steps of a step sampler when the caller gives none (diffusion: one per position)."""
+        return length
+
+    def max_steps(self) -> int | None:
+        """Largest ``steps`` a step sampler accepts (None: no limit)."""
+        return None
+
+    @torch.no_grad()
     def sample(
         self,
         model: torch.nn.Module,
@@ -173,10 +321,75 @@ class Process(ABC):
         *,
         sampler: str | None = None,
         prompt_ids: list[int] | None = None,
+        fixed_ids: Tensor | None = None,
         generator: torch.Generator | None = None,
         **opts: Any,
     ) -> SampleResult:
-        """Draw ``n`` sequences of at most ``length`` tokens (prompt included)."""
+        """Draw ``n`` sequences of at most ``length`` tokens (prompt included) with the named sampler.
+
+        Every check is made here, once, before any network call: the sampler name, the options (one
+        ``SamplerOptions``; an unknown one is refused), n, length, steps in [1, ``max_steps()``] (default
+        ``default_steps(length)``), temperature / top-k / top-p, the model's context, the conditioning
+        (``conditioning == "prefix"``: a prompt only, default [BOS]; ``"any"``: a prompt and/or ``fixed_ids``,
+        ``fixed_positions``) and a time-independent model for a sampler that reuses p_theta across steps. The
+        sampler then runs in eval mode (the previous train/eval mode is restored) without gradients.
+        """
+        name = self.resolve_sampler(sampler)
+        spec = self.sampler_specs()[name]
+        options = spec.options(opts, name, self.name)
+        if spec.takes_steps:
+            options = replace(options, steps=self._checked_steps(options.steps, length))
+        filter_logits(torch.zeros(1, 1), temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+        if spec.time_independent and self.time_conditioned:
+            raise DlmError(
+                f"{name} needs a time-independent model (process.time_cond false): reusing p_theta across "
+                f"steps is only exact when the network ignores t; use sampler '{self.default_sampler}'"
+            )
+        device = model_device(model)
+        if self.conditioning == "prefix":
+            start = self._prefix_start(n, length, prompt_ids, fixed_ids, device)
+        else:
+            fixed_NL, P = fixed_positions(
+                n, length, prompt_ids, fixed_ids, self.specials.vocab_size, self.specials.mask, device
+            )
+            start = SampleStart(fixed_NL, P)
+        context = model_context(model)
+        if context is not None and length > context:
+            raise DlmError(f"length {length} exceeds the model context of {context} tokens")
+        with eval_mode(model):
+            return spec.run(self, model, start, options, generator)
+
+    def _checked_steps(self, steps: Any, length: int) -> int:
+        """``steps`` (None: ``default_steps(length)``) as an integer in [1, ``max_steps()``]."""
+        limit = self.max_steps()
+        count = self.default_steps(length) if steps is None else steps
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1 or (limit is not None and count > limit):
+            allowed = ">= 1" if limit is None else f"in [1, {limit}]"
+            raise DlmError(f"steps must be an integer {allowed}, got {steps!r}")
+        return count
+
+    def _prefix_start(
+        self, n: int, length: int, prompt_ids: list[int] | None, fixed_ids: Tensor | None, device: torch.device
+    ) -> SampleStart:
+        """The start of a prefix-conditioned sampler: the prompt (default [BOS]) as fixed row prefix."""
+        if fixed_ids is not None:
+            raise DlmError(f"the {self.name} family continues a prompt only: fixed_ids (infilling) is not supported")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise DlmError(f"n must be a positive integer, got {n!r}")
+        prompt = [int(t) for t in prompt_ids] if prompt_ids is not None else []
+        if not prompt:
+            if self.specials.bos is None:
+                raise DlmError("this tokenizer has no BOS token; give a prompt (prompt_ids) to sample from")
+            prompt = [self.specials.bos]
+        V = self.specials.vocab_size
+        if any(not 0 <= t < V for t in prompt):
+            raise DlmError(f"prompt ids must lie in [0, {V})")
+        P = len(prompt)
+        if isinstance(length, bool) or not isinstance(length, int) or length <= P:
+            raise DlmError(f"length ({length!r}) must be an integer larger than the prompt length ({P})")
+        fixed_NL = torch.full((n, length), -1, dtype=torch.int64, device=device)
+        fixed_NL[:, :P] = torch.tensor(prompt, dtype=torch.int64, device=device)
+        return SampleStart(fixed_NL, P)
 
     def resolve_sampler(self, sampler: str | None) -> str:
         """The sampler to use: ``default_sampler`` for None; an unknown name raises ``DlmError``."""
@@ -272,12 +485,3 @@ def full_length_result(ids_NL: Tensor, nfe: int, prompt_len: int, trajectory_NL:
     n, length = ids_NL.shape
     lengths = torch.full((n,), length, dtype=torch.int64, device=ids_NL.device)
     return SampleResult(ids_NL=ids_NL, lengths_N=lengths, nfe=nfe, prompt_len=prompt_len, trajectory_NL=trajectory_NL)
-
-
-def check_cache_sampler(sampler: str, time_conditioned: bool) -> None:
-    """``ddpm_cache`` reuses p_theta across time steps: refuse it for a time-conditioned network."""
-    if sampler == "ddpm_cache" and time_conditioned:
-        raise DlmError(
-            "ddpm_cache needs a time-independent model (process.time_cond false): reusing p_theta across "
-            "steps is only exact when the network ignores t; use sampler 'ddpm'"
-        )

@@ -48,6 +48,7 @@ of the exact T-step bound, which needs T forwards: ``nelbo_exact`` sums all T te
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -57,32 +58,24 @@ from torch import Tensor
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.process import absorbing, uniform
-from dlm.process.ar import _device
 from dlm.process.base import (
     AttnSpec,
     NLLResult,
     Process,
     SampleResult,
-    check_cache_sampler,
-    eval_mode,
-    fixed_positions,
+    SamplerOptions,
+    SamplerSpec,
+    SampleStart,
     full_length_result,
+    model_device,
     register_process,
     scored_positions,
 )
-from dlm.process.sampling import filter_logits
-from dlm.process.schedules import get_schedule
+from dlm.process.sampling import _uniforms
+from dlm.process.schedules import build_schedule
 
 TRANSITIONS = ("absorbing", "uniform")
 _CHUNK_ELEMENTS = 1 << 22  # float64 [positions, K] work arrays in chunks of at most this many entries
-
-
-def _schedule_params(cfg: Any) -> dict[str, Any]:
-    if cfg.schedule == "loglinear":
-        return {"eps": cfg.eps}
-    if cfg.schedule == "geometric":
-        return {"sigma_min": cfg.sigma_min, "sigma_max": cfg.sigma_max}
-    return {}
 
 
 def _uniform_kl_terms(logp_NK: Tensor, x_N: Tensor, y_N: Tensor, alpha_s: Tensor, alpha_t: Tensor, K: int) -> Tensor:
@@ -128,6 +121,7 @@ class D3PMProcess(Process):
     name: ClassVar[str] = "d3pm"
     absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
+    transitions: ClassVar[tuple[str, ...]] = TRANSITIONS
     default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -144,7 +138,7 @@ class D3PMProcess(Process):
             raise DlmError(f"d3pm: process.eval_t_samples must be an integer >= 1, got {k!r}")
         if not cfg.hybrid_lambda >= 0:
             raise DlmError(f"d3pm: process.hybrid_lambda must be >= 0, got {cfg.hybrid_lambda!r}")
-        self.schedule = get_schedule(cfg.schedule, **_schedule_params(cfg))
+        self.schedule = build_schedule(cfg)
         alpha = self.schedule.alpha(torch.arange(T + 1, dtype=torch.float64) / T).to(torch.float64).clone()
         alpha[0] = 1.0  # the chain starts at the data (module docstring)
         if not bool(((alpha >= 0) & (alpha <= 1)).all()) or not bool((alpha[1:] <= alpha[:-1]).all()):
@@ -171,7 +165,7 @@ class D3PMProcess(Process):
     def _logits(self, model: torch.nn.Module, z_BL: Tensor, i_B: Tensor) -> Tensor:
         """Network logits over the K clean tokens (MASK excluded), float32 [B, L, K]."""
         t_B = i_B.to(torch.float32) / self.T if self._time_cond else None
-        out = model(z_BL, attn="bidirectional", t_B=t_B)
+        out = model(z_BL, attn=self.attention, t_B=t_B)
         if self.absorbing and self.specials.mask < self.K:
             out = out.clone()
             out[..., self.specials.mask] = float("-inf")
@@ -181,7 +175,7 @@ class D3PMProcess(Process):
         """z_t ~ q(z_t | x) where ``real_BL`` (the scored positions) is True (float64 uniforms); the rest (padding,
         position 0) stays clean."""
         where = generator.device if generator is not None else x_BL.device
-        u = torch.rand(x_BL.shape, dtype=torch.float64, generator=generator, device=where).to(x_BL.device)
+        u = _uniforms(x_BL.shape, generator, x_BL.device)
         noised = (u >= alpha_t_B[:, None]) & real_BL
         if self.absorbing:
             return torch.where(noised, torch.full_like(x_BL, self.specials.mask), x_BL)
@@ -293,9 +287,17 @@ class D3PMProcess(Process):
             total = total + self.step_terms(model, batch, i_B, generator)[0]
         return total
 
-    @property
-    def samplers(self) -> tuple[str, ...]:  # type: ignore[override]  # per instance: depends on the transition
-        return ("ddpm", "ddpm_cache") if self.absorbing else ("ddpm",)
+    def sampler_specs(self) -> Mapping[str, SamplerSpec]:
+        """Absorbing: ``ddpm`` and ``ddpm_cache`` (time-independent networks); uniform: ``ddpm``."""
+        if self.absorbing:
+            return {"ddpm": SamplerSpec(_ddpm_absorbing), "ddpm_cache": SamplerSpec(_ddpm_cache, time_independent=True)}
+        return {"ddpm": SamplerSpec(_ddpm_uniform)}
+
+    def default_steps(self, length: int) -> int:
+        return self.T
+
+    def max_steps(self) -> int | None:
+        return self.T
 
     def _grid(self, S: int) -> list[int]:
         """Step indices i_S = T > ... > i_0 = 0 of an S-step sampler, i_k = round(k T / S)."""
@@ -307,77 +309,77 @@ class D3PMProcess(Process):
 
         def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
             t = (t_B * self.T).round().to(torch.float32) / self.T if self._time_cond else None
-            return model(z_BL, attn="bidirectional", t_B=t)  # all V outputs: the sampler drops the MASK column
+            return model(z_BL, attn=self.attention, t_B=t)  # all V outputs: the sampler drops the MASK column
 
         return denoise
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: torch.nn.Module,
-        n: int,
-        length: int,
-        *,
-        sampler: str | None = None,
-        prompt_ids: list[int] | None = None,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        fixed_ids: Tensor | None = None,
-        return_trajectory: bool = False,
-        **opts: Any,
-    ) -> SampleResult:
-        """Ancestral sampling over S = steps (default T) steps i_S > ... > i_0 = 0, i_k = round(k T / S).
 
-        Absorbing (``ddpm``; ``ddpm_cache`` for a time-independent network): start all-MASK; at step i_k -> i_(k-1)
-        a masked position is revealed with probability a = (alpha_s - alpha_t) / (1 - alpha_t) and its token
-        drawn from p_theta(x | z_t) (after temperature / top-k / top-p); the last step (alpha_s = 1) reveals every
-        remaining mask (``absorbing.reveal_loop``: reveal decisions first, float64 draws only where revealed).
-        Uniform: start from uniform noise and draw z_s ~ p_theta(z_s | z_t) (closed form above, filtered
-        p_theta(x | z_t) inside); the last step draws x ~ p_theta(x | z_t). One float64 uniform per position and
-        step (``sampling.sample_from_probs``).
+def _reveal_loop(
+    process: Process,
+    model: torch.nn.Module,
+    start: SampleStart,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+    lazy: bool,
+) -> SampleResult:
+    """Ancestral sampling over S = steps (default T) steps i_S > ... > i_0 = 0, i_k = round(k T / S).
 
-        prompt_ids: a fixed prefix; fixed_ids: int64 [length] or [n, length], -1 = free, else kept throughout.
-        Fixed positions never change. nfe = network calls (S for ``ddpm``). Starting all-MASK is the
-        alpha_1 -> 0 limit of the prior (the loglinear schedule has alpha_1 = eps). ``return_trajectory``
-        (absorbing): ``trajectory_NL`` = the step (0-based) at which each position was revealed, -1 if fixed.
-        """
-        name = self.resolve_sampler(sampler)
-        if opts:
-            raise DlmError(f"unknown option(s) for the d3pm sampler: {', '.join(sorted(opts))}")
-        check_cache_sampler(name, self.time_conditioned)
-        device = _device(model)
-        fixed_NL, P = fixed_positions(n, length, prompt_ids, fixed_ids, self.K, self.specials.mask, device)
-        S = self.T if steps is None else steps
-        if isinstance(S, bool) or not isinstance(S, int) or S < 1 or S > self.T:
-            raise DlmError(f"steps must be an integer in [1, T={self.T}], got {steps!r}")
-        filter_logits(torch.zeros(1, 1), temperature=temperature, top_k=top_k, top_p=top_p)  # validates
-        fixed = fixed_NL >= 0
-        grid = self._grid(S)
-        if self.absorbing:
-            mask = self.specials.mask
-            z_init = torch.where(fixed, fixed_NL, torch.full_like(fixed_NL, mask))
-            times = [grid[k] / self.T for k in range(S, 0, -1)]
-            alpha = self.alpha
+    Absorbing (``ddpm``; ``ddpm_cache`` for a time-independent network): start all-MASK; at step i_k -> i_(k-1)
+    a masked position is revealed with probability a = (alpha_s - alpha_t) / (1 - alpha_t) and its token
+    drawn from p_theta(x | z_t) (after temperature / top-k / top-p); the last step (alpha_s = 1) reveals every
+    remaining mask (``absorbing.reveal_loop``: reveal decisions first, float64 draws only where revealed).
+    Uniform: start from uniform noise and draw z_s ~ p_theta(z_s | z_t) (closed form above, filtered
+    p_theta(x | z_t) inside); the last step draws x ~ p_theta(x | z_t). One float64 uniform per position and
+    step (``sampling.sample_from_probs``).
 
-            def reveal(i: int) -> Tensor:  # step i runs from grid[S - i] to grid[S - i - 1]
-                return absorbing.reveal_probability(alpha[grid[S - i]], alpha[grid[S - i - 1]])
+    prompt_ids: a fixed prefix; fixed_ids: int64 [length] or [n, length], -1 = free, else kept throughout.
+    Fixed positions never change. nfe = network calls (S for ``ddpm``). Starting all-MASK is the
+    alpha_1 -> 0 limit of the prior (the loglinear schedule has alpha_1 = eps). ``return_trajectory``
+    (absorbing): ``trajectory_NL`` = the step (0-based) at which each position was revealed, -1 if fixed.
+    """
+    assert isinstance(process, D3PMProcess) and o.steps is not None
+    S, T, fixed_NL = o.steps, process.T, start.fixed_NL
+    fixed = fixed_NL >= 0
+    grid = process._grid(S)
+    mask = process.specials.mask
+    z_init = torch.where(fixed, fixed_NL, torch.full_like(fixed_NL, mask))
+    times = [grid[k] / T for k in range(S, 0, -1)]
+    alpha = process.alpha
 
-            with eval_mode(model):
-                out = absorbing.reveal_loop(
-                    self.denoiser(model), z_init, times, reveal, generator, fixed, mask_id=mask,
-                    lazy=name == "ddpm_cache", temperature=temperature, top_k=top_k, top_p=top_p,
-                    return_trajectory=return_trajectory,
-                )  # fmt: skip
-            return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
-        grid_t = torch.tensor(grid, dtype=torch.int64, device=device)
-        z0 = torch.where(fixed, fixed_NL, torch.zeros_like(fixed_NL))
-        with eval_mode(model):
-            out = uniform.ancestral(
-                lambda z, i_B: self._logits(model, z, i_B), z0, self.alpha.to(device)[grid_t], self.K, generator,
-                fixed, times=grid_t, temperature=temperature, top_k=top_k, top_p=top_p,
-                return_trajectory=return_trajectory,
-            )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
+    def reveal(i: int) -> Tensor:  # step i runs from grid[S - i] to grid[S - i - 1]
+        return absorbing.reveal_probability(alpha[grid[S - i]], alpha[grid[S - i - 1]])
+
+    out = absorbing.reveal_loop(
+        process.denoiser(model), z_init, times, reveal, generator, fixed, mask_id=mask, lazy=lazy,
+        temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, return_trajectory=o.return_trajectory,
+    )  # fmt: skip
+    return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
+
+
+def _ddpm_absorbing(
+    process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+) -> SampleResult:
+    return _reveal_loop(process, model, start, o, gen, lazy=False)
+
+
+def _ddpm_cache(
+    process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+) -> SampleResult:
+    return _reveal_loop(process, model, start, o, gen, lazy=True)
+
+
+def _ddpm_uniform(
+    process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+) -> SampleResult:
+    """Uniform D3PM ancestral sampling (``_reveal_loop`` describes both transitions; ``uniform.ancestral``)."""
+    assert isinstance(process, D3PMProcess) and o.steps is not None
+    device = model_device(model)
+    fixed = start.fixed_NL >= 0
+    grid_t = torch.tensor(process._grid(o.steps), dtype=torch.int64, device=device)
+    z0 = torch.where(fixed, start.fixed_NL, torch.zeros_like(start.fixed_NL))
+    out = uniform.ancestral(
+        lambda z, i_B: process._logits(model, z, i_B), z0, process.alpha.to(device)[grid_t], process.K, gen,
+        fixed, times=grid_t, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+        return_trajectory=o.return_trajectory,
+    )  # fmt: skip
+    return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)

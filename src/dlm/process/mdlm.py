@@ -14,6 +14,7 @@ False) and position 0 are never masked and never scored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -23,24 +24,24 @@ from torch import Tensor
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.process import absorbing
-from dlm.process.ar import _device, _model_context, _token_logprobs
 from dlm.process.base import (
     AttnSpec,
     NLLResult,
     Process,
     SampleResult,
-    check_cache_sampler,
-    eval_mode,
-    fixed_positions,
+    SamplerFn,
+    SamplerOptions,
+    SamplerSpec,
+    SampleStart,
     full_length_result,
+    monte_carlo_bound,
     register_process,
     scored_positions,
+    token_logprobs,
 )
-from dlm.process.schedules import Schedule, get_schedule, sample_times
+from dlm.process.schedules import build_schedule, sample_times
 
 T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t) E[#masked] is bounded at 0)
-
-_SCHEDULE_PARAMS = {"loglinear": ("eps",), "geometric": ("sigma_min", "sigma_max")}
 
 
 def masked_cross_entropy(logits_BLV: Tensor, scored_BL: Tensor, x_BL: Tensor, mask_id: int) -> Tensor:
@@ -55,10 +56,32 @@ def masked_cross_entropy(logits_BLV: Tensor, scored_BL: Tensor, x_BL: Tensor, ma
     return F.cross_entropy(sel, x_BL[scored_BL], reduction="none")
 
 
-def build_schedule(cfg: Any) -> Schedule:
-    """``get_schedule(cfg.schedule, ...)`` with the parameters that schedule takes from the process config."""
-    params = {k: getattr(cfg, k) for k in _SCHEDULE_PARAMS.get(cfg.schedule, ())}
-    return get_schedule(cfg.schedule, **params)
+def _absorbing_sampler(fn: absorbing.AbsorbingSampler) -> SamplerFn:
+    """An ``absorbing`` sampler run from all-MASK (fixed positions kept) on MDLM's denoiser and schedule."""
+
+    def run(
+        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+    ) -> SampleResult:
+        assert isinstance(process, MDLMProcess) and o.steps is not None
+        is_fixed = start.fixed_NL >= 0
+        z_init = torch.where(is_fixed, start.fixed_NL, torch.full_like(start.fixed_NL, process.mask_id))
+        out = fn(
+            process.denoiser(model), z_init, process.schedule, o.steps, gen, is_fixed,
+            mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+            return_trajectory=o.return_trajectory,
+        )  # fmt: skip
+        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
+
+    return run
+
+
+# ddpm: ``steps`` uniform steps (default ``length``); ddpm_cache: the same samples in fewer calls (time-independent
+# models only); first_hitting: one token per call (``steps`` is ignored). See ``dlm.process.absorbing``.
+_SAMPLERS = {
+    "ddpm": SamplerSpec(_absorbing_sampler(absorbing.ddpm)),
+    "ddpm_cache": SamplerSpec(_absorbing_sampler(absorbing.ddpm_cache), time_independent=True),
+    "first_hitting": SamplerSpec(_absorbing_sampler(absorbing.first_hitting), nfe_within_steps=False),
+}
 
 
 @register_process
@@ -68,7 +91,7 @@ class MDLMProcess(Process):
     name: ClassVar[str] = "mdlm"
     absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
-    samplers: ClassVar[tuple[str, ...]] = ("ddpm", "ddpm_cache", "first_hitting")
+    sampler_table: ClassVar[Mapping[str, SamplerSpec]] = _SAMPLERS
     default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -95,7 +118,7 @@ class MDLMProcess(Process):
     def _logits(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor) -> Tensor:
         """Backbone call: bidirectional, t_B (float32) only for a time-conditioned process."""
         t = t_B.to(torch.float32) if self.time_conditioned else None
-        return model(z_BL, attn="bidirectional", t_B=t, key_mask_BL=None)
+        return model(z_BL, attn=self.attention, t_B=t, key_mask_BL=None)
 
     def denoiser(self, model: torch.nn.Module) -> absorbing.Denoiser:
         """``denoise(z_BL, t_B) -> logits`` [B, L, V] for the absorbing samplers (they apply SUBS at the rows they
@@ -155,75 +178,17 @@ class MDLMProcess(Process):
         B*K samples, t_{k*B+b}), then K forwards of the batch. -log p_theta in float64 from the float32 logits.
         tokens_b = |S_b|, the scored positions of row b (real positions 1..L-1); exact = False.
         """
-        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
-        B = x_BL.shape[0]
-        K = self.cfg.eval_t_samples
-        t_KB = self._times(B * K, generator, x_BL.device).view(K, B)
-        nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
-        for k in range(K):
-            t_B = t_KB[k]
+        x_BL = batch.ids_BL
+
+        def integrand(t_B: Tensor) -> Tensor:
             z_BL, scored_BL = self._noisy(batch, t_B, generator)
             logits = self._logits(model, z_BL, t_B)
             sel = logits[scored_BL].to(torch.float64)
             sel[:, self.mask_id] = float("-inf")
             nats_BL = torch.zeros(x_BL.shape, dtype=torch.float64, device=x_BL.device)
-            nats_BL[scored_BL] = -_token_logprobs(sel, x_BL[scored_BL])
+            nats_BL[scored_BL] = -token_logprobs(sel, x_BL[scored_BL])
             sum_B = nats_BL.sum(1)
-            nats_B += torch.where(sum_B > 0, self.schedule.mdlm_weight(t_B) * sum_B, torch.zeros_like(sum_B))
-        return NLLResult(nats_B=nats_B / K, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
+            return torch.where(sum_B > 0, self.schedule.mdlm_weight(t_B) * sum_B, torch.zeros_like(sum_B))
 
-    # ------------------------------------------------------------------------------------------- sampling
-
-    @torch.no_grad()
-    def sample(
-        self,
-        model: torch.nn.Module,
-        n: int,
-        length: int,
-        *,
-        sampler: str | None = None,
-        prompt_ids: list[int] | None = None,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        fixed_ids: Tensor | None = None,
-        return_trajectory: bool = False,
-        **opts: Any,
-    ) -> SampleResult:
-        """Generate n rows of ``length`` tokens from all-MASK by a reverse absorbing sampler (SPEC §4).
-
-        sampler:   ``ddpm`` (default; ``steps`` uniform steps, default ``length``), ``ddpm_cache`` (same samples,
-                   fewer calls; time-independent models only) or ``first_hitting`` (one token per step; ignores
-                   ``steps``). See ``dlm.process.absorbing``.
-        prompt_ids: a fixed prefix (default: none). fixed_ids: int tensor [n or 1, length], -1 = free, other
-                   values kept fixed throughout (infilling, suffixes). Fixed positions are never changed.
-        Returns every row at full length (lengths_N = length), prompt_len = len(prompt_ids), nfe = network
-        calls. With ``return_trajectory`` the result carries ``trajectory_NL`` (reveal step, -1 if fixed).
-        """
-        name = self.resolve_sampler(sampler)
-        if opts:
-            raise DlmError(f"unknown option(s) for the MDLM sampler: {', '.join(sorted(opts))}")
-        check_cache_sampler(name, self.time_conditioned)
-        device = _device(model)
-        fixed_NL, P = fixed_positions(n, length, prompt_ids, fixed_ids, self.specials.vocab_size, self.mask_id, device)
-        if steps is None:
-            steps = length
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise DlmError(f"steps must be an integer >= 1, got {steps!r}")
-        context = _model_context(model)
-        if context is not None and length > context:
-            raise DlmError(f"length {length} exceeds the model context of {context} tokens")
-
-        is_fixed = fixed_NL >= 0
-        z_init = torch.where(is_fixed, fixed_NL, torch.full_like(fixed_NL, self.mask_id))
-
-        run = {"ddpm": absorbing.ddpm, "ddpm_cache": absorbing.ddpm_cache, "first_hitting": absorbing.first_hitting}
-        with eval_mode(model):
-            out = run[name](
-                self.denoiser(model), z_init, self.schedule, steps, generator, is_fixed,
-                mask_id=self.mask_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                return_trajectory=return_trajectory,
-            )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
+        times = lambda m: self._times(m, generator, x_BL.device)  # noqa: E731
+        return monte_carlo_bound(batch, self.cfg.eval_t_samples, times, integrand)

@@ -64,7 +64,7 @@ def filter_logits(
     return out
 
 
-def _uniforms(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def _uniforms(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Float64 U[0, 1) drawn on the generator's device (so a CPU generator drives GPU sampling too)."""
     where = generator.device if generator is not None else device
     return torch.rand(shape, dtype=torch.float64, generator=generator, device=where).to(device)

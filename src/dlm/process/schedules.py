@@ -112,6 +112,16 @@ def get_schedule(name: str, **params: Any) -> Schedule:
         raise DlmError(f"bad parameters for schedule {name!r}: {exc}") from None
 
 
+# The process-config fields each schedule takes (the rest of its parameters keep their defaults).
+SCHEDULE_PARAMS: dict[str, tuple[str, ...]] = {"loglinear": ("eps",), "geometric": ("sigma_min", "sigma_max")}
+
+
+def build_schedule(cfg: Any) -> Schedule:
+    """The schedule a process config names: ``get_schedule(cfg.schedule, **the fields that schedule takes)``."""
+    params = {k: getattr(cfg, k) for k in SCHEDULE_PARAMS.get(cfg.schedule, ())}
+    return get_schedule(cfg.schedule, **params)
+
+
 def _positive_float(schedule: str, key: str, value: Any) -> float:
     try:
         out = float(value)

@@ -68,6 +68,7 @@ All randomness comes from the ``generator`` argument; draws are float64.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -77,20 +78,21 @@ from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.process import absorbing, uniform
 from dlm.process.absorbing import AbsorbingSample
-from dlm.process.ar import _device, _model_context
 from dlm.process.base import (
     AttnSpec,
     NLLResult,
     Process,
     SampleResult,
-    eval_mode,
-    fixed_positions,
+    SamplerOptions,
+    SamplerSpec,
+    SampleStart,
     full_length_result,
+    monte_carlo_bound,
     register_process,
     scored_positions,
 )
-from dlm.process.mdlm import build_schedule
-from dlm.process.schedules import Schedule, sample_times
+from dlm.process.sampling import _uniforms
+from dlm.process.schedules import Schedule, build_schedule, sample_times
 
 T_MIN = 1e-6
 TRANSITIONS = ("absorbing", "uniform")
@@ -205,7 +207,7 @@ class SEDDProcess(Process):
     name: ClassVar[str] = "sedd"
     absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
-    samplers: ClassVar[tuple[str, ...]] = ("euler", "analytic")
+    transitions: ClassVar[tuple[str, ...]] = TRANSITIONS
     default_sampler: ClassVar[str] = "analytic"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -236,7 +238,7 @@ class SEDDProcess(Process):
 
     def _logits(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor) -> Tensor:
         c = self.schedule.sigma(t_B).to(torch.float32) if self._time_cond else None
-        return model(z_BL, attn="bidirectional", t_B=c, key_mask_BL=None)
+        return model(z_BL, attn=self.attention, t_B=c, key_mask_BL=None)
 
     def scaled_log_score(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor) -> Tensor:
         """ell = log(s_theta (e^sigma_t - 1)) [B, L, V], float32; = log p_theta(x | z_t) (SUBS-applied)."""
@@ -273,8 +275,8 @@ class SEDDProcess(Process):
             # z^l = x^l w.p. alpha_t, else uniform over the K tokens (two float64 uniforms per position).
             B, L = x_BL.shape
             Kv = self.specials.vocab_size
-            u = absorbing._uniforms((B, L), generator, x_BL.device)
-            v = absorbing._uniforms((B, L), generator, x_BL.device)
+            u = _uniforms((B, L), generator, x_BL.device)
+            v = _uniforms((B, L), generator, x_BL.device)
             tok = torch.minimum((v * Kv).floor().to(torch.int64), torch.full_like(x_BL, Kv - 1))
             resample = (u >= self.schedule.alpha(t_B)[:, None]) & real_BL
             return torch.where(resample, tok, x_BL), real_BL
@@ -342,74 +344,64 @@ class SEDDProcess(Process):
         K = ``process.eval_t_samples``; B*K times drawn at once (antithetic over all of them, t_{k*B+b}).
         tokens_b = |S_b| (real positions 1..L-1, ``scored_positions``).
         """
-        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
-        B = x_BL.shape[0]
-        K = self.cfg.eval_t_samples
-        t_KB = self._times(B * K, generator, x_BL.device).view(K, B)
-        nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
-        for k in range(K):
-            z_BL, _ = self._noisy(batch, t_KB[k], generator)
-            nats_B += self.bound_integrand(model, batch, t_KB[k], z_BL).to(torch.float64)
-        return NLLResult(nats_B=nats_B / K, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
+        x_BL = batch.ids_BL
+
+        def integrand(t_B: Tensor) -> Tensor:
+            z_BL, _ = self._noisy(batch, t_B, generator)
+            return self.bound_integrand(model, batch, t_B, z_BL)
+
+        times = lambda m: self._times(m, generator, x_BL.device)  # noqa: E731
+        return monte_carlo_bound(batch, self.cfg.eval_t_samples, times, integrand)
 
     # ------------------------------------------------------------------------------------------- sampling
 
-    @torch.no_grad()
-    def sample(
-        self,
-        model: torch.nn.Module,
-        n: int,
-        length: int,
-        *,
-        sampler: str | None = None,
-        prompt_ids: list[int] | None = None,
-        generator: torch.Generator | None = None,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        fixed_ids: Tensor | None = None,
-        return_trajectory: bool = False,
-        **opts: Any,
-    ) -> SampleResult:
-        """Generate n rows of ``length`` tokens from all-MASK (``analytic`` default, or ``euler``).
+    def sampler_specs(self) -> Mapping[str, SamplerSpec]:
+        """``euler`` and ``analytic``, for either transition (``uniform`` holds the uniform-state ones)."""
+        return {"euler": SamplerSpec(_euler), "analytic": SamplerSpec(_analytic)}
 
-        steps: S >= 1 uniform steps (default ``length``); the last step resolves every mask.
-        prompt_ids: a fixed prefix. fixed_ids: int tensor [n or 1, length], -1 = free, other values kept
-        fixed throughout. temperature / top_k / top_p filter p_theta = s_theta (e^sigma - 1) before use.
-        Returns full-length rows, prompt_len = len(prompt_ids), nfe = network calls; with ``return_trajectory``
-        (absorbing) the step at which each position was revealed (``trajectory_NL``).
-        """
-        name = self.resolve_sampler(sampler)
-        if opts:
-            raise DlmError(f"unknown option(s) for the SEDD sampler: {', '.join(sorted(opts))}")
-        device = _device(model)
-        fixed_NL, P = fixed_positions(n, length, prompt_ids, fixed_ids, self.specials.vocab_size, self.mask_id, device)
-        if steps is None:
-            steps = length
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise DlmError(f"steps must be an integer >= 1, got {steps!r}")
-        context = _model_context(model)
-        if context is not None and length > context:
-            raise DlmError(f"length {length} exceeds the model context of {context} tokens")
-        K = self.specials.vocab_size
 
-        is_fixed = fixed_NL >= 0
-        z_init = torch.where(is_fixed, fixed_NL, torch.full_like(fixed_NL, self.mask_id))
+def _run(
+    process: Process,
+    model: torch.nn.Module,
+    start: SampleStart,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+    sampler: str,
+) -> SampleResult:
+    """Generate n rows of ``length`` tokens from all-MASK (``analytic`` default, or ``euler``).
 
-        if not self.absorbing:
-            run_uniform = {"analytic": uniform.analytic, "euler": uniform.euler}[name]
-            with eval_mode(model):
-                out = run_uniform(
-                    lambda z, t: self.log_score(model, z, t), z_init, self.schedule, steps, K, generator, is_fixed,
-                    temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
-                )  # fmt: skip
-            return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
-        run = {"analytic": absorbing.ddpm, "euler": euler_absorbing}[name]
-        with eval_mode(model):
-            out = run(
-                self.denoiser(model), z_init, self.schedule, steps, generator, is_fixed,
-                mask_id=self.mask_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                return_trajectory=return_trajectory,
-            )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, P, out.trajectory_BL)
+    steps: S >= 1 uniform steps (default ``length``); the last step resolves every mask.
+    prompt_ids: a fixed prefix. fixed_ids: int tensor [n or 1, length], -1 = free, other values kept
+    fixed throughout. temperature / top_k / top_p filter p_theta = s_theta (e^sigma - 1) before use.
+    Returns full-length rows, prompt_len = len(prompt_ids), nfe = network calls; with ``return_trajectory``
+    (absorbing) the step at which each position was revealed (``trajectory_NL``).
+    """
+    assert isinstance(process, SEDDProcess) and o.steps is not None
+    is_fixed = start.fixed_NL >= 0
+    z_init = torch.where(is_fixed, start.fixed_NL, torch.full_like(start.fixed_NL, process.mask_id))
+    filters = {"temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p}
+    if not process.absorbing:
+        run_uniform = {"analytic": uniform.analytic, "euler": uniform.euler}[sampler]
+        out = run_uniform(
+            lambda z, t: process.log_score(model, z, t), z_init, process.schedule, o.steps,
+            process.specials.vocab_size, generator, is_fixed, **filters, return_trajectory=o.return_trajectory,
+        )  # fmt: skip
+    else:
+        run = {"analytic": absorbing.ddpm, "euler": euler_absorbing}[sampler]
+        out = run(
+            process.denoiser(model), z_init, process.schedule, o.steps, generator, is_fixed,
+            mask_id=process.mask_id, **filters, return_trajectory=o.return_trajectory,
+        )  # fmt: skip
+    return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
+
+
+def _euler(
+    process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+) -> SampleResult:
+    return _run(process, model, start, o, gen, "euler")
+
+
+def _analytic(
+    process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+) -> SampleResult:
+    return _run(process, model, start, o, gen, "analytic")

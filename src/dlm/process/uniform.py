@@ -51,8 +51,8 @@ import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.absorbing import AbsorbingSample, _check_steps, _uniforms
-from dlm.process.sampling import filter_logits, sample_from_probs
+from dlm.process.absorbing import AbsorbingSample, _check_steps
+from dlm.process.sampling import _uniforms, filter_logits, sample_from_probs
 from dlm.process.schedules import Schedule
 
 Network = Callable[[Tensor, Tensor], Tensor]  # (z_BL, t_B) -> [B, L, >= K]

@@ -1,0 +1,173 @@
+"""The contract every registered process keeps, checked for each family (and each of its transitions) x sampler.
+
+Built from the registry: a new family that registers itself gets these checks without a line here. Its own
+identities (closed forms, agreement with other families) stay in its own test file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlm.process  # noqa: F401  (registers every family)
+from dlm.data.batch import Batch
+from dlm.data.specials import SpecialIds
+from dlm.errors import DlmError
+from dlm.model import ModelConfig, build_model
+from dlm.process import Process, ProcessConfig, available_processes, get_process
+from dlm.process.base import _REGISTRY, scored_positions
+
+K, L, N = 11, 8, 3
+SPECIALS = SpecialIds(bos=0, eos=1, pad=2, mask=K, vocab_size=K)
+STEPS = 4  # a step sampler's steps in these checks (D3PM runs T = 8)
+
+
+def _configs() -> list[ProcessConfig]:
+    out = []
+    for name in available_processes():
+        for transition in _REGISTRY[name].transitions or (None,):
+            extra = {"transition": transition} if transition else {}
+            out.append(ProcessConfig(name=name, T=8, eval_t_samples=2, **extra))
+    return out
+
+
+def _label(cfg: ProcessConfig) -> str:
+    return cfg.name + (f"-{cfg.transition}" if _REGISTRY[cfg.name].transitions else "")
+
+
+CONFIGS = _configs()
+CASES = [
+    (cfg, sampler) for cfg in CONFIGS for sampler in get_process(cfg, SPECIALS).samplers
+]  # every family x transition x sampler
+CASE_IDS = [f"{_label(cfg)}-{sampler}" for cfg, sampler in CASES]
+
+
+def _model(proc: Process, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=proc.vocab_size, context=L, n_layer=1, d_model=16, n_head=2, time_cond=proc.time_conditioned
+    )
+    return build_model(cfg)
+
+
+def _batch() -> Batch:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, K, (4, L), generator=g)
+    ids[:, 0] = SPECIALS.bos
+    mask = torch.ones(4, L, dtype=torch.bool)
+    mask[1, 5:] = False  # a padded row
+    ids[1, 5:] = SPECIALS.pad
+    return Batch(ids, mask)
+
+
+def _process(cfg: ProcessConfig, sampler: str) -> Process:
+    """The family; with a time-independent network when the sampler needs one (``SamplerSpec.time_independent``)."""
+    proc = get_process(cfg, SPECIALS)
+    if proc.sampler_specs()[sampler].time_independent and proc.time_conditioned:
+        proc = get_process(ProcessConfig(**{**cfg.__dict__, "time_cond": False}), SPECIALS)
+    return proc
+
+
+def _opts(proc: Process, sampler: str) -> dict:
+    return {"steps": STEPS} if proc.sampler_specs()[sampler].takes_steps else {}
+
+
+def test_the_contract_covers_every_registered_family() -> None:
+    assert {cfg.name for cfg in CONFIGS} == set(available_processes())
+    assert {"ar", "d3pm", "mdlm", "sedd"} <= set(available_processes())
+    assert all(get_process(cfg, SPECIALS).samplers for cfg in CONFIGS)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[_label(c) for c in CONFIGS])
+def test_loss_is_finite_and_differentiable(cfg: ProcessConfig) -> None:
+    proc = get_process(cfg, SPECIALS)
+    model = _model(proc).train()
+    loss, stats = proc.loss(model, _batch(), torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and bool(torch.isfinite(loss))
+    assert stats["tokens"] == float(scored_positions(_batch()).sum())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[_label(c) for c in CONFIGS])
+def test_nll_is_labelled_as_the_family_declares(cfg: ProcessConfig) -> None:
+    proc = get_process(cfg, SPECIALS)
+    model = _model(proc).train()
+    batch = _batch()
+    out = proc.nll(model, batch, torch.Generator().manual_seed(0))
+    assert out.exact is type(proc).exact_likelihood
+    assert out.nats_B.dtype == torch.float64 and bool(torch.isfinite(out.nats_B).all())
+    assert bool((out.nats_B >= 0).all())
+    assert torch.equal(out.tokens_B, scored_positions(batch).sum(1).to(torch.int64))
+    assert model.training  # nll leaves the mode as it found it
+
+
+@pytest.mark.parametrize(("cfg", "sampler"), CASES, ids=CASE_IDS)
+def test_samples_are_in_vocabulary_and_keep_the_conditioning(cfg: ProcessConfig, sampler: str) -> None:
+    proc = _process(cfg, sampler)
+    spec = proc.sampler_specs()[sampler]
+    model = _model(proc).train()
+    gen = torch.Generator().manual_seed(0)
+    prompt = [SPECIALS.bos, 5]
+    if proc.conditioning == "prefix":
+        out = proc.sample(model, N, L, sampler=sampler, prompt_ids=prompt, generator=gen, **_opts(proc, sampler))
+        with pytest.raises(DlmError, match="prompt only"):
+            proc.sample(model, N, L, sampler=sampler, fixed_ids=torch.full((L,), -1), **_opts(proc, sampler))
+    else:
+        fixed = torch.full((L,), -1, dtype=torch.int64)
+        fixed[L - 2] = 7
+        out = proc.sample(
+            model, N, L, sampler=sampler, prompt_ids=prompt, fixed_ids=fixed, generator=gen, **_opts(proc, sampler)
+        )
+        assert bool((out.ids_NL[:, L - 2] == 7).all())
+        assert bool((out.lengths_N == L).all())
+    assert model.training  # train mode restored
+    assert out.ids_NL.shape == (N, L) and out.prompt_len == len(prompt)
+    assert out.ids_NL[:, : len(prompt)].tolist() == [prompt] * N
+    assert bool(((out.ids_NL >= 0) & (out.ids_NL < K)).all())  # in vocabulary, no MASK (id K) left
+    assert out.nfe >= 1
+    if spec.takes_steps and spec.nfe_within_steps:
+        assert out.nfe <= STEPS
+    if not spec.takes_steps:  # one call per generated token at most
+        assert out.nfe <= L - len(prompt)
+    model.eval()
+    proc.sample(model, 1, L, sampler=sampler, prompt_ids=prompt, **_opts(proc, sampler))
+    assert not model.training  # eval mode restored too
+
+
+def _one_line_error(fn, match: str) -> None:
+    with pytest.raises(DlmError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("cfg", "sampler"), CASES, ids=CASE_IDS)
+def test_bad_options_are_refused_in_one_line(cfg: ProcessConfig, sampler: str) -> None:
+    proc = _process(cfg, sampler)
+    spec = proc.sampler_specs()[sampler]
+    model = _model(proc)
+    opts = _opts(proc, sampler)
+    _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, beam=3, **opts), "unknown option")
+    _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, top_p=0.0, **opts), "top_p")
+    _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, temperature=-1.0, **opts), "temperature")
+    _one_line_error(lambda: proc.sample(model, 0, L, sampler=sampler, **opts), "n must be")
+    _one_line_error(lambda: proc.sample(model, 1, L + 1, sampler=sampler, **opts), "context")
+    _one_line_error(lambda: proc.sample(model, 1, L, sampler="no-such-sampler"), "unknown sampler")
+    if spec.takes_steps:
+        _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, steps=0), "steps")
+    else:
+        _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, steps=4), "unknown option")
+
+
+@pytest.mark.parametrize(
+    ("cfg", "sampler"),
+    [(c, s) for c, s in CASES if get_process(c, SPECIALS).sampler_specs()[s].time_independent],
+    ids=[i for (c, s), i in zip(CASES, CASE_IDS) if get_process(c, SPECIALS).sampler_specs()[s].time_independent],
+)
+def test_a_cache_sampler_refuses_a_time_dependent_model(cfg: ProcessConfig, sampler: str) -> None:
+    proc = get_process(ProcessConfig(**{**cfg.__dict__, "time_cond": True}), SPECIALS)
+    assert proc.time_conditioned
+    model = _model(proc)
+    _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, steps=STEPS), "time-independent")
