@@ -29,7 +29,8 @@ def test_presets_load_and_validate() -> None:
         assert isinstance(load_config(name), RunConfig)
 
     tiny = load_config("tiny-cpu")
-    assert (tiny.model.n_layer, tiny.model.d_model, tiny.model.n_head, tiny.model.context) == (4, 256, 4, 256)
+    # context 0: the data's row length (256 for the demo's data), filled in by the trainer
+    assert (tiny.model.n_layer, tiny.model.d_model, tiny.model.n_head, tiny.model.context) == (4, 256, 4, 0)
     assert (tiny.train.batch_size, tiny.train.lr, tiny.train.warmup_steps, tiny.train.schedule) == (
         16,
         2e-3,
@@ -140,7 +141,7 @@ def test_config_hash_ignores_operational_keys_only() -> None:
         (["--train.betas=0.9"], r"train.betas: expected 2 values"),
         (["--model.n_layer=0"], r"model.n_layer"),
         (["--model.d_model=-8"], r"model.d_model"),
-        (["--model.context=0"], r"model.context"),
+        (["--model.context=-1"], r"model.context must be >= 0 \(0 = from the data\), got -1"),
         (["--model.vocab_size=-1"], r"model.vocab_size"),
         (["--model.d_model=250"], r"model.d_model \(250\) must be divisible by model.n_head"),
         (["--train.batch_size=0"], r"train.batch_size must be >= 1, got 0"),

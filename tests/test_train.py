@@ -21,6 +21,7 @@ from dlm.process.ar import ARProcess
 from dlm.train import list_checkpoints, load_run, train
 from dlm.train.checkpoint import prune_checkpoints
 from dlm.train.optim import lr_at
+from tests.conftest import TINY_SEQ_LEN, tiny_run_args
 from tests.helpers import write_corpus
 
 TRAIN_FIELDS = {"step", "tokens", "loss", "lr", "grad_norm", "tok_s", "mfu", "elapsed", "skipped"}
@@ -299,3 +300,19 @@ def test_token_budget_bf16_on_cpu_and_optional_loggers(data_dir: Path, tmp_path:
             assert (tmp_path / "run" / name).is_dir()
         else:
             assert f"train.{name}: {name} is not installed" in out
+
+
+@pytest.mark.slow
+def test_context_0_is_the_data_row_length_and_a_resume_keeps_the_run_s(tiny_data: Path, tmp_path: Path) -> None:
+    def run_context(run: Path) -> int:
+        return json.loads((run / "config.json").read_text())["model"]["context"]
+
+    fresh = tmp_path / "fresh"
+    args = ("--model.context=0", "--train.max_steps=2", "--train.val_batches=1")
+    train(load_config(None, tiny_run_args(tiny_data, "ar", *args)), fresh)
+    assert run_context(fresh) == TINY_SEQ_LEN
+    # a run given a longer context resumes with it when the resumption says 0 ("from the data")
+    longer = tmp_path / "longer"
+    train(load_config(None, tiny_run_args(tiny_data, "ar", *args, f"--model.context={TINY_SEQ_LEN + 8}")), longer)
+    summary = train(load_config(None, tiny_run_args(tiny_data, "ar", *args, "--train.max_steps=3")), longer, True)
+    assert summary["step"] == 3 and run_context(longer) == TINY_SEQ_LEN + 8

@@ -328,7 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_dir = prepare(get_source("shakespeare"), args.tokenizer, seq_len=args.seq_len, data_root=args.data_root)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     print_data_summary(data_dir)
-    overrides = ["--data.dir", str(data_dir.resolve()), "--model.context", str(args.seq_len), *args.overrides]
+    overrides = ["--data.dir", str(data_dir.resolve()), *args.overrides]  # model.context 0: the data's L
     if args.steps:
         overrides += ["--train.max_steps", str(args.steps)]
     cfg = load_config("tiny-cpu", overrides)

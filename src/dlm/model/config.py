@@ -19,7 +19,8 @@ class ModelConfig:
 
     vocab_size:   network vocabulary (K, or K + 1 with an appended MASK); 0 = fill from the data.
     context:      longest sequence the model accepts: rotary positions are < context, and a KV cache
-                  holds at most context tokens.
+                  holds at most context tokens. 0 in a run config: the data's row length L (filled in by
+                  the trainer, like vocab_size).
     n_layer:      transformer blocks.
     n_head:       attention heads; d_model / n_head must be even (rotary).
     d_model:      residual width.

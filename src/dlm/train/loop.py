@@ -84,7 +84,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     Returns a summary: step, tokens, why it stopped, last loss and validation NLL, checkpoint path.
     Under torchrun every rank calls it; only rank 0 writes.
     """
-    cfg = RunConfig.from_dict(cfg.to_dict()).validate()  # a private copy; vocab_size gets filled in
+    cfg = RunConfig.from_dict(cfg.to_dict()).validate()  # a private copy; vocab_size, context get filled in
     rt = setup_runtime(cfg.train)
     try:
         with contextlib.ExitStack() as held:
@@ -125,10 +125,13 @@ def _lock_run(run_dir: Path, rt: Runtime, held: contextlib.ExitStack) -> None:
 
 def _check_before_data(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """A resumption's configuration diff, before anything is built from it (the fields the trainer fills in
-    from the data and the process, model.vocab_size when 0 and model.time_cond, are compared later)."""
+    from the data and the process, model.vocab_size and model.context when 0 and model.time_cond, are
+    compared later)."""
     probe = RunConfig.from_dict(cfg.to_dict())
     if probe.model.vocab_size == 0:
         probe.model.vocab_size = stored.model.vocab_size
+    if probe.model.context == 0:
+        probe.model.context = stored.model.context
     probe.model.time_cond = stored.model.time_cond
     diff = config_diff(stored, probe, RESUME_EXCLUDE)
     if diff:
@@ -190,7 +193,8 @@ def _agree(rt: Runtime, *flags: bool) -> list[bool]:
 
 def resolve_data(cfg: RunConfig) -> tuple[ShardSplit, ShardSplit, Process]:
     """Open the train/validation splits, build the process and fill in / check the model's vocabulary
-    and context against the data (in place on ``cfg.model``)."""
+    and context against the data (in place on ``cfg.model``): vocab_size 0 becomes the vocabulary the data
+    and process need, context 0 the data's row length L."""
     if not cfg.data.dir:
         raise DlmError("data.dir is not set: give a prepared data directory (--data.dir DIR)")
     train_split = open_split(cfg.data.dir, cfg.data.train_split)
@@ -205,7 +209,9 @@ def resolve_data(cfg: RunConfig) -> tuple[ShardSplit, ShardSplit, Process]:
             f"model.vocab_size {cfg.model.vocab_size} is smaller than the vocabulary this data and process "
             f"need ({need}); use 0 to fill it from the data"
         )
-    if cfg.model.context < train_split.seq_len:
+    if cfg.model.context == 0:
+        cfg.model.context = train_split.seq_len
+    elif cfg.model.context < train_split.seq_len:
         raise DlmError(f"model.context {cfg.model.context} is shorter than the data rows ({train_split.seq_len})")
     cfg.model.validate()
     return train_split, val_split, process
@@ -419,6 +425,8 @@ def _prepare(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: con
             _lock_run(run_dir, rt, held)  # before reading: another process may be writing this run
         stored = read_run_config(run_dir)
         _check_before_data(stored, cfg, run_dir)
+        if cfg.model.context == 0:  # "from the data" resumes with the context the run was given
+            cfg.model.context = stored.model.context
     train_split, val_split, process = resolve_data(cfg)
     grad_accum = _grad_accum(cfg, rt.world_size)
     tokens_per_step = t.batch_size * grad_accum * rt.world_size * train_split.seq_len
