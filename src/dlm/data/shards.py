@@ -281,13 +281,10 @@ def _prepare_locked(
     dtype: str | None,
     log: Callable[[str], None],
 ) -> Path:
-    """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory)."""
+    """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory): the tokenizer,
+    then every split into a temporary directory next to ``out``, then meta.json, then one rename."""
     t0 = time.perf_counter()
-    if needs_training(tokenizer_spec):
-        log(f"training tokenizer {tokenizer_spec} on the train split of {source.name}")
-        tok = build_tokenizer(tokenizer_spec, train_texts=source.documents("train"))
-    else:
-        tok = build_tokenizer(tokenizer_spec)
+    tok = _tokenizer(source, tokenizer_spec, log)
     dt = dtype or default_dtype(tok.vocab_size)
     _check_dtype_fits(dt, tok.vocab_size, tok.name)
 
@@ -295,40 +292,8 @@ def _prepare_locked(
     try:
         tmp.mkdir()
         tok.save(tmp)
-        splits = {}
-        for split in source.available_splits:
-            t_split = time.perf_counter()
-            splits[split] = _write_split(source, split, tok, tmp, seq_len, mode, dt)
-            s = splits[split]
-            log(
-                f"  {split:<10} {s['documents']:>9,} docs {s['tokens']:>12,} tokens {s['rows']:>9,} rows "
-                f"({time.perf_counter() - t_split:.1f}s)"
-            )
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "dlm_version": __version__,
-            "inputs_hash": h,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "source": {"spec": source.name, "fingerprint": source.fingerprint(), **source.describe()},
-            "tokenizer": {
-                "name": tok.name,
-                "fingerprint": tok.fingerprint(),
-                "vocab_size": tok.vocab_size,
-                "specials": tok.specials.to_dict(),
-            },
-            "mode": mode,
-            "seq_len": seq_len,
-            "dtype": dt,
-            "layout": (
-                "wrap: EOS after every document, documents concatenated and cut into rows of seq_len; "
-                "the last row of a split is padded"
-                if mode == "wrap"
-                else "pad: one document per row, [BOS] doc [EOS] truncated to seq_len, padded with PAD"
-            ),
-            "bytes_note": "bytes = UTF-8 bytes of the documents' text (separators count 0 bytes)",
-            "splits": splits,
-        }
-        write_json_atomic(tmp / "meta.json", meta)
+        splits = _write_splits(source, tok, tmp, seq_len, mode, dt, log)
+        write_json_atomic(tmp / "meta.json", _meta(source, tok, h, seq_len, mode, dt, splits))
         if out.exists():
             out.rmdir()  # only reached for an existing empty directory
         os.replace(tmp, out)
@@ -340,6 +305,59 @@ def _prepare_locked(
         raise
     log(f"prepared {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def _tokenizer(source: Source, tokenizer_spec: str, log: Callable[[str], None]) -> Tokenizer:
+    """The tokenizer ``tokenizer_spec``, trained on the source's train split when it needs training."""
+    if needs_training(tokenizer_spec):
+        log(f"training tokenizer {tokenizer_spec} on the train split of {source.name}")
+        return build_tokenizer(tokenizer_spec, train_texts=source.documents("train"))
+    return build_tokenizer(tokenizer_spec)
+
+
+def _write_splits(
+    source: Source, tok: Tokenizer, tmp: Path, seq_len: int, mode: str, dt: str, log: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
+    """Every split of ``source`` as shards under ``tmp``; their meta.json entries, by split."""
+    splits = {}
+    for split in source.available_splits:
+        t_split = time.perf_counter()
+        splits[split] = s = _write_split(source, split, tok, tmp, seq_len, mode, dt)
+        log(
+            f"  {split:<10} {s['documents']:>9,} docs {s['tokens']:>12,} tokens {s['rows']:>9,} rows "
+            f"({time.perf_counter() - t_split:.1f}s)"
+        )
+    return splits
+
+
+def _meta(
+    source: Source, tok: Tokenizer, h: str, seq_len: int, mode: str, dt: str, splits: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """meta.json of a data directory: what it was made from and how, and its splits."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "dlm_version": __version__,
+        "inputs_hash": h,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": {"spec": source.name, "fingerprint": source.fingerprint(), **source.describe()},
+        "tokenizer": {
+            "name": tok.name,
+            "fingerprint": tok.fingerprint(),
+            "vocab_size": tok.vocab_size,
+            "specials": tok.specials.to_dict(),
+        },
+        "mode": mode,
+        "seq_len": seq_len,
+        "dtype": dt,
+        "layout": (
+            "wrap: EOS after every document, documents concatenated and cut into rows of seq_len; "
+            "the last row of a split is padded"
+            if mode == "wrap"
+            else "pad: one document per row, [BOS] doc [EOS] truncated to seq_len, padded with PAD"
+        ),
+        "bytes_note": "bytes = UTF-8 bytes of the documents' text (separators count 0 bytes)",
+        "splits": splits,
+    }
 
 
 # ----------------------------------------------------------------------------- reading
