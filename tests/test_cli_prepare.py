@@ -48,6 +48,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, case):
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "dlm.cli", "prepare", str(tmp_path / "nope")], capture_output=True, text=True
@@ -55,6 +56,7 @@ def test_console_script_exit_status(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_prepare_formal_language_from_a_fresh_process(tmp_path):
     """`formal:` registers itself on first use: the CLI needs no import of dlm.data.formal beforehand."""
     out = tmp_path / "formal"

@@ -81,6 +81,7 @@ def config(data_dir: Path, batch_size: int, dist: str) -> RunConfig:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_two_cpu_ranks_match_one_process_with_the_global_batch(tmp_path: Path) -> None:
     corpus = write_corpus(tmp_path / "corpus", n_docs=60, seed=2)

@@ -19,6 +19,8 @@ from dlm.data.sources import get_source
 from dlm.process import available_processes
 from tests.helpers import write_corpus
 
+pytestmark = pytest.mark.slow  # training in subprocesses
+
 # Runs train(config.json, run_dir, resume) in a fresh interpreter. DLM_TEST_SLOW=s sleeps s seconds per
 # batch (timing only, no effect on the numbers) so the parent can kill it mid-run.
 DRIVER = """

@@ -138,6 +138,7 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_train_into_a_run_in_use_is_refused(run: Path, data: Path, tmp_path: Path, capsys) -> None:
     assert not (run / ".lock").exists()  # released when the run ended
     run_dir = copy_run(run, tmp_path)
@@ -155,6 +156,7 @@ def test_a_second_train_into_a_run_in_use_is_refused(run: Path, data: Path, tmp_
     assert main(["train", "--run-dir", str(run_dir), "--resume", "--train.max_steps=7"]) == 0  # free again
 
 
+@pytest.mark.slow
 def test_a_second_prepare_of_the_same_target_is_refused(corpus: Path, tmp_path: Path, capsys) -> None:
     root = tmp_path / "data"
     root.mkdir()
@@ -201,6 +203,7 @@ def modes(*roots: Path) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
 def test_files_honour_the_umask(corpus: Path, tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
@@ -224,6 +227,7 @@ def test_files_honour_the_umask(corpus: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- item 10: early stops, extension
 
 
+@pytest.mark.slow
 def test_a_time_limited_run_says_it_stopped_early_and_resumes(data: Path, tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     assert main(["train", "--run-dir", str(run_dir), *tiny_args(data, "--train.time_limit_min=1e-6")]) == 0
@@ -238,6 +242,7 @@ def test_a_time_limited_run_says_it_stopped_early_and_resumes(data: Path, tmp_pa
     assert json.loads((run_dir / "checkpoints" / "step-0000006" / "state.json").read_text())["stopped"] is None
 
 
+@pytest.mark.slow
 def test_extending_a_finished_run_recomputes_the_schedule_and_says_so(run: Path, tmp_path: Path, capsys) -> None:
     run_dir = copy_run(run, tmp_path)
     assert main(["train", "--run-dir", str(run_dir), "--resume", "--train.max_steps=10"]) == 0
@@ -297,6 +302,7 @@ def signal_after_first_step(proc: subprocess.Popen, run_dir: Path, sig: int) -> 
     return err.strip()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(data: Path, tmp_path: Path) -> None:
     args = tiny_args(data, "--process.name=mdlm", "--model.dropout=0.1", "--train.max_steps=10", "--train.val_every=2")
     stopped, reference = tmp_path / "stopped", tmp_path / "reference"
@@ -315,6 +321,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_resumed_run_is_exact(data:
     assert metric_lines(stopped) == metric_lines(reference)  # floats compared exactly
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_and_exits_130(data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_cli(
@@ -329,6 +336,7 @@ def test_sigint_checkpoints_and_exits_130(data: Path, tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- item 11: one line, not a traceback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("writer", ["save_file", "torch.save"])
 def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temp_dir(
     data: Path, tmp_path: Path, capsys, monkeypatch, writer: str

@@ -98,6 +98,7 @@ def snapshot(path: Path) -> dict[str, str] | None:
     }
 
 
+@pytest.mark.slow
 def test_run_directory_metrics_and_checkpoints(base_run: tuple[Path, dict], data_dir: Path) -> None:
     run_dir, summary = base_run
     assert summary["step"] == 20 and summary["stopped"] == "max_steps" and summary["nonfinite"] == 0
@@ -145,6 +146,7 @@ def test_run_directory_metrics_and_checkpoints(base_run: tuple[Path, dict], data
         load_run(run_dir, 3)
 
 
+@pytest.mark.slow
 def test_validation_with_loaded_ema_model_reproduces_logged_val_nll(base_run: tuple[Path, dict]) -> None:
     from dlm.data.loader import Loader
     from dlm.data.shards import open_split
@@ -169,6 +171,7 @@ def test_prune_keeps_last_k_and_the_best(tmp_path: Path) -> None:
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 40, 50]
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     patch_ar_loss(monkeypatch, lambda call, model, compute: compute() * (float("nan") if call in (3, 7) else 1.0))
     summary = train(tiny(data_dir, "--train.max_steps=10"), tmp_path / "run")
@@ -182,6 +185,7 @@ def test_nonfinite_steps_are_skipped_and_counted(data_dir: Path, tmp_path: Path,
         assert all(torch.isfinite(t).all() for t in load_file(path / "model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_with_a_message(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     patch_ar_loss(monkeypatch, lambda call, model, compute: compute() * float("inf"))
     cfg = tiny(data_dir, "--train.max_nonfinite=2")
@@ -190,6 +194,7 @@ def test_too_many_nonfinite_steps_stop_with_a_message(data_dir: Path, tmp_path: 
     assert list_checkpoints(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed(data_dir: Path, tmp_path: Path, monkeypatch) -> None:
     def poison(call: int, model: torch.nn.Module, compute) -> torch.Tensor:
         if call == 4:  # an inf weight from step 4 on: every later step is skipped and the weights stay bad
@@ -205,6 +210,7 @@ def test_non_finite_weights_are_never_checkpointed(data_dir: Path, tmp_path: Pat
     assert not list((tmp_path / "run" / "checkpoints").glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_failed_starts_leave_the_run_directory_untouched(
     base_run: tuple[Path, dict], data_dir: Path, tmp_path: Path
 ) -> None:
@@ -270,6 +276,7 @@ def test_load_run_errors(base_run: tuple[Path, dict], tmp_path: Path) -> None:
         load_run(run_dir)
 
 
+@pytest.mark.slow
 def test_time_limit_stops_with_a_checkpoint_and_resume_finishes(data_dir: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     summary = train(tiny(data_dir, "--train.time_limit_min=1e-6", "--train.max_steps=6"), run_dir)
@@ -282,6 +289,7 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_finishes(data_dir: Path, 
     assert train(tiny(data_dir, "--train.max_steps=6"), run_dir, resume=True)["stopped"] == "already_done"
 
 
+@pytest.mark.slow
 def test_token_budget_bf16_on_cpu_and_optional_loggers(data_dir: Path, tmp_path: Path, capsys) -> None:
     cfg = tiny(
         data_dir,
