@@ -22,8 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from dlm.cli import main
 from dlm.config import load_config
-from dlm.data.shards import prepare
-from dlm.data.sources import get_source
 from dlm.errors import DlmError
 from dlm.io import exclusive_lock, write_json_atomic
 from dlm.train import list_checkpoints, load_run
@@ -36,13 +34,13 @@ TIMING = ("tok_s", "mfu", "elapsed")
 
 
 def tiny_args(data: Path, *extra: str) -> list[str]:
-    """Overrides of a 1-layer, d 32 model on byte rows of 24: a few steps take a second or two."""
+    """Overrides of a 1-layer, d 32 model on byte rows of 32: a few steps take a second or two."""
     return [
         f"--data.dir={data}",
         "--model.n_layer=1",
         "--model.d_model=32",
         "--model.n_head=2",
-        "--model.context=24",
+        "--model.context=32",
         "--train.device=cpu",
         "--train.batch_size=4",
         "--train.max_steps=6",
@@ -62,8 +60,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(corpus: Path) -> Path:
-    return prepare(get_source(str(corpus)), "bytes", seq_len=24, out_dir=corpus.parent / "data", log=lambda s: None)
+def data(tiny_data: Path) -> Path:
+    """The session's tiny byte data (tests/conftest.py): the same corpus as ``corpus``, rows of 32."""
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
