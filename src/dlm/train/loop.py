@@ -625,56 +625,60 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, held: conte
     rt.barrier()  # ---- from here on files are written (rank 0), once every rank has passed the checks
     logger = _open_run_files(s, run_dir, resume, rt, held)
     rt.barrier()
-    t, prog, total = cfg.train, s.prog, s.total_steps
+    try:
+        return _loop(s, run_dir, rt, logger)
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _loop(s: _Session, run_dir: Path, rt: Runtime, logger: RunLogger | None) -> dict[str, Any]:
+    """Optimizer steps until the run's length, the time limit or a signal; logs, validates and checkpoints
+    on their schedules. Returns the summary; a signal raises TrainingInterrupted after its checkpoint."""
+    t, prog, total = s.cfg.train, s.prog, s.total_steps
     start = time.perf_counter()
     clock = _Clock(start, prog.step, start, prog.tokens)
     stopped = "max_steps" if t.max_steps and total == t.max_steps else "max_tokens"
     last_loss = val_nll = last_ckpt = None
     received: list[int] = []  # SIGINT / SIGTERM: checkpoint at the current step, then stop
     s.model.train()
-    try:
-        with _stop_signals(received):
-            while prog.step < total:
-                lr = lr_at(prog.step, t, total)
-                set_lr(s.optimizer, lr)
-                loss, gnorm, finite = _train_step(
-                    s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt
-                )
-                prog.step += 1
-                prog.tokens += s.tokens_per_step
-                prog.nonfinite += not finite
-                last_loss = loss if finite else last_loss
-                now = time.perf_counter()
-                step = prog.step
-                if logger is not None and (step % t.log_every == 0 or not finite or step == total):
-                    _log_step(logger, s, rt, clock, now, loss, lr, gnorm, finite)
-                _check_nonfinite(prog, t.max_nonfinite)
-                # rank 0's clock (and signals) decide for everyone
-                late = t.time_limit_min is not None and now - start >= 60 * t.time_limit_min
-                out_of_time, interrupted = _agree(rt, late, bool(received))
-                ckpt_due = step == total or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
-                validated = None
-                if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
-                    val_nll = validated = _validate_and_log(s, rt, logger, prog.elapsed + now - start)
-                stopping = (out_of_time or interrupted) and step < total
-                if stopping:
-                    stopped = "time_limit" if out_of_time else "signal"
-                if ckpt_due or interrupted:  # an interruption's checkpoint skips validation (exact resume)
-                    elapsed = prog.elapsed + time.perf_counter() - start
-                    last_ckpt = _checkpoint(
-                        s, run_dir, rt, elapsed, last_loss, validated, stopped if stopping else None
+    with _stop_signals(received):
+        while prog.step < total:
+            lr = lr_at(prog.step, t, total)
+            set_lr(s.optimizer, lr)
+            loss, gnorm, finite = _train_step(
+                s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt
+            )
+            prog.step += 1
+            prog.tokens += s.tokens_per_step
+            prog.nonfinite += not finite
+            last_loss = loss if finite else last_loss
+            now = time.perf_counter()
+            step = prog.step
+            if logger is not None and (step % t.log_every == 0 or not finite or step == total):
+                _log_step(logger, s, rt, clock, now, loss, lr, gnorm, finite)
+            _check_nonfinite(prog, t.max_nonfinite)
+            # rank 0's clock (and signals) decide for everyone
+            late = t.time_limit_min is not None and now - start >= 60 * t.time_limit_min
+            out_of_time, interrupted = _agree(rt, late, bool(received))
+            ckpt_due = step == total or out_of_time or (t.ckpt_every > 0 and step % t.ckpt_every == 0)
+            validated = None
+            if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
+                val_nll = validated = _validate_and_log(s, rt, logger, prog.elapsed + now - start)
+            stopping = (out_of_time or interrupted) and step < total
+            if stopping:
+                stopped = "time_limit" if out_of_time else "signal"
+            if ckpt_due or interrupted:  # an interruption's checkpoint skips validation (exact resume)
+                elapsed = prog.elapsed + time.perf_counter() - start
+                last_ckpt = _checkpoint(s, run_dir, rt, elapsed, last_loss, validated, stopped if stopping else None)
+            if stopping:
+                if logger is not None:
+                    why = "time limit" if out_of_time else signal.Signals(received[0]).name
+                    logger.note(
+                        f"stopped early at step {step} of {total} ({why}); "
+                        f"continue with dlm train --run-dir {run_dir} --resume"
                     )
-                if stopping:
-                    if logger is not None:
-                        why = "time limit" if out_of_time else signal.Signals(received[0]).name
-                        logger.note(
-                            f"stopped early at step {step} of {total} ({why}); "
-                            f"continue with dlm train --run-dir {run_dir} --resume"
-                        )
-                    break
-    finally:
-        if logger is not None:
-            logger.close()
+                break
     if stopped == "signal":
         raise TrainingInterrupted(received[0], prog.step, total, run_dir)
     return {
