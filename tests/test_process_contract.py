@@ -6,6 +6,9 @@ identities (closed forms, agreement with other families) stay in its own test fi
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -171,3 +174,73 @@ def test_a_cache_sampler_refuses_a_time_dependent_model(cfg: ProcessConfig, samp
     assert proc.time_conditioned
     model = _model(proc)
     _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, steps=STEPS), "time-independent")
+
+
+# ------------------------------------------------------------------------------------- options at configuration time
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--process.name", "ar", "--process.time_cond", "true"], "no time conditioning"),
+        (["--process.name", "mdlm", "--process.eval_t_samples", "0"], "eval_t_samples"),
+        (["--process.name", "mdlm", "--process.schedule", "nope"], "unknown schedule"),
+        (["--process.name", "sedd", "--process.transition", "nope"], "transition"),
+        (["--process.name", "d3pm", "--process.T", "0"], "process.T"),
+        (["--process.name", "d3pm", "--process.hybrid_lambda", "-1"], "hybrid_lambda"),
+    ],
+)
+def test_a_family_refuses_its_bad_options_when_the_config_is_validated(overrides: list[str], match: str) -> None:
+    from dlm.config import load_config
+
+    _one_line_error(lambda: load_config(None, overrides), match)
+
+
+def test_every_family_accepts_its_defaults_and_fields_it_does_not_read_leave_the_hash() -> None:
+    from dlm.config import OPERATIONAL_KEYS, config_diff, config_hash, load_config
+
+    for name in available_processes():
+        load_config(None, ["--process.name", name])
+    ar = load_config(None, ["--process.name", "ar"])
+    ar_other = load_config(None, ["--process.name", "ar", "--process.schedule", "cosine", "--process.T", "7"])
+    assert config_hash(ar) == config_hash(ar_other) and config_diff(ar, ar_other) == []
+    mdlm = load_config(None, ["--process.name", "mdlm"])
+    assert config_hash(mdlm) == config_hash(load_config(None, ["--process.name", "mdlm", "--process.T", "7"]))
+    assert config_hash(mdlm) == config_hash(load_config(None, ["--process.name", "mdlm", "--process.sigma_max", "9"]))
+    for change in (["--process.eps", "0.01"], ["--process.schedule", "cosine"], ["--process.eval_t_samples", "2"]):
+        assert config_hash(mdlm) != config_hash(load_config(None, ["--process.name", "mdlm", *change]))
+    d3pm = load_config(None, ["--process.name", "d3pm"])
+    assert config_hash(d3pm) != config_hash(load_config(None, ["--process.name", "d3pm", "--process.T", "7"]))
+    # a configuration whose unused fields are at their defaults hashes as before (existing run directories)
+    for cfg in (ar, mdlm, d3pm):
+        flat = {f"{s}.{k}": v for s, vals in cfg.to_dict().items() for k, v in vals.items()}
+        flat = {k: v for k, v in flat.items() if k not in OPERATIONAL_KEYS}
+        assert config_hash(cfg) == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------ transitions
+
+
+@pytest.mark.parametrize("stream", ["continuous", "d3pm"])
+@pytest.mark.parametrize("name", ["absorbing", "uniform"])
+def test_a_transition_corrupts_only_the_scored_positions(name: str, stream: str) -> None:
+    from dlm.process.transitions import get_transition
+
+    tr = get_transition(name, SPECIALS, stream)
+    assert tr.absorbing is (name == "absorbing") and tr.network_vocab == K + tr.absorbing
+    batch = _batch()
+    keep_BL = ~scored_positions(batch)
+    x_BL = batch.ids_BL
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(tr.corrupt(x_BL, torch.ones(4, dtype=torch.float64), keep_BL, g), x_BL)  # alpha 1: clean
+    z_BL = tr.corrupt(x_BL, torch.zeros(4, dtype=torch.float64), keep_BL, g)  # alpha 0: every scored one noised
+    assert torch.equal(z_BL[keep_BL], x_BL[keep_BL])  # position 0 and padding kept
+    if tr.absorbing:
+        assert bool((z_BL[~keep_BL] == SPECIALS.mask).all())
+        assert torch.equal(tr.loss_positions(z_BL, ~keep_BL), ~keep_BL)
+        assert tr.prior_kl(0.0) == 0.0
+    else:
+        assert bool(((z_BL >= 0) & (z_BL < K)).all()) and bool((z_BL[~keep_BL] != x_BL[~keep_BL]).any())
+        assert tr.prior_kl(0.0) == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(DlmError, match="transition"):
+        get_transition("gaussian", SPECIALS)

@@ -224,6 +224,7 @@ class RunConfig:
         if self.process.name not in dlm.process.available_processes():
             known = ", ".join(dlm.process.available_processes())
             raise DlmError(f"process.name: unknown process {self.process.name!r} (available: {known})")
+        dlm.process.process_class(self.process.name).check_config(self.process)  # the family's own options
         t = self.train
         for key in ("batch_size", "grad_accum", "val_batches", "keep_last", "log_every"):
             _require(f"train.{key}", getattr(t, key), getattr(t, key) >= 1, "must be >= 1")
@@ -501,17 +502,29 @@ def describe_config(sections: dict[str, type] | None = None) -> list[tuple[str, 
     return out
 
 
+def _canonical(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the process fields its family does not read at their defaults."""
+    import dlm.process  # registers every process
+
+    return dataclasses.replace(cfg, process=dlm.process.base.canonical_config(cfg.process))
+
+
 def config_hash(cfg: RunConfig, exclude: frozenset[str] = OPERATIONAL_KEYS) -> str:
-    """sha256 of the configuration minus ``exclude``d keys (those that do not change the computation)."""
+    """sha256 of the configuration minus ``exclude``d keys (those that do not change the computation); process
+    fields the family does not read count as their defaults (``dlm.process.base.canonical_config``)."""
     flat = {
-        f"{s}.{k}": v for s, values in cfg.to_dict().items() for k, v in values.items() if f"{s}.{k}" not in exclude
+        f"{s}.{k}": v
+        for s, values in _canonical(cfg).to_dict().items()
+        for k, v in values.items()
+        if f"{s}.{k}" not in exclude
     }
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
 def config_diff(a: RunConfig, b: RunConfig, exclude: frozenset[str] = OPERATIONAL_KEYS) -> list[str]:
-    """``["train.lr: 0.001 -> 0.0003", ...]`` for the keys (outside ``exclude``) where a and b differ."""
-    da, db = a.to_dict(), b.to_dict()
+    """``["train.lr: 0.001 -> 0.0003", ...]`` for the keys (outside ``exclude``) where a and b differ (process
+    fields the family does not read count as their defaults, as in ``config_hash``)."""
+    da, db = _canonical(a).to_dict(), _canonical(b).to_dict()
     return [
         f"{s}.{k}: {da[s][k]!r} -> {db[s][k]!r}"
         for s in da

@@ -10,7 +10,7 @@ middle of a stream (``wrap`` shards), and in both cases the model predicts posit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from dlm.process.base import (
     AttnSpec,
     NLLResult,
     Process,
+    ProcessConfig,
     SampleResult,
     SamplerOptions,
     SamplerSpec,
@@ -90,7 +91,6 @@ class ARProcess(Process):
     """Causal next-token prediction with the backbone in causal attention mode, no time input."""
 
     name: ClassVar[str] = "ar"
-    absorbing: ClassVar[bool] = False
     exact_likelihood: ClassVar[bool] = True
     conditioning: ClassVar[str] = "prefix"
     step_sampler: ClassVar[bool] = False
@@ -101,10 +101,15 @@ class ARProcess(Process):
     }
     default_sampler: ClassVar[str] = "ancestral"
 
-    def __init__(self, cfg: Any, specials: Any) -> None:
-        super().__init__(cfg, specials)
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        super().check_config(cfg)
         if cfg.time_cond:
             raise DlmError("the AR family has no time conditioning: leave process.time_cond unset or false")
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        return frozenset({"name", "time_cond"})
 
     @property
     def attention(self) -> AttnSpec:

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds, model_vocab_size
 from dlm.errors import DlmError
 from dlm.process.sampling import filter_logits
+
+if TYPE_CHECKING:
+    from dlm.process.transitions import Transition
 
 # "causal" | "bidirectional" | MaskFn(q_idx, kv_idx) -> bool; the same spec as dlm.model.masks.AttnSpec.
 AttnSpec = str | Callable[[Tensor, Tensor], Tensor]
@@ -186,6 +189,17 @@ class SamplerSpec:
         return SamplerOptions(**opts)
 
 
+# The fields a continuous-time family (MDLM; SEDD adds the transition) reads besides its schedule's parameters.
+CONTINUOUS_TIME_FIELDS = frozenset({"name", "time_cond", "schedule", "antithetic", "eval_t_samples"})
+
+
+def check_eval_t_samples(cfg: ProcessConfig) -> None:
+    """process.eval_t_samples (K, time samples per sequence of a diffusion bound) must be an integer >= 1."""
+    k = cfg.eval_t_samples
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DlmError(f"process.eval_t_samples must be an integer >= 1, got {k!r}")
+
+
 def model_context(model: torch.nn.Module) -> int | None:
     """Longest sequence the model accepts, when it says (``model.cfg.context`` or ``model.context``)."""
     for holder in (model, getattr(model, "cfg", None), getattr(model, "config", None)):
@@ -239,7 +253,6 @@ class Process(ABC):
 
     Class attributes:
       name:             registry key.
-      absorbing:        True when the process uses the MASK id (the network vocabulary may then be K + 1).
       exact_likelihood: True when ``nll`` is exact, False when it is an upper bound.
       conditioning:     what a sampler can be conditioned on: "prefix" (a prompt it continues; rows may stop
                         early at EOS, e.g. AR) or "any" (any fixed positions, prompt or infill; rows are full
@@ -254,7 +267,6 @@ class Process(ABC):
     """
 
     name: ClassVar[str]
-    absorbing: ClassVar[bool] = False
     exact_likelihood: ClassVar[bool]
     conditioning: ClassVar[str] = "any"
     step_sampler: ClassVar[bool] = True
@@ -263,15 +275,36 @@ class Process(ABC):
     default_sampler: ClassVar[str]
 
     def __init__(self, cfg: ProcessConfig, specials: SpecialIds) -> None:
-        if cfg.name != self.name:
-            raise DlmError(f"process config names {cfg.name!r} but this is the {self.name!r} process")
+        type(self).check_config(cfg)
         self.cfg = cfg
         self.specials = specials
+
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        """Refuse (``DlmError``, one line) options this family cannot run with. ``RunConfig.validate`` calls it,
+        so a bad option is refused before anything is written; ``__init__`` calls it too. Families extend it."""
+        if cfg.name != cls.name:
+            raise DlmError(f"process config names {cfg.name!r} but this is the {cls.name!r} process")
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        """The ``ProcessConfig`` fields this family reads with ``cfg`` (e.g. the parameters of its schedule).
+        The others do not change the configuration's hash (``canonical_config``). Default: every field."""
+        return frozenset(f.name for f in fields(ProcessConfig))
 
     @property
     @abstractmethod
     def attention(self) -> AttnSpec:
         """Attention mode the process asks of the backbone: "causal", "bidirectional" or a MaskFn."""
+
+    # the forward transition of a diffusion family (``transitions``), set by its __init__; None for AR
+    transition: Transition | None = None
+
+    @property
+    def absorbing(self) -> bool:
+        """True when the process uses the MASK id (its transition is absorbing; the network vocabulary may then
+        be K + 1)."""
+        return self.transition is not None and self.transition.absorbing
 
     @property
     def time_conditioned(self) -> bool:
@@ -420,12 +453,28 @@ def available_processes() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_process(cfg: ProcessConfig, specials: SpecialIds) -> Process:
-    """Build the process named by ``cfg.name``; an unknown name raises ``DlmError`` listing the known ones."""
+def process_class(name: str) -> type[Process]:
+    """The family registered as ``name``; an unknown name raises ``DlmError`` listing the known ones."""
+    cls = _REGISTRY.get(name)
+    if cls is None:
+        raise DlmError(f"unknown process {name!r}; available: {', '.join(available_processes())}")
+    return cls
+
+
+def canonical_config(cfg: ProcessConfig) -> ProcessConfig:
+    """``cfg`` with the fields its family does not read (``Process.config_fields``) at their defaults, so they
+    do not change a configuration hash; a configuration whose unused fields are at their defaults is unchanged
+    (the hashes of such existing run directories stay valid). An unregistered name: ``cfg`` as it is."""
     cls = _REGISTRY.get(cfg.name)
     if cls is None:
-        raise DlmError(f"unknown process {cfg.name!r}; available: {', '.join(available_processes())}")
-    return cls(cfg, specials)
+        return cfg
+    used, default = cls.config_fields(cfg), ProcessConfig()
+    return replace(cfg, **{f.name: getattr(default, f.name) for f in fields(ProcessConfig) if f.name not in used})
+
+
+def get_process(cfg: ProcessConfig, specials: SpecialIds) -> Process:
+    """Build the process named by ``cfg.name``; an unknown name raises ``DlmError`` listing the known ones."""
+    return process_class(cfg.name)(cfg, specials)
 
 
 def fixed_positions(

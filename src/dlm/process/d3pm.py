@@ -47,7 +47,6 @@ of the exact T-step bound, which needs T forwards: ``nelbo_exact`` sums all T te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -62,6 +61,7 @@ from dlm.process.base import (
     AttnSpec,
     NLLResult,
     Process,
+    ProcessConfig,
     SampleResult,
     SamplerOptions,
     SamplerSpec,
@@ -71,10 +71,11 @@ from dlm.process.base import (
     register_process,
     scored_positions,
 )
-from dlm.process.sampling import _uniforms
-from dlm.process.schedules import build_schedule
+from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule
+from dlm.process.transitions import TRANSITIONS as TRANSITION_CLASSES
+from dlm.process.transitions import Transition, check_transition, get_transition
 
-TRANSITIONS = ("absorbing", "uniform")
+TRANSITIONS = tuple(TRANSITION_CLASSES)
 _CHUNK_ELEMENTS = 1 << 22  # float64 [positions, K] work arrays in chunks of at most this many entries
 
 
@@ -114,38 +115,53 @@ def uniform_posterior(x_N: Tensor, y_N: Tensor, alpha_s: float, alpha_t: float, 
 class D3PMProcess(Process):
     """Discrete-time D3PM, absorbing (default) or uniform transitions, x0-parameterised, bidirectional.
 
-    ``absorbing`` is set per instance from ``cfg.transition`` (the instance attribute shadows the class
-    attribute that ``Process.vocab_size`` reads): the network vocabulary is K + 1 for absorbing, K for uniform.
+    It holds the ``transitions.Transition`` that ``cfg.transition`` names (with D3PM's random stream): the
+    network vocabulary is K + 1 for absorbing, K for uniform (``Process.absorbing`` reads the transition).
     """
 
     name: ClassVar[str] = "d3pm"
-    absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
     transitions: ClassVar[tuple[str, ...]] = TRANSITIONS
     default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
         super().__init__(cfg, specials)
-        if cfg.transition not in TRANSITIONS:
-            raise DlmError(f"d3pm: unknown transition {cfg.transition!r} (available: {', '.join(TRANSITIONS)})")
-        self.absorbing = cfg.transition == "absorbing"  # type: ignore[misc]  # per instance, see class doc
+        self.transition: Transition = get_transition(cfg.transition, specials, stream="d3pm")
+        self.T = cfg.T
+        self.schedule = build_schedule(cfg)
+        self.alpha = self.alpha_table(cfg)  # float64 [T + 1], alpha[i] = alpha(i / T), alpha[0] = 1
+        self._time_cond = True if cfg.time_cond is None else bool(cfg.time_cond)
+        self.K = specials.vocab_size
+
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        super().check_config(cfg)
+        check_transition(cfg.transition)
         T = cfg.T
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             raise DlmError(f"d3pm: process.T must be an integer >= 1, got {T!r}")
-        self.T = T
         k = cfg.eval_t_samples
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DlmError(f"d3pm: process.eval_t_samples must be an integer >= 1, got {k!r}")
         if not cfg.hybrid_lambda >= 0:
             raise DlmError(f"d3pm: process.hybrid_lambda must be >= 0, got {cfg.hybrid_lambda!r}")
-        self.schedule = build_schedule(cfg)
-        alpha = self.schedule.alpha(torch.arange(T + 1, dtype=torch.float64) / T).to(torch.float64).clone()
-        alpha[0] = 1.0  # the chain starts at the data (module docstring)
+        alpha = cls.alpha_table(cfg)
         if not bool(((alpha >= 0) & (alpha <= 1)).all()) or not bool((alpha[1:] <= alpha[:-1]).all()):
             raise DlmError(f"d3pm: schedule {cfg.schedule!r} does not give a non-increasing alpha in [0, 1]")
-        self.alpha = alpha  # float64 [T + 1], alpha[i] = alpha(i / T), alpha[0] = 1
-        self._time_cond = True if cfg.time_cond is None else bool(cfg.time_cond)
-        self.K = specials.vocab_size
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        own = {"name", "time_cond", "schedule", "antithetic", "transition", "T", "hybrid_lambda", "eval_t_samples"}
+        return frozenset(own) | frozenset(SCHEDULE_PARAMS.get(cfg.schedule, ()))
+
+    @staticmethod
+    def alpha_table(cfg: ProcessConfig) -> Tensor:
+        """float64 [T + 1]: alpha[i] = alpha(i / T) of the configured schedule, alpha[0] = 1 (the chain starts at
+        the data, module docstring)."""
+        T = cfg.T
+        alpha = build_schedule(cfg).alpha(torch.arange(T + 1, dtype=torch.float64) / T).to(torch.float64).clone()
+        alpha[0] = 1.0
+        return alpha
 
     @property
     def attention(self) -> AttnSpec:
@@ -174,26 +190,12 @@ class D3PMProcess(Process):
     def _corrupt(self, x_BL: Tensor, real_BL: Tensor, alpha_t_B: Tensor, generator: torch.Generator | None) -> Tensor:
         """z_t ~ q(z_t | x) where ``real_BL`` (the scored positions) is True (float64 uniforms); the rest (padding,
         position 0) stays clean."""
-        where = generator.device if generator is not None else x_BL.device
-        u = _uniforms(x_BL.shape, generator, x_BL.device)
-        noised = (u >= alpha_t_B[:, None]) & real_BL
-        if self.absorbing:
-            return torch.where(noised, torch.full_like(x_BL, self.specials.mask), x_BL)
-        r = torch.randint(0, self.K, x_BL.shape, generator=generator, device=where).to(x_BL.device)
-        return torch.where(noised, r, x_BL)
+        return self.transition.corrupt(x_BL, alpha_t_B, ~real_BL, generator)
 
     def prior_kl(self, real_BL: Tensor) -> Tensor:
         """L_T per sequence, float64 [B]: |S_b| times the per-position KL (module docstring); ``real_BL`` = the
         scored positions S."""
-        a1, K = float(self.alpha[-1]), self.K
-        if self.absorbing:
-            per = a1 * math.log(K) if a1 > 0 else 0.0
-        else:
-            hit = a1 + (1 - a1) / K
-            per = hit * math.log(K * hit)
-            if a1 < 1:
-                per += (1 - a1) * (K - 1) / K * math.log(1 - a1)
-        return real_BL.sum(1).to(torch.float64) * per
+        return real_BL.sum(1).to(torch.float64) * self.transition.prior_kl(float(self.alpha[-1]))
 
     def step_terms(
         self, model: torch.nn.Module, batch: Batch, i_B: Tensor, generator: torch.Generator | None
@@ -208,7 +210,7 @@ class D3PMProcess(Process):
         z_BL = self._corrupt(x_BL, real_BL, alpha_t, generator)
         logits_BLK = self._logits(model, z_BL, i_B)
         B, _, K = logits_BLK.shape
-        scored_BL = (z_BL == self.specials.mask) & real_BL if self.absorbing else real_BL
+        scored_BL = self.transition.loss_positions(z_BL, real_BL)
         x_safe = torch.where(real_BL, x_BL, 0).clamp(max=K - 1)
         sel = logits_BLK[scored_BL]  # only scored rows enter the softmax (absorbing: the masked ones)
         if not torch.is_grad_enabled():  # evaluation: float64 log-softmax
@@ -342,7 +344,7 @@ def _reveal_loop(
     fixed = fixed_NL >= 0
     grid = process._grid(S)
     mask = process.specials.mask
-    z_init = torch.where(fixed, fixed_NL, torch.full_like(fixed_NL, mask))
+    z_init = process.transition.start(fixed_NL)
     times = [grid[k] / T for k in range(S, 0, -1)]
     alpha = process.alpha
 

@@ -22,24 +22,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.data.batch import Batch
-from dlm.errors import DlmError
 from dlm.process import absorbing
 from dlm.process.base import (
+    CONTINUOUS_TIME_FIELDS,
     AttnSpec,
     NLLResult,
     Process,
+    ProcessConfig,
     SampleResult,
     SamplerFn,
     SamplerOptions,
     SamplerSpec,
     SampleStart,
+    check_eval_t_samples,
     full_length_result,
     monte_carlo_bound,
     register_process,
     scored_positions,
     token_logprobs,
 )
-from dlm.process.schedules import build_schedule, sample_times
+from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
+from dlm.process.transitions import AbsorbingTransition, Transition
 
 T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t) E[#masked] is bounded at 0)
 
@@ -64,7 +67,7 @@ def _absorbing_sampler(fn: absorbing.AbsorbingSampler) -> SamplerFn:
     ) -> SampleResult:
         assert isinstance(process, MDLMProcess) and o.steps is not None
         is_fixed = start.fixed_NL >= 0
-        z_init = torch.where(is_fixed, start.fixed_NL, torch.full_like(start.fixed_NL, process.mask_id))
+        z_init = process.transition.start(start.fixed_NL)
         out = fn(
             process.denoiser(model), z_init, process.schedule, o.steps, gen, is_fixed,
             mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
@@ -89,7 +92,6 @@ class MDLMProcess(Process):
     """Masked diffusion language model: NELBO loss, its K-sample estimate, and three absorbing samplers."""
 
     name: ClassVar[str] = "mdlm"
-    absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
     sampler_table: ClassVar[Mapping[str, SamplerSpec]] = _SAMPLERS
     default_sampler: ClassVar[str] = "ddpm"
@@ -97,9 +99,17 @@ class MDLMProcess(Process):
     def __init__(self, cfg: Any, specials: Any) -> None:
         super().__init__(cfg, specials)
         self.schedule = build_schedule(cfg)
-        k = cfg.eval_t_samples
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise DlmError(f"process.eval_t_samples must be an integer >= 1, got {k!r}")
+        self.transition: Transition = AbsorbingTransition(specials)
+
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        super().check_config(cfg)
+        build_schedule(cfg)  # an unknown schedule or bad parameters raise here
+        check_eval_t_samples(cfg)
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        return CONTINUOUS_TIME_FIELDS | frozenset(SCHEDULE_PARAMS.get(cfg.schedule, ()))
 
     @property
     def attention(self) -> AttnSpec:
@@ -132,8 +142,8 @@ class MDLMProcess(Process):
     def _noisy(self, batch: Batch, t_B: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """z_t ~ q(z_t | x) at the scored positions S (padding and position 0 kept clean), and the masked ones."""
         x_BL, score_BL = batch.ids_BL, scored_positions(batch)
-        z_BL = absorbing.mask_tokens(x_BL, self.schedule.alpha(t_B), self.mask_id, generator, keep_BL=~score_BL)
-        return z_BL, (z_BL == self.mask_id) & score_BL
+        z_BL = self.transition.corrupt(x_BL, self.schedule.alpha(t_B), ~score_BL, generator)
+        return z_BL, self.transition.loss_positions(z_BL, score_BL)
 
     def _times(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         t = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device)

@@ -75,27 +75,30 @@ import torch
 from torch import Tensor
 
 from dlm.data.batch import Batch
-from dlm.errors import DlmError
 from dlm.process import absorbing, uniform
 from dlm.process.absorbing import AbsorbingSample
 from dlm.process.base import (
+    CONTINUOUS_TIME_FIELDS,
     AttnSpec,
     NLLResult,
     Process,
+    ProcessConfig,
     SampleResult,
     SamplerOptions,
     SamplerSpec,
     SampleStart,
+    check_eval_t_samples,
     full_length_result,
     monte_carlo_bound,
     register_process,
     scored_positions,
 )
-from dlm.process.sampling import _uniforms
-from dlm.process.schedules import Schedule, build_schedule, sample_times
+from dlm.process.schedules import SCHEDULE_PARAMS, Schedule, build_schedule, sample_times
+from dlm.process.transitions import TRANSITIONS as TRANSITION_CLASSES
+from dlm.process.transitions import Transition, check_transition, get_transition
 
 T_MIN = 1e-6
-TRANSITIONS = ("absorbing", "uniform")
+TRANSITIONS = tuple(TRANSITION_CLASSES)
 
 __all__ = ["SEDDProcess", "dse_absorbing", "euler_absorbing", "score_entropy", "sedd_weight"]
 
@@ -200,26 +203,31 @@ def euler_absorbing(
 class SEDDProcess(Process):
     """Score-entropy discrete diffusion (absorbing): DSE loss, its K-sample bound, Euler and analytic samplers.
 
-    ``absorbing`` is set per instance from ``cfg.transition`` (like D3PM): absorbing (network vocabulary K + 1,
+    It holds the ``transitions.Transition`` that ``cfg.transition`` names: absorbing (network vocabulary K + 1,
     both samplers) or uniform (vocabulary K, raw log-score output, DSE loss/bound, both samplers from ``uniform``).
     """
 
     name: ClassVar[str] = "sedd"
-    absorbing: ClassVar[bool] = True
     exact_likelihood: ClassVar[bool] = False
     transitions: ClassVar[tuple[str, ...]] = TRANSITIONS
     default_sampler: ClassVar[str] = "analytic"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
         super().__init__(cfg, specials)
-        if cfg.transition not in TRANSITIONS:
-            raise DlmError(f"process.transition must be one of {TRANSITIONS}, got {cfg.transition!r}")
-        self.absorbing = cfg.transition == "absorbing"  # type: ignore[misc]  # per instance, see class doc
+        self.transition: Transition = get_transition(cfg.transition, specials)
         self.schedule = build_schedule(cfg)
-        k = cfg.eval_t_samples
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise DlmError(f"process.eval_t_samples must be an integer >= 1, got {k!r}")
         self._time_cond = True if cfg.time_cond is None else bool(cfg.time_cond)
+
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        super().check_config(cfg)
+        check_transition(cfg.transition)
+        build_schedule(cfg)  # an unknown schedule or bad parameters raise here
+        check_eval_t_samples(cfg)
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        return CONTINUOUS_TIME_FIELDS | {"transition"} | frozenset(SCHEDULE_PARAMS.get(cfg.schedule, ()))
 
     @property
     def attention(self) -> AttnSpec:
@@ -271,17 +279,8 @@ class SEDDProcess(Process):
         """z_t ~ p_{t|0}(. | x) at the scored positions S (padding and position 0 kept clean); returns z_t and
         the positions that carry a DSE term (absorbing: the masked ones of S; uniform: all of S)."""
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
-        if not self.absorbing:
-            # z^l = x^l w.p. alpha_t, else uniform over the K tokens (two float64 uniforms per position).
-            B, L = x_BL.shape
-            Kv = self.specials.vocab_size
-            u = _uniforms((B, L), generator, x_BL.device)
-            v = _uniforms((B, L), generator, x_BL.device)
-            tok = torch.minimum((v * Kv).floor().to(torch.int64), torch.full_like(x_BL, Kv - 1))
-            resample = (u >= self.schedule.alpha(t_B)[:, None]) & real_BL
-            return torch.where(resample, tok, x_BL), real_BL
-        z_BL = absorbing.mask_tokens(x_BL, self.schedule.alpha(t_B), self.mask_id, generator, keep_BL=~real_BL)
-        return z_BL, (z_BL == self.mask_id) & real_BL
+        z_BL = self.transition.corrupt(x_BL, self.schedule.alpha(t_B), ~real_BL, generator)
+        return z_BL, self.transition.loss_positions(z_BL, real_BL)
 
     def bound_integrand(self, model: torch.nn.Module, batch: Batch, t_B: Tensor, z_BL: Tensor) -> Tensor:
         """The integrand of the bound at (t_b, z_b) per row, [B] (float64 weights; float32 network math):
@@ -378,7 +377,7 @@ def _run(
     """
     assert isinstance(process, SEDDProcess) and o.steps is not None
     is_fixed = start.fixed_NL >= 0
-    z_init = torch.where(is_fixed, start.fixed_NL, torch.full_like(start.fixed_NL, process.mask_id))
+    z_init = process.transition.start(start.fixed_NL)
     filters = {"temperature": o.temperature, "top_k": o.top_k, "top_p": o.top_p}
     if not process.absorbing:
         run_uniform = {"analytic": uniform.analytic, "euler": uniform.euler}[sampler]

@@ -46,12 +46,13 @@ positions that kept their prior draw throughout.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.absorbing import AbsorbingSample, _check_steps
+from dlm.process.absorbing import _check_steps
 from dlm.process.sampling import _uniforms, filter_logits, sample_from_probs
 from dlm.process.schedules import Schedule
 
@@ -59,6 +60,7 @@ Network = Callable[[Tensor, Tensor], Tensor]  # (z_BL, t_B) -> [B, L, >= K]
 StepProbs = Callable[[int, Tensor], Tensor]  # (step i, z_BL) -> float64 [B*L, K] (need not be normalised)
 
 __all__ = [
+    "UniformSample",
     "analytic",
     "analytic_probs",
     "ancestral",
@@ -68,6 +70,21 @@ __all__ = [
     "tweedie_x0",
     "uniform_prior",
 ]
+
+
+@dataclass
+class UniformSample:
+    """Result of a uniform-state sampler.
+
+    ids_BL:        int64 [B, L], ids in [0, K).
+    nfe:           number of network calls (= steps).
+    trajectory_BL: int64 [B, L], the last step (0-based) at which a position's token changed; -1 at fixed
+                   positions and at free ones that kept their prior draw; None unless asked for.
+    """
+
+    ids_BL: Tensor
+    nfe: int
+    trajectory_BL: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------------- per-position maps
@@ -212,7 +229,7 @@ def _run(
     steps: int,
     generator: torch.Generator | None,
     return_trajectory: bool,
-) -> AbsorbingSample:
+) -> UniformSample:
     """``steps`` draws z <- Cat(step_probs(i, z)) at every position (free ones updated), with the trajectory."""
     B, L = z.shape
     traj = torch.full((B, L), -1, dtype=torch.int64, device=z.device)
@@ -221,7 +238,7 @@ def _run(
         new = torch.where(fixed, z, sample_from_probs(probs, generator).view(B, L))
         traj[new != z] = i
         z = new
-    return AbsorbingSample(z, steps, traj if return_trajectory else None)
+    return UniformSample(z, steps, traj if return_trajectory else None)
 
 
 # ------------------------------------------------------------------------------------------- samplers
@@ -242,7 +259,7 @@ def euler(
     denoise: bool = False,
     draw_prior: bool = True,
     return_trajectory: bool = False,
-) -> AbsorbingSample:
+) -> UniformSample:
     """Euler sampler of the reverse uniform CTMC (SEDD-uniform) on the grid t_i = 1 - i/S, i = 0..S-1.
 
     Reverse rate z -> y (y != z) = sigma'(t) s_theta(z_t)_y / K; one step of length dt = 1/S at position l:
@@ -306,7 +323,7 @@ def analytic(
     top_p: float | None = None,
     draw_prior: bool = True,
     return_trajectory: bool = False,
-) -> AbsorbingSample:
+) -> UniformSample:
     """SEDD's analytic (Tweedie tau-leaping) sampler, uniform graph, on the grid t_i = 1 - i/S, s = t - 1/S.
 
     Step i, per position (``analytic_probs``, s = s_theta(z_t), c = sigma_t - sigma_s):
@@ -371,7 +388,7 @@ def ancestral(
     top_p: float | None = None,
     draw_prior: bool = True,
     return_trajectory: bool = False,
-) -> AbsorbingSample:
+) -> UniformSample:
     """D3PM-uniform ancestral sampler, x0-parameterised, over a grid k = S, S-1, ..., 0 (S = len(alphas) - 1).
 
     Step i = S - k goes from grid point k to k - 1 with alpha_t = alphas[k], alpha_s = alphas[k-1]:
