@@ -20,7 +20,7 @@ from dlm.errors import DlmError
 from dlm.eval.likelihood import evaluate_nll
 from dlm.eval.results import find_results
 from dlm.eval.run import encode_text, infill_ids
-from dlm.train.checkpoint import load_run
+from dlm.rundir import load_run
 from tests.helpers import assert_refused, write_corpus
 
 TINY = [

@@ -24,7 +24,8 @@ from dlm.data.shards import open_split, prepare
 from dlm.data.sources import get_source
 from dlm.errors import DlmError
 from dlm.eval.formal import ar_symbol_nll, formal_generation_metrics
-from dlm.train import load_run, train
+from dlm.rundir import load_run
+from dlm.train import train
 
 # Tiny languages with real pruning (V = 3 or 4 rows of softmax(g / 1) lose entries below 0.15-0.2).
 TINY = {

@@ -52,7 +52,7 @@ from dlm.errors import DlmError
 from dlm.eval.results import check_device, check_writable, result_path, reusable
 from dlm.eval.run import run_tokenizer
 from dlm.io import write_json_atomic
-from dlm.train.checkpoint import LoadedRun, load_run
+from dlm.rundir import LoadedRun, load_run
 
 __all__ = [
     "GENERATION_DEFINITIONS",
@@ -90,18 +90,7 @@ def formal_generation_metrics(
     as out of support and are left out of TER (``non_symbol_sequences``); otherwise such ids raise DlmError.
     Returns a JSON-able dict; undefined values (e.g. TER when q gives some sequence probability 0) are None.
     """
-    if isinstance(seqs, torch.Tensor):
-        seqs = seqs.detach().cpu().numpy()
-    x = np.asarray(seqs)
-    if x.ndim != 2 or x.shape[0] < 1 or not np.issubdtype(x.dtype, np.integer):
-        raise DlmError(f"generated sequences must be a non-empty integer array [N, L], got shape {x.shape}")
-    V = language.vocab_size
-    symbol_rows = ((x >= 0) & (x < V)).all(1)
-    if not allow_non_symbols and not symbol_rows.all():
-        raise DlmError(
-            f"generated sequences hold ids outside the {V} symbols [0, {V}): map or strip special tokens "
-            "(BOS, EOS, PAD, MASK) first"
-        )
+    x, symbol_rows = _symbol_rows(seqs, language.vocab_size, allow_non_symbols)
     q = reference if reference is not None else language.unpruned()
     N, L = x.shape
     lp_true = language.log_prob(x)  # -inf on rows with a non-symbol id
@@ -141,20 +130,39 @@ def formal_generation_metrics(
         "ter_reference": q.params(),
     }
     if reference_values:
-        h, h_se = language.entropy_rate(L)
-        xent, xent_se = language.cross_entropy_rate(q, L)
-        out.update(
-            {
-                "entropy_rate": h,
-                "entropy_rate_se": h_se,
-                "entropy_rate_method": "exact" if h_se == 0 else "monte_carlo",
-                "ter_support_optimal": math.exp(h),
-                "ter_optimal": math.exp(xent) if math.isfinite(xent) else None,
-                "ter_optimal_nll": xent if math.isfinite(xent) else None,
-                "ter_optimal_nll_se": xent_se if math.isfinite(xent) else None,
-            }
-        )
+        out.update(_reference_values(language, q, L))
     return out
+
+
+def _symbol_rows(seqs: Any, V: int, allow_non_symbols: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``seqs`` as an integer array [N, L] and which of its rows hold symbols (ids in [0, V)) only."""
+    if isinstance(seqs, torch.Tensor):
+        seqs = seqs.detach().cpu().numpy()
+    x = np.asarray(seqs)
+    if x.ndim != 2 or x.shape[0] < 1 or not np.issubdtype(x.dtype, np.integer):
+        raise DlmError(f"generated sequences must be a non-empty integer array [N, L], got shape {x.shape}")
+    symbol_rows = ((x >= 0) & (x < V)).all(1)
+    if not allow_non_symbols and not symbol_rows.all():
+        raise DlmError(
+            f"generated sequences hold ids outside the {V} symbols [0, {V}): map or strip special tokens "
+            "(BOS, EOS, PAD, MASK) first"
+        )
+    return x, symbol_rows
+
+
+def _reference_values(language: FormalLanguage, q: FormalLanguage, L: int) -> dict[str, Any]:
+    """What exact samples of the language reach: its entropy rate, and the TER of its samples under q."""
+    h, h_se = language.entropy_rate(L)
+    xent, xent_se = language.cross_entropy_rate(q, L)
+    return {
+        "entropy_rate": h,
+        "entropy_rate_se": h_se,
+        "entropy_rate_method": "exact" if h_se == 0 else "monte_carlo",
+        "ter_support_optimal": math.exp(h),
+        "ter_optimal": math.exp(xent) if math.isfinite(xent) else None,
+        "ter_optimal_nll": xent if math.isfinite(xent) else None,
+        "ter_optimal_nll_se": xent_se if math.isfinite(xent) else None,
+    }
 
 
 @torch.no_grad()
@@ -165,8 +173,11 @@ def ar_symbol_nll(process: Any, model: torch.nn.Module, batch: Batch, eos: int) 
     these are x_1..x_L and the EOS. Attention is causal, so dropping the EOS targets from the mask changes no
     other score, and nats / tokens is the model's NLL per symbol, comparable to the language's entropy rate.
     """
-    if getattr(process, "name", None) != "ar":
-        raise DlmError("ar_symbol_nll needs the AR process (other processes do not score tokens one by one)")
+    if not getattr(process, "exact_likelihood", False):
+        raise DlmError(
+            "ar_symbol_nll needs a process with an exact, token-by-token likelihood (AR); a bound does not "
+            "score tokens one by one"
+        )
     mask_BL = batch.mask_BL & (batch.ids_BL != eos)
     res = process.nll(model, Batch(batch.ids_BL, mask_BL))
     return float(res.nats_B.sum()), int(res.tokens_B.sum())
@@ -386,7 +397,17 @@ def evaluate_generation(
             progress=progress,
         )
     metrics = formal_generation_metrics(language, s["symbols"], allow_non_symbols=True)
-    record = {
+    record = _generation_record(run, s, metrics, settings, device)
+    write_json_atomic(path, record)
+    return record, path
+
+
+def _generation_record(
+    run: LoadedRun, s: dict[str, Any], metrics: dict[str, Any], settings: dict[str, Any], device: str
+) -> dict[str, Any]:
+    """The JSON record of one generation setting: the samples' TER / SER and how they were drawn."""
+    n, L, batch_size = settings["n"], metrics["length"], settings["batch_size"]
+    return {
         "metric": "formal_generation",
         "family": run.process.name,
         "sampler": s["sampler"],
@@ -404,7 +425,7 @@ def evaluate_generation(
         "wall_s": s["wall_s"],
         "wall_s_per_sequence": s["wall_s"] / n,
         "sample_batch_size": batch_size,
-        "seed": seed,
+        "seed": settings["seed"],
         "checkpoint_step": run.step,
         "ema": run.ema,
         "device": device,
@@ -416,5 +437,3 @@ def evaluate_generation(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": settings,
     }
-    write_json_atomic(path, record)
-    return record, path

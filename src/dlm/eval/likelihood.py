@@ -28,7 +28,7 @@ import torch
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
-from dlm.process.base import Process, scored_positions
+from dlm.process.base import NLLResult, Process, scored_positions
 
 
 def bits_per_byte(nll_nats_per_token: float, tokens: int, bytes: int) -> float:
@@ -84,6 +84,44 @@ def summarize_nll(
     }
 
 
+def sequence_nll(
+    process: Process,
+    model: torch.nn.Module,
+    batches: Iterable[Batch],
+    *,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | Callable[[int], torch.Generator] | None = None,
+    max_batches: int | None = None,
+    each: Callable[[int, Batch, NLLResult], None] | None = None,
+) -> list[NLLResult]:
+    """Per-sequence NLL sums, batch by batch: for batch i, ``process.nll`` gives a_s = -log p(x_s) (or its
+    upper bound) summed over the scored tokens of each row s, and t_s, their number (``NLLResult.nats_B``,
+    float64 [B], and ``tokens_B``, on ``device``); returned in batch order.
+
+    The one loop behind training validation (``dlm.train.loop.validate``), ``dlm eval`` (:func:`evaluate_nll`)
+    and the formal experiment. Runs under ``torch.no_grad`` with the model in eval mode (its mode restored
+    afterwards). ``generator``: one generator every batch draws its noise from in turn, or a function giving
+    batch i its own, ``generator(i)`` (validation seeds it by (seed, i), so the figure does not depend on how
+    ranks split the batches). At most ``max_batches`` batches; ``each(i, batch, result)`` after batch i.
+    """
+    results: list[NLLResult] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                gen = generator(i) if callable(generator) else generator
+                result = process.nll(model, batch.to(device), generator=gen)
+                results.append(result)
+                if each is not None:
+                    each(i, batch, result)
+    finally:
+        model.train(was_training)
+    return results
+
+
 def evaluate_nll(
     process: Process,
     model: torch.nn.Module,
@@ -97,43 +135,36 @@ def evaluate_nll(
 ) -> dict[str, Any]:
     """Per-token NLL of ``model`` under ``process`` over a finite loader (see ``summarize_nll``).
 
-    Runs ``process.nll`` batch by batch under ``torch.no_grad`` with the model in eval mode (its mode is
-    restored afterwards), at most ``max_batches`` batches. ``exact`` is True only when every batch gave an
-    exact likelihood; otherwise the figures are upper bounds ("<="). ``progress(done, total)`` is called
-    after every batch (``total``: the batches this call evaluates, None for a loader without a length).
+    Runs ``process.nll`` batch by batch (:func:`sequence_nll`: under ``torch.no_grad`` with the model in eval
+    mode, its mode restored afterwards), at most ``max_batches`` batches. ``exact`` is True only when every
+    batch gave an exact likelihood; otherwise the figures are upper bounds ("<="). ``progress(done, total)`` is
+    called after every batch (``total``: the batches this call evaluates, None for a loader without a length).
     With ``token_bytes`` (the tokenizer's per-id byte table, ``Tokenizer.token_bytes``) the result also has
     ``bytes``, the UTF-8 bytes of exactly the scored tokens (``scored_positions``), for ``bits_per_byte``.
     """
     if max_batches is not None and max_batches < 1:
         raise DlmError(f"max_batches must be >= 1 or None, got {max_batches!r}")
-    nats: list[torch.Tensor] = []
-    tokens: list[torch.Tensor] = []
     n_bytes: list[torch.Tensor] = []
     table = torch.as_tensor(list(token_bytes), dtype=torch.int64) if token_bytes is not None else None
-    exact = True
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                result = process.nll(model, batch.to(device), generator=generator)
-                nats.append(result.nats_B.detach().to("cpu", torch.float64))
-                tokens.append(result.tokens_B.detach().to("cpu", torch.int64))
-                if table is not None:
-                    n_bytes.append(_scored_bytes(batch, table, tokens[-1]))
-                exact = exact and result.exact
-                if progress is not None:
-                    progress(i + 1, total)
-    finally:
-        model.train(was_training)
-    if not nats:
+
+    def each(i: int, batch: Batch, result: NLLResult) -> None:
+        if table is not None:
+            n_bytes.append(_scored_bytes(batch, table, result.tokens_B.detach().to("cpu", torch.int64)))
+        if progress is not None:
+            progress(i + 1, total)
+
+    results = sequence_nll(
+        process, model, loader, device=device, generator=generator, max_batches=max_batches, each=each
+    )
+    if not results:
         raise DlmError("likelihood evaluation got no batches from the loader")
-    return summarize_nll(torch.cat(nats), torch.cat(tokens), exact, torch.cat(n_bytes) if table is not None else None)
+    nats = torch.cat([r.nats_B.detach().to("cpu", torch.float64) for r in results])
+    tokens = torch.cat([r.tokens_B.detach().to("cpu", torch.int64) for r in results])
+    exact = all(r.exact for r in results)
+    return summarize_nll(nats, tokens, exact, torch.cat(n_bytes) if table is not None else None)
 
 
 def _scored_bytes(batch: Batch, table: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dlm.errors import DlmError
 from dlm.eval.likelihood import bits_per_byte, evaluate_nll
 from dlm.eval.results import check_device, check_writable, result_path, reusable
 from dlm.io import json_line, write_json_atomic, write_text_atomic
-from dlm.train.checkpoint import LoadedRun, load_run
+from dlm.rundir import LoadedRun, load_run
 
 #: Version of the likelihood protocol (what is scored, how it is summed), part of every result's settings:
 #: bump it when a change makes old results incomparable, so they are recomputed rather than reused.
@@ -116,7 +116,25 @@ def evaluate_run(
         token_bytes=tok.token_bytes(),
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    record = {
+    record = _likelihood_record(run, s, tok, result, settings, n_batches=len(loader), wall=wall)
+    write_json_atomic(path, record)
+    return record, path
+
+
+def _likelihood_record(
+    run: LoadedRun,
+    s: ShardSplit,
+    tok: Tokenizer,
+    result: dict[str, Any],
+    settings: dict[str, Any],
+    *,
+    n_batches: int,
+    wall: float,
+) -> dict[str, Any]:
+    """The JSON record of one likelihood setting: ``evaluate_nll``'s figures, bits per byte, what was scored
+    and on which data."""
+    split, bs, max_b, seed = settings["split"], settings["batch_size"], settings["max_batches"], settings["seed"]
+    return {
         "metric": "likelihood",
         "family": run.process.name,
         "likelihood": "exact" if result["exact"] else "upper bound (NELBO)",
@@ -130,8 +148,8 @@ def evaluate_run(
             else f"; APPROXIMATE: {tok.name} drops whitespace and lower-cases, its per-token byte counts are estimates"
         ),
         "split": split,
-        "split_rows_evaluated": f"{min(len(loader), max_b or math.inf) * bs} of {len(s)} (at most)",
-        "whole_split": max_b is None or max_b >= len(loader),
+        "split_rows_evaluated": f"{min(n_batches, max_b or math.inf) * bs} of {len(s)} (at most)",
+        "whole_split": max_b is None or max_b >= n_batches,
         "checkpoint_step": run.step,
         "ema": run.ema,
         "seed": seed,
@@ -150,8 +168,6 @@ def evaluate_run(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": settings,
     }
-    write_json_atomic(path, record)
-    return record, path
 
 
 def likelihood_settings(

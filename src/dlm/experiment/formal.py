@@ -52,13 +52,14 @@ from dlm.config import RunConfig, config_diff, load_config
 from dlm.data.batch import Batch
 from dlm.data.formal import PRESETS, TEMP_MODES, get_language
 from dlm.data.loader import Loader
-from dlm.data.shards import inputs_hash, open_split, prepare, read_meta
+from dlm.data.shards import ShardSplit, inputs_hash, open_split, prepare, read_meta
 from dlm.data.sources import get_source
 from dlm.errors import DlmError
 from dlm.eval.formal import GENERATION_DEFINITIONS, evaluate_generation
+from dlm.eval.likelihood import sequence_nll
 from dlm.io import write_json_atomic
-from dlm.train import load_run, train
-from dlm.train.checkpoint import CONFIG_FILE, list_checkpoints, read_info, read_run_config, read_run_info
+from dlm.rundir import CONFIG_FILE, list_checkpoints, load_run, read_info, read_run_config, read_run_info
+from dlm.train import train
 from dlm.train.loop import resolve_data
 
 __all__ = [
@@ -247,6 +248,28 @@ def matched_speedup(
 
 
 # --------------------------------------------------------------------------------------------------
+# The two arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: a label (its run directory DIR/label and its key in experiment.json), the
+    process it trains, the sampler it is scored with, and its own configuration overrides."""
+
+    label: str
+    process: str
+    sampler: str
+    overrides: tuple[str, ...] = ()
+
+
+#: AR samples once (ancestral, KV cache); the MDLM is swept over ``steps`` with ddpm_cache, which is exact only
+#: for a time-independent denoiser, hence process.time_cond false.
+AR_ARM = Arm("ar", "ar", "ancestral")
+MDLM_ARM = Arm("mdlm", "mdlm", "ddpm_cache", ("--process.time_cond=false",))
+ARMS = (AR_ARM, MDLM_ARM)
+
+
+# --------------------------------------------------------------------------------------------------
 # Pieces: data, trainings, NLL, samples
 
 
@@ -284,11 +307,11 @@ def _prepare_data(cfg: FormalExperimentConfig, out: Path, force: bool, log: Call
     return prepare(source, "chars", seq_len=seq_len, mode="pad", out_dir=data, log=log)
 
 
-def _run_config(cfg: FormalExperimentConfig, family: str, data: Path, device: str) -> RunConfig:
+def _run_config(cfg: FormalExperimentConfig, arm: Arm, data: Path, device: str) -> RunConfig:
     every = max(1, cfg.train_steps // 4)
     overrides = [
         f"--data.dir={data.resolve()}",
-        f"--process.name={family}",
+        f"--process.name={arm.process}",
         f"--model.n_layer={cfg.n_layer}",
         f"--model.d_model={cfg.d_model}",
         f"--model.n_head={cfg.n_head}",
@@ -304,20 +327,19 @@ def _run_config(cfg: FormalExperimentConfig, family: str, data: Path, device: st
         "--train.val_batches=4",
         f"--train.log_every={max(1, cfg.train_steps // 20)}",
         "--eval.split=validation",
+        *arm.overrides,
     ]
-    if family == "mdlm":
-        overrides.append("--process.time_cond=false")
     return load_config(None, overrides)
 
 
 def _train(
-    cfg: FormalExperimentConfig, family: str, data: Path, out: Path, device: str, force: bool, log: Callable
+    cfg: FormalExperimentConfig, arm: Arm, data: Path, out: Path, device: str, force: bool, log: Callable
 ) -> tuple[Path, float]:
-    """Train (or reuse, or resume) DIR/family; returns the run directory and the wall seconds spent here."""
-    run_cfg = _run_config(cfg, family, data, device)
+    """Train (or reuse, or resume) DIR/label; returns the run directory and the wall seconds spent here."""
+    run_cfg = _run_config(cfg, arm, data, device)
     resolved = RunConfig.from_dict(run_cfg.to_dict())
     resolve_data(resolved)  # fills model.vocab_size and time_cond as the trainer records them
-    run_dir = out / family
+    run_dir = out / arm.label
     resume = False
     if (run_dir / CONFIG_FILE).exists():
         diff = config_diff(read_run_config(run_dir), resolved)
@@ -330,39 +352,27 @@ def _train(
         else:
             ckpts = list_checkpoints(run_dir)
             if ckpts and ckpts[-1][0] >= cfg.train_steps:
-                log(f"reusing the finished {family} run {run_dir} (step {ckpts[-1][0]})")
+                log(f"reusing the finished {arm.label} run {run_dir} (step {ckpts[-1][0]})")
                 return run_dir, 0.0
             resume = True
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise DlmError(f"{run_dir} exists and is not a run directory; choose another --out")
-    log(f"== train {family}: {cfg.n_layer} layers, d {cfg.d_model}, {cfg.train_steps} steps -> {run_dir}")
+    log(f"== train {arm.label}: {cfg.n_layer} layers, d {cfg.d_model}, {cfg.train_steps} steps -> {run_dir}")
     t0 = time.perf_counter()
     train(run_cfg, run_dir, resume=resume)
     return run_dir, time.perf_counter() - t0
 
 
-@torch.no_grad()
 def _val_nll(run_dir: Path, data: Path, L: int, passes: int, seed: int, device: str) -> dict[str, Any]:
     """Validation NLL per symbol of x_1..x_L given BOS (module docstring): AR exact, MDLM its NELBO, per sequence
     averaged over ``passes`` noise draws; mean and standard error across sequences."""
     run = load_run(run_dir, device=device)
-    split = open_split(data, "validation")
-    eos = split.specials.eos
     ar = run.process.exact_likelihood
     gen = torch.Generator(device=device).manual_seed(seed)
-    per_pass = []
-    for _ in range(1 if ar else passes):
-        nats = []
-        for batch in Loader(split, 100, shuffle=False, infinite=False):
-            batch = batch.to(device)
-            # score x_1..x_L given BOS, not the EOS, for both families (dlm.eval.formal.ar_symbol_nll)
-            batch = Batch(batch.ids_BL, batch.mask_BL & (batch.ids_BL != eos))
-            res = run.process.nll(run.model, batch, generator=gen)
-            if not bool((res.tokens_B == L).all()):
-                raise AssertionError("a family scored a number of tokens per row other than L")
-            nats.append(res.nats_B.cpu())
-        per_pass.append(torch.cat(nats))
-    per_symbol = (torch.stack(per_pass).mean(0) / L).numpy()
+    nats_PS, tokens_S = symbol_nats(run.process, run.model, open_split(data, "validation"), 1 if ar else passes, gen)
+    if not bool((tokens_S == L).all()):
+        raise AssertionError("a family scored a number of tokens per row other than L")
+    per_symbol = (nats_PS.mean(0) / L).numpy()
     return {
         "nll": float(per_symbol.mean()),
         "nll_se": float(per_symbol.std(ddof=1) / math.sqrt(len(per_symbol))),
@@ -372,6 +382,24 @@ def _val_nll(run_dir: Path, data: Path, L: int, passes: int, seed: int, device: 
         "noise_draws_per_sequence": 1 if ar else passes,
         "checkpoint_step": run.step,
     }
+
+
+def symbol_nats(
+    process: Any, model: torch.nn.Module, split: ShardSplit, passes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence nats of x_1..x_L given BOS, the EOS left out of the scored set (``dlm.eval.formal.ar_symbol_nll``),
+    over ``split`` in order, batches of 100 rows: float64 [passes, S] (each pass draws new noise from
+    ``generator``), and the scored tokens of each sequence, int64 [S]."""
+    device = generator.device
+    eos = split.specials.eos
+    per_pass, tokens = [], torch.zeros(0, dtype=torch.int64)
+    for _ in range(passes):
+        loader = Loader(split, 100, shuffle=False, infinite=False)
+        batches = (Batch(b.ids_BL, b.mask_BL & (b.ids_BL != eos)) for b in loader)
+        results = sequence_nll(process, model, batches, device=device, generator=generator)
+        per_pass.append(torch.cat([res.nats_B.cpu() for res in results]))
+        tokens = torch.cat([res.tokens_B.cpu() for res in results])
+    return torch.stack(per_pass), tokens
 
 
 def _true_val_nll(language: Any, data: Path, L: int) -> dict[str, Any]:
@@ -463,103 +491,33 @@ def run_formal_experiment(
 
 
 def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: Callable[[str], None]) -> dict:
-    from dlm.experiment.report import format_row, format_table, plot_ter_ser
+    """The stages in order, each reading what the one before wrote: data, trainings, NLL, samples, result."""
+    from dlm.experiment.report import format_table, plot_ter_ser
 
     t_start = time.perf_counter()
     wall: dict[str, float] = {}
     load_start = _load_avg()
 
-    L = cfg.length
-    log(f"== data: formal:{cfg.language} (temp_mode {cfg.temp_mode}), L={L}, {cfg.n_train} training sequences")
+    log(f"== data: formal:{cfg.language} (temp_mode {cfg.temp_mode}), L={cfg.length}, {cfg.n_train} training sequences")
     t0 = time.perf_counter()
     data = _prepare_data(cfg, out, force, log)
-    meta = read_meta(data)
-    language = get_language(meta["source"]["language"])
+    language = get_language(read_meta(data)["source"]["language"])
     wall["prepare"] = time.perf_counter() - t0
 
     runs = {}
-    for family in ("ar", "mdlm"):
-        runs[family], wall[f"train_{family}"] = _train(cfg, family, data, out, device, force, log)
+    for arm in ARMS:
+        runs[arm.label], wall[f"train_{arm.label}"] = _train(cfg, arm, data, out, device, force, log)
 
-    log("== validation NLL per symbol vs the exact entropy rate")
     t0 = time.perf_counter()
-    H, H_se = language.entropy_rate(L)
-    true_nll = _true_val_nll(language, data, L)
-    nll: dict[str, Any] = {"entropy_rate": H, "entropy_rate_se": H_se, "true_model_nll": true_nll}
-    for family in ("ar", "mdlm"):
-        r = _val_nll(runs[family], data, L, cfg.nll_t_samples, cfg.seed, device)
-        nll[family] = r | {"gap": r["nll"] - H}
+    nll = _nll_stage(cfg, runs, data, language, device, log)
     wall["nll"] = time.perf_counter() - t0
-    log(
-        f"entropy rate {H:.4f} | true model on these sequences {true_nll['nll']:.4f} | "
-        f"AR {nll['ar']['nll']:.4f} (gap {nll['ar']['gap']:+.4f}) | "
-        f"MDLM <= {nll['mdlm']['nll']:.4f} (gap <= {nll['mdlm']['gap']:+.4f}) nats/symbol"
-    )
 
-    log(f"== sample: {cfg.n_samples} sequences per setting, {cfg.sample_batch_size} at a time, on {device}")
     t0 = time.perf_counter()
-    ar_rec = _generation(runs["ar"], "ancestral", None, cfg, device, force, log)
-    ar_row = _row(ar_rec)
-    log(format_row("ar ancestral", ar_row))
-    rows, mdlm_step = [], None
-    for steps in sorted(cfg.steps):
-        rec = _generation(runs["mdlm"], "ddpm_cache", steps, cfg, device, force, log)
-        mdlm_step = rec["checkpoint_step"]
-        row = _row(rec)
-        row["speedup_vs_ar"] = ar_row["wall_s_per_sequence"] / row["wall_s_per_sequence"]
-        rows.append(row)
-        log(format_row("mdlm ddpm_cache", row))
+    samples = _sample_stage(cfg, runs, device, force, log)
     wall["sample"] = time.perf_counter() - t0
 
-    params = {f: read_run_info(runs[f]).get("params") for f in runs}
-    trained_s = {f: read_info(list_checkpoints(runs[f])[-1][1]).get("elapsed") for f in runs}
-    result = {
-        "experiment": "formal",
-        "language_preset": cfg.language,
-        "language": language.params(),
-        "length": L,
-        "temp_mode": cfg.temp_mode,
-        "temp_mode_decision": TEMP_MODE_DECISION,
-        "entropy_rate": H,
-        "ter_optimal": ar_rec["ter_optimal"],
-        "ter_support_optimal": ar_rec.get("ter_support_optimal"),
-        "ar": ar_row | {"sampler": "ancestral (KV cache)"},
-        "mdlm": rows,
-        "mdlm_sampler": "ddpm_cache",
-        "matched_ter": matched_speedup(ar_row, rows, "ter"),
-        "matched_ser": matched_speedup(ar_row, rows, "ser"),
-        "nll": nll,
-        "n_samples": cfg.n_samples,
-        "sample_batch_size": cfg.sample_batch_size,
-        "seed": cfg.seed,
-        "checkpoint_step": {"ar": ar_rec["checkpoint_step"], "mdlm": mdlm_step},
-        "backbone": {
-            "n_layer": cfg.n_layer,
-            "d_model": cfg.d_model,
-            "n_head": cfg.n_head,
-            "context": L + 2,
-            "params": params,
-            "note": "one ModelConfig for both; the MDLM's vocabulary has the appended MASK id (one more row)",
-        },
-        "config": dataclasses.asdict(cfg),
-        "definitions": {
-            **GENERATION_DEFINITIONS,
-            "speedup_vs_ar": "AR wall_s_per_sequence / MDLM wall_s_per_sequence at that step count",
-            "matched_ter": f"smallest steps S with TER_S <= TER_AR + {MATCH_K:g} sqrt(se_AR^2 + se_S^2); speedup = "
-            "AR wall / MDLM wall per sequence at S; None when no S matches",
-            "matched_ser": "the same rule on SER",
-            "wall_s": "wall seconds of this invocation per stage (a reused run or sample file costs ~0) and in total",
-            "training_wall_s": "wall seconds of each training over all its sessions (its last checkpoint's elapsed)",
-            "nll": "validation NLL per symbol in nats of x_1..x_L given BOS (EOS not scored, for both): AR exact "
-            "-log p(x_1..x_L | BOS) / L; MDLM its NELBO / L (an upper bound); gap = nll - entropy_rate; "
-            "true_model_nll = -log p(x) / L of the same sequences under the true language",
-        },
-        "runs": {"data": str(data.resolve()), "ar": str(runs["ar"].resolve()), "mdlm": str(runs["mdlm"].resolve())},
-        "figure": FIGURE_FILE,
-        "machine": _machine(device) | {"load_avg_1min": {"start": load_start, "end": _load_avg()}},
-        "training_wall_s": trained_s,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    result = _result(cfg, language, data, runs, nll, samples, device)
+    result["machine"]["load_avg_1min"] = {"start": load_start, "end": _load_avg()}
     plot_ter_ser(result, out / FIGURE_FILE)
     wall["total"] = time.perf_counter() - t_start
     result["wall_s"] = wall
@@ -568,3 +526,120 @@ def _run(cfg: FormalExperimentConfig, out: Path, device: str, force: bool, log: 
         log(line)
     log(f"results: {out / RESULT_FILE}, figure: {out / FIGURE_FILE}")
     return result
+
+
+def _nll_stage(
+    cfg: FormalExperimentConfig, runs: dict[str, Path], data: Path, language: Any, device: str, log: Callable
+) -> dict[str, Any]:
+    """Validation NLL per symbol of every arm, the exact entropy rate and the true language's NLL."""
+    L = cfg.length
+    assert L is not None  # validate() filled it in
+    log("== validation NLL per symbol vs the exact entropy rate")
+    H, H_se = language.entropy_rate(L)
+    true_nll = _true_val_nll(language, data, L)
+    nll: dict[str, Any] = {"entropy_rate": H, "entropy_rate_se": H_se, "true_model_nll": true_nll}
+    for arm in ARMS:
+        r = _val_nll(runs[arm.label], data, L, cfg.nll_t_samples, cfg.seed, device)
+        nll[arm.label] = r | {"gap": r["nll"] - H}
+    log(
+        f"entropy rate {H:.4f} | true model on these sequences {true_nll['nll']:.4f} | "
+        f"AR {nll['ar']['nll']:.4f} (gap {nll['ar']['gap']:+.4f}) | "
+        f"MDLM <= {nll['mdlm']['nll']:.4f} (gap <= {nll['mdlm']['gap']:+.4f}) nats/symbol"
+    )
+    return nll
+
+
+@dataclass
+class _Samples:
+    """The sampling stage's output: AR's record and row, one row per MDLM step count."""
+
+    ar_rec: dict[str, Any]
+    ar_row: dict[str, Any]
+    rows: list[dict[str, Any]]
+    mdlm_step: int | None
+
+
+def _sample_stage(
+    cfg: FormalExperimentConfig, runs: dict[str, Path], device: str, force: bool, log: Callable
+) -> _Samples:
+    """AR sampled once; the MDLM at every step count of the sweep (generation records reused when present)."""
+    from dlm.experiment.report import format_row
+
+    log(f"== sample: {cfg.n_samples} sequences per setting, {cfg.sample_batch_size} at a time, on {device}")
+    ar_rec = _generation(runs[AR_ARM.label], AR_ARM.sampler, None, cfg, device, force, log)
+    ar_row = _row(ar_rec)
+    log(format_row(f"{AR_ARM.label} {AR_ARM.sampler}", ar_row))
+    rows, mdlm_step = [], None
+    for steps in sorted(cfg.steps):
+        rec = _generation(runs[MDLM_ARM.label], MDLM_ARM.sampler, steps, cfg, device, force, log)
+        mdlm_step = rec["checkpoint_step"]
+        row = _row(rec)
+        row["speedup_vs_ar"] = ar_row["wall_s_per_sequence"] / row["wall_s_per_sequence"]
+        rows.append(row)
+        log(format_row(f"{MDLM_ARM.label} {MDLM_ARM.sampler}", row))
+    return _Samples(ar_rec, ar_row, rows, mdlm_step)
+
+
+def _result(
+    cfg: FormalExperimentConfig,
+    language: Any,
+    data: Path,
+    runs: dict[str, Path],
+    nll: dict[str, Any],
+    samples: _Samples,
+    device: str,
+) -> dict[str, Any]:
+    """experiment.json's content (without the wall times): settings, results, definitions, provenance."""
+    ar_row, rows = samples.ar_row, samples.rows
+    return {
+        "experiment": "formal",
+        "language_preset": cfg.language,
+        "language": language.params(),
+        "length": cfg.length,
+        "temp_mode": cfg.temp_mode,
+        "temp_mode_decision": TEMP_MODE_DECISION,
+        "entropy_rate": nll["entropy_rate"],
+        "ter_optimal": samples.ar_rec["ter_optimal"],
+        "ter_support_optimal": samples.ar_rec.get("ter_support_optimal"),
+        "ar": ar_row | {"sampler": "ancestral (KV cache)"},
+        "mdlm": rows,
+        "mdlm_sampler": MDLM_ARM.sampler,
+        "matched_ter": matched_speedup(ar_row, rows, "ter"),
+        "matched_ser": matched_speedup(ar_row, rows, "ser"),
+        "nll": nll,
+        "n_samples": cfg.n_samples,
+        "sample_batch_size": cfg.sample_batch_size,
+        "seed": cfg.seed,
+        "checkpoint_step": {"ar": samples.ar_rec["checkpoint_step"], "mdlm": samples.mdlm_step},
+        "backbone": {
+            "n_layer": cfg.n_layer,
+            "d_model": cfg.d_model,
+            "n_head": cfg.n_head,
+            "context": cfg.length + 2,
+            "params": {label: read_run_info(run).get("params") for label, run in runs.items()},
+            "note": "one ModelConfig for both; the MDLM's vocabulary has the appended MASK id (one more row)",
+        },
+        "config": dataclasses.asdict(cfg),
+        "definitions": _DEFINITIONS,
+        "runs": {"data": str(data.resolve()), **{label: str(run.resolve()) for label, run in runs.items()}},
+        "figure": FIGURE_FILE,
+        "machine": _machine(device),
+        "training_wall_s": {
+            label: read_info(list_checkpoints(run)[-1][1]).get("elapsed") for label, run in runs.items()
+        },
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+_DEFINITIONS = {
+    **GENERATION_DEFINITIONS,
+    "speedup_vs_ar": "AR wall_s_per_sequence / MDLM wall_s_per_sequence at that step count",
+    "matched_ter": f"smallest steps S with TER_S <= TER_AR + {MATCH_K:g} sqrt(se_AR^2 + se_S^2); speedup = "
+    "AR wall / MDLM wall per sequence at S; None when no S matches",
+    "matched_ser": "the same rule on SER",
+    "wall_s": "wall seconds of this invocation per stage (a reused run or sample file costs ~0) and in total",
+    "training_wall_s": "wall seconds of each training over all its sessions (its last checkpoint's elapsed)",
+    "nll": "validation NLL per symbol in nats of x_1..x_L given BOS (EOS not scored, for both): AR exact "
+    "-log p(x_1..x_L | BOS) / L; MDLM its NELBO / L (an upper bound); gap = nll - entropy_rate; "
+    "true_model_nll = -log p(x) / L of the same sequences under the true language",
+}

@@ -20,11 +20,29 @@ def plot_ter_ser(result: Mapping[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["mdlm"] if r["ter"] is not None]
     steps = [r["steps"] for r in result["mdlm"]]
-    ar = result["ar"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True, constrained_layout=True)
+    x_ar = max(steps) * 1.6  # AR is drawn as the last point of the x-axis, as in the paper's figure
+    _ter_panel(top, result, x_ar)
+    _ser_panel(bottom, result, x_ar)
 
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _ter_panel(top: Any, result: Mapping[str, Any], x_ar: float) -> None:
+    """MDLM TER ± 2 SE per step count, AR's TER (line, ± 2 SE band, point at ``x_ar``), exact samples' TER,
+    and the matched-TER step count."""
+    rows = [r for r in result["mdlm"] if r["ter"] is not None]
+    ar = result["ar"]
     top.errorbar(
         [r["steps"] for r in rows],
         [r["ter"] for r in rows],
@@ -33,7 +51,6 @@ def plot_ter_ser(result: Mapping[str, Any], path: str | Path) -> Path:
         capsize=3,
         label="MDLM (ddpm_cache)",
     )
-    x_ar = max(steps) * 1.6  # AR is drawn as the last point of the x-axis, as in the paper's figure
     if ar["ter"] is not None:
         top.axhline(ar["ter"], color="C3", linestyle="--", label=f"AR (KV cache): {ar['ter']:.3f}")
         top.errorbar([x_ar], [ar["ter"]], yerr=[2 * (ar["ter_se"] or 0)], marker="s", color="C3", capsize=3)
@@ -63,6 +80,11 @@ def plot_ter_ser(result: Mapping[str, Any], path: str | Path) -> Path:
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
 
+
+def _ser_panel(bottom: Any, result: Mapping[str, Any], x_ar: float) -> None:
+    """MDLM SER ± 2 SE per step count and AR's SER (line, and a point at ``x_ar``); the shared log2 x-axis."""
+    steps = [r["steps"] for r in result["mdlm"]]
+    ar = result["ar"]
     bottom.errorbar(
         steps,
         [r["ser"] for r in result["mdlm"]],
@@ -80,17 +102,6 @@ def plot_ter_ser(result: Mapping[str, Any], path: str | Path) -> Path:
     bottom.set_xticks([*steps, x_ar], [*(str(s) for s in steps), "AR"])
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def format_row(name: str, row: Mapping[str, Any]) -> str:

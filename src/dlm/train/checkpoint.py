@@ -1,4 +1,4 @@
-"""The run directory: config and provenance, atomic checkpoints, and ``load_run`` for evaluation.
+"""Writing the run directory: config and provenance, atomic checkpoints (reading it: :mod:`dlm.rundir`).
 
 Layout::
 
@@ -13,40 +13,74 @@ Layout::
 
 A checkpoint is written into ``step-XXXXXXX.tmp-<pid>`` and renamed when complete, so a killed process
 never leaves a half-written ``step-*`` directory. ``state.pt`` holds only tensors and primitive containers
-and loads with ``torch.load(weights_only=True)``.
+and loads with ``torch.load(weights_only=True)``. The readers (``read_run_config``, ``list_checkpoints``,
+``find_checkpoint``, ``read_info``, ``read_weights``, ``read_state``, ``load_run``) live in :mod:`dlm.rundir` and
+are re-exported here for the trainer and older callers.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 import shutil
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from dlm import __version__
 from dlm.config import RunConfig
 from dlm.errors import DlmError
 from dlm.io import honour_umask, write_json_atomic
+from dlm.rundir import (
+    CKPT_DIR,
+    CONFIG_FILE,
+    LOCK_FILE,
+    RUN_FILE,
+    LoadedRun,
+    find_checkpoint,
+    list_checkpoints,
+    load_run,
+    match_state,
+    read_info,
+    read_run_config,
+    read_run_info,
+    read_state,
+    read_weights,
+    step_dir_name,
+    tied_aliases,
+)
 from dlm.train.ema import EMA
 from dlm.train.runtime import Runtime
 
-CONFIG_FILE = "config.json"
-RUN_FILE = "run.json"
-LOCK_FILE = ".lock"  # held (flock) by the training process for the whole run, see dlm.io.exclusive_lock
-CKPT_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+__all__ = [
+    "CKPT_DIR",
+    "CONFIG_FILE",
+    "LOCK_FILE",
+    "RUN_FILE",
+    "LoadedRun",
+    "check_run_dir_free",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_model_state",
+    "load_optimizer_state",
+    "load_run",
+    "model_state",
+    "optimizer_state",
+    "prune_checkpoints",
+    "read_info",
+    "read_run_config",
+    "read_run_info",
+    "read_state",
+    "read_weights",
+    "remove_stale_tmp",
+    "save_checkpoint",
+    "step_dir_name",
+    "write_run_files",
+]
 
 
 # ----------------------------------------------------------------------------- run files
@@ -96,40 +130,7 @@ def write_run_files(run_dir: Path, cfg: RunConfig, data_meta: dict[str, Any], **
     )
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise DlmError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
-    try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise DlmError(f"corrupt {path}: {e}") from None
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """run.json (provenance and the data's meta.json)."""
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise DlmError(f"{run_dir} is not a complete run directory (no {RUN_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DlmError(f"corrupt {path}: {e}") from None
-
-
 # ----------------------------------------------------------------------------- model state
-
-
-def _aliases(model: nn.Module) -> dict[str, str]:
-    """Tied parameter names -> the first name of the same tensor (saved once)."""
-    first: dict[int, str] = {}
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            out[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return out
 
 
 def model_state(model: nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
@@ -140,27 +141,13 @@ def model_state(model: nn.Module, rt: Runtime) -> dict[str, torch.Tensor]:
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = model.state_dict()
-    skip = _aliases(model)
+    skip = tied_aliases(model)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items() if k not in skip}
 
 
 def load_model_state(model: nn.Module, sd: dict[str, torch.Tensor], origin: str, rt: Runtime | None = None) -> None:
     """Load a ``model_state`` dict; any missing, extra or mis-shaped tensor raises DlmError naming ``origin``."""
-    sd = dict(sd)
-    for alias, name in _aliases(model).items():
-        if name in sd:
-            sd[alias] = sd[name]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise DlmError(f"{origin} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise DlmError(
-                f"{origin} does not match the model config: {k} has shape {tuple(v.shape)}, "
-                f"the model expects {tuple(expected[k].shape)} (a different vocabulary or size?)"
-            )
+    sd = match_state(model, sd, origin)
     if rt is not None and rt.dist == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -205,83 +192,6 @@ def all_finite(model: nn.Module, rt: Runtime) -> bool:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, path), oldest first."""
-    root = run_dir / CKPT_DIR
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def read_info(path: Path) -> dict[str, Any]:
-    f = path / "state.json"
-    if not f.is_file():
-        raise DlmError(f"checkpoint {path} is incomplete: state.json is missing")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise DlmError(f"checkpoint {path} is corrupt: state.json: {e}") from None
-
-
-def find_checkpoint(run_dir: Path, which: str | int = "last") -> tuple[int, Path]:
-    """``"last"``, ``"best"`` (lowest validation NLL) or a step number."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise DlmError(f"run directory {run_dir} has no checkpoints")
-    if which == "last":
-        return ckpts[-1]
-    if which == "best":
-        scored = [(info["val_nll"], s, p) for s, p in ckpts if (info := read_info(p)).get("val_nll") is not None]
-        if not scored:
-            return ckpts[-1]
-        _, s, p = min(scored, key=lambda x: (x[0], x[1]))
-        return s, p
-    try:
-        step = int(which)
-    except ValueError:
-        raise DlmError(f"checkpoint must be 'last', 'best' or a step number, got {which!r}") from None
-    for s, p in ckpts:
-        if s == step:
-            return s, p
-    raise DlmError(f"no checkpoint at step {step} in {run_dir} (have {', '.join(str(s) for s, _ in ckpts)})")
-
-
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file; a missing, truncated or corrupt file, or one holding a NaN or infinity (a bit
-    flip; training never writes one), raises DlmError naming the file and the tensor."""
-    if not path.is_file():
-        raise DlmError(f"checkpoint file missing: {path}")
-    try:
-        sd = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise DlmError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
-    for name, t in sd.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DlmError(f"checkpoint file {path} is corrupt: tensor {name} holds non-finite values")
-    return sd
-
-
-def read_state(path: Path) -> dict[str, Any]:
-    """state.pt of a checkpoint directory, loaded with weights_only=True."""
-    f = path / "state.pt"
-    if not f.is_file():
-        raise DlmError(f"checkpoint file missing: {f}")
-    try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        why = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]
-        raise DlmError(f"checkpoint file {f} is truncated or corrupt: {why}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -375,50 +285,3 @@ def remove_stale_tmp(run_dir: Path) -> None:
         for p in root.iterdir():
             if ".tmp-" in p.name and p.is_dir():
                 shutil.rmtree(p)
-
-
-# ----------------------------------------------------------------------------- for evaluation
-
-
-@dataclass
-class LoadedRun:
-    """A trained model ready for evaluation or sampling (in eval mode).
-
-    Unpacks as the 5-tuple of the contract: ``cfg, model, process, step, data_meta = load_run(...)``.
-    """
-
-    cfg: RunConfig
-    model: nn.Module
-    process: Any  # dlm.process.Process
-    step: int
-    data_meta: dict[str, Any]  # the data directory's meta.json as it was when training started
-    path: Path  # the checkpoint directory
-    ema: bool  # the EMA weights were loaded
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.cfg, self.model, self.process, self.step, self.data_meta))
-
-
-def load_run(
-    run_dir: str | Path, which: str | int = "last", ema: bool = True, device: str | torch.device = "cpu"
-) -> LoadedRun:
-    """Model and process of a run's checkpoint (``"last"``, ``"best"`` or a step).
-
-    ``ema=True`` loads ema.safetensors when the run kept an EMA, else the trained weights.
-    """
-    from dlm.data.specials import SpecialIds
-    from dlm.model import build_model
-    from dlm.process import get_process
-
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    step, path = find_checkpoint(run_dir, which)
-    data_meta = read_run_info(run_dir)["data_meta"]
-    specials = SpecialIds.from_dict(data_meta["tokenizer"]["specials"])
-    process = get_process(cfg.process, specials)
-    model = build_model(cfg.model)
-    use_ema = ema and (path / "ema.safetensors").exists()
-    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
-    load_model_state(model, read_weights(weights), str(weights))
-    model.to(device).eval()
-    return LoadedRun(cfg, model, process, step, data_meta, path, use_ema)

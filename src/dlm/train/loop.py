@@ -42,6 +42,7 @@ from dlm.data.batch import Batch
 from dlm.data.loader import Loader
 from dlm.data.shards import ShardSplit, open_split
 from dlm.errors import DlmError
+from dlm.eval.likelihood import sequence_nll
 from dlm.io import exclusive_lock, finite_or_none, write_json_atomic
 from dlm.model import build_model, count_params, flops_per_token
 from dlm.process import Process, get_process
@@ -248,22 +249,21 @@ def validate(model: torch.nn.Module, process: Process, batches: list[Batch], rt:
     n = len(batches)
     # FSDP needs every rank in every forward: ranks with fewer batches run batch 0 and discard it.
     rounds = math.ceil(n / rt.world_size) if rt.dist == "fsdp" else None
-    indices = (
+    indices = list(
         range(rt.rank, n, rt.world_size) if rounds is None else range(rt.rank, rounds * rt.world_size, rt.world_size)
     )
-    was_training = model.training
-    model.eval()
-    try:
-        with preserved_rng(rt.device), rt.autocast():
-            for i in indices:
-                gen = torch.Generator(device=rt.device).manual_seed(derive_seed(seed, "validation", i))
-                res = process.nll(model, batches[i if i < n else 0].to(rt.device), generator=gen)
-                if i < n:
-                    nats += res.nats_B.sum().to(torch.float64)
-                    toks += res.tokens_B.sum().to(torch.float64)
-                    exact = exact and res.exact
-    finally:
-        model.train(was_training)
+
+    def generator(k: int) -> torch.Generator:  # the k-th batch of this rank is batch indices[k]
+        return torch.Generator(device=rt.device).manual_seed(derive_seed(seed, "validation", indices[k]))
+
+    with preserved_rng(rt.device), rt.autocast():
+        mine = [batches[i if i < n else 0] for i in indices]
+        results = sequence_nll(process, model, mine, device=rt.device, generator=generator)
+        for i, res in zip(indices, results, strict=True):
+            if i < n:
+                nats += res.nats_B.sum().to(torch.float64)
+                toks += res.tokens_B.sum().to(torch.float64)
+                exact = exact and res.exact
     rt.all_reduce(nats)
     rt.all_reduce(toks)
     tokens = float(toks)

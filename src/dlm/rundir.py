@@ -1,0 +1,271 @@
+"""Reading a run directory: the interface between training and everything after it.
+
+Layout (the trainer, :mod:`dlm.train.checkpoint`, writes it; evaluation and reports read it through this
+module only, so they never import the trainer)::
+
+    RUN/config.json                  the resolved RunConfig (``read_run_config``)
+    RUN/run.json                     provenance: dlm version, git commit, start time, the data's meta.json
+                                     (``read_run_info``)
+    RUN/metrics.jsonl                training and validation lines (``read_metrics``; see dlm.train.logging)
+    RUN/.lock                        exists while a dlm process trains the run (flock; removed at the end)
+    RUN/checkpoints/step-0000100/    model.safetensors, ema.safetensors (when train.ema > 0), state.pt,
+                                     state.json (``list_checkpoints``, ``find_checkpoint``, ``read_info``,
+                                     ``read_weights``, ``read_state``)
+    RUN/eval/{kind}-*.json           evaluation results (``dlm.eval.results.find_results``)
+
+``load_run`` turns a checkpoint into a model and process ready for evaluation or sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from dlm.config import RunConfig
+from dlm.errors import DlmError
+
+__all__ = [
+    "CKPT_DIR",
+    "CONFIG_FILE",
+    "LOCK_FILE",
+    "METRICS_FILE",
+    "RUN_FILE",
+    "LoadedRun",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_run",
+    "match_state",
+    "read_info",
+    "read_jsonl",
+    "read_metrics",
+    "read_run_config",
+    "read_run_info",
+    "read_state",
+    "read_weights",
+    "step_dir_name",
+    "tied_aliases",
+]
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = ".lock"  # held (flock) by the training process for the whole run, see dlm.io.exclusive_lock
+CKPT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    """config.json as a RunConfig; DlmError when the directory is not a run directory or the file is corrupt."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise DlmError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise DlmError(f"corrupt {path}: {e}") from None
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run.json (provenance and the data's meta.json)."""
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        raise DlmError(f"{run_dir} is not a complete run directory (no {RUN_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DlmError(f"corrupt {path}: {e}") from None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file (a torn last line, left by a killed process, is dropped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of RUN/metrics.jsonl in order (training lines, and validation lines with ``split``)."""
+    return read_jsonl(Path(run_dir) / METRICS_FILE)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    root = run_dir / CKPT_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """state.json of a checkpoint directory (step, tokens, elapsed, val_nll, ...)."""
+    f = path / "state.json"
+    if not f.is_file():
+        raise DlmError(f"checkpoint {path} is incomplete: state.json is missing")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise DlmError(f"checkpoint {path} is corrupt: state.json: {e}") from None
+
+
+def find_checkpoint(run_dir: Path, which: str | int = "last") -> tuple[int, Path]:
+    """``"last"``, ``"best"`` (lowest validation NLL) or a step number."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise DlmError(f"run directory {run_dir} has no checkpoints")
+    if which == "last":
+        return ckpts[-1]
+    if which == "best":
+        scored = [(info["val_nll"], s, p) for s, p in ckpts if (info := read_info(p)).get("val_nll") is not None]
+        if not scored:
+            return ckpts[-1]
+        _, s, p = min(scored, key=lambda x: (x[0], x[1]))
+        return s, p
+    try:
+        step = int(which)
+    except ValueError:
+        raise DlmError(f"checkpoint must be 'last', 'best' or a step number, got {which!r}") from None
+    for s, p in ckpts:
+        if s == step:
+            return s, p
+    raise DlmError(f"no checkpoint at step {step} in {run_dir} (have {', '.join(str(s) for s, _ in ckpts)})")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a missing, truncated or corrupt file, or one holding a NaN or infinity (a bit
+    flip; training never writes one), raises DlmError naming the file and the tensor."""
+    if not path.is_file():
+        raise DlmError(f"checkpoint file missing: {path}")
+    try:
+        sd = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise DlmError(f"checkpoint file {path} is truncated or corrupt: {e}") from None
+    for name, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DlmError(f"checkpoint file {path} is corrupt: tensor {name} holds non-finite values")
+    return sd
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """state.pt of a checkpoint directory, loaded with weights_only=True."""
+    f = path / "state.pt"
+    if not f.is_file():
+        raise DlmError(f"checkpoint file missing: {f}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        why = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]
+        raise DlmError(f"checkpoint file {f} is truncated or corrupt: {why}") from None
+
+
+# ----------------------------------------------------------------------------- weights into a model
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Tied parameter names -> the first name of the same tensor (a checkpoint holds it once)."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
+
+
+def match_state(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict with the tied names filled in, checked against ``model``: any missing, extra
+    or mis-shaped tensor raises DlmError naming ``origin``."""
+    sd = dict(sd)
+    for alias, name in tied_aliases(model).items():
+        if name in sd:
+            sd[alias] = sd[name]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise DlmError(f"{origin} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise DlmError(
+                f"{origin} does not match the model config: {k} has shape {tuple(v.shape)}, "
+                f"the model expects {tuple(expected[k].shape)} (a different vocabulary or size?)"
+            )
+    return sd
+
+
+# ----------------------------------------------------------------------------- for evaluation
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready for evaluation or sampling (in eval mode).
+
+    Unpacks as the 5-tuple of the contract: ``cfg, model, process, step, data_meta = load_run(...)``.
+    """
+
+    cfg: RunConfig
+    model: nn.Module
+    process: Any  # dlm.process.Process
+    step: int
+    data_meta: dict[str, Any]  # the data directory's meta.json as it was when training started
+    path: Path  # the checkpoint directory
+    ema: bool  # the EMA weights were loaded
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.cfg, self.model, self.process, self.step, self.data_meta))
+
+
+def load_run(
+    run_dir: str | Path, which: str | int = "last", ema: bool = True, device: str | torch.device = "cpu"
+) -> LoadedRun:
+    """Model and process of a run's checkpoint (``"last"``, ``"best"`` or a step).
+
+    ``ema=True`` loads ema.safetensors when the run kept an EMA, else the trained weights.
+    """
+    from dlm.data.specials import SpecialIds
+    from dlm.model import build_model
+    from dlm.process import get_process
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    step, path = find_checkpoint(run_dir, which)
+    data_meta = read_run_info(run_dir)["data_meta"]
+    specials = SpecialIds.from_dict(data_meta["tokenizer"]["specials"])
+    process = get_process(cfg.process, specials)
+    model = build_model(cfg.model)
+    use_ema = ema and (path / "ema.safetensors").exists()
+    weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
+    model.load_state_dict(match_state(model, read_weights(weights), str(weights)), strict=True)
+    model.to(device).eval()
+    return LoadedRun(cfg, model, process, step, data_meta, path, use_ema)
