@@ -88,8 +88,8 @@ def _timestamp() -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dlm.config import apply_overrides, load_config
+    from dlm.rundir import read_run_config
     from dlm.train import TrainingInterrupted, train
-    from dlm.train.checkpoint import read_run_config
 
     if args.resume:
         if args.run_dir is None:

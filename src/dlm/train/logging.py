@@ -16,7 +16,6 @@ Non-finite floats are written as null, so every line is strict JSON (written wit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -24,8 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dlm.io import json_line
-
-METRICS_FILE = "metrics.jsonl"
+from dlm.rundir import METRICS_FILE, read_jsonl
 
 
 def _clean(value: Any) -> Any:
@@ -34,24 +32,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete lines of a metrics file (a torn last line, left by a killed process, is dropped)."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the lines with step <= ``step`` (resuming from that checkpoint); atomic rewrite."""
     if not path.exists():
         return
-    kept = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= step]
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.writelines(json_line(r) + "\n" for r in kept)
