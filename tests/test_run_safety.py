@@ -258,6 +258,17 @@ def test_extending_a_finished_run_recomputes_the_schedule_and_says_so(run: Path,
     assert json.loads((run_dir / "config.json").read_text())["train"]["max_steps"] == 10
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(run: Path, tmp_path: Path, capsys) -> None:
+    run_dir = copy_run(run, tmp_path)
+    before = list_checkpoints(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run_dir), "--resume"]) == 0
+    assert "nothing to train: the run is already at step 6 of 6 (extend it with --train.max_steps N)" in (
+        capsys.readouterr().out
+    )
+    assert list_checkpoints(run_dir) == before
+
+
 def test_a_run_cannot_be_shortened_below_its_step(run: Path, tmp_path: Path, capsys) -> None:
     run_dir = copy_run(run, tmp_path)
     argv = ["train", "--run-dir", str(run_dir), "--resume", "--train.max_steps=3"]

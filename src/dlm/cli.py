@@ -110,6 +110,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return e.exit_status
     if summary.get("val_nll") is not None:
         print(f"validation NLL {summary['val_nll']:.4f} nats/token at step {summary['step']}")
+    if summary["stopped"] == "already_done":
+        print(
+            f"nothing to train: the run is already at step {summary['step']} of {summary['total_steps']} "
+            "(extend it with --train.max_steps N)"
+        )
     if summary["stopped"] == "time_limit":
         print(
             f"stopped early at step {summary['step']} of {summary['total_steps']} (time limit); "
