@@ -1,0 +1,516 @@
+"""The comparison spec: what ``dlm compare`` trains and how it evaluates it, as typed dataclasses.
+
+A ``CompareSpec`` names one corpus, a list of arms (a family plus dotted run-config overrides), the seeds, one
+training budget shared by every arm, the model size (a run-config preset and shared overrides) and the evaluation
+protocol. Sources, later ones winning: dataclass defaults < a bundled preset (``src/dlm/compare/presets/NAME.yaml``)
+or a YAML file < command-line overrides. Override scheme: ``--seeds 0,1`` (a list is comma-separated),
+``--budget.steps 50``, ``--evaluation.samples.steps 8,32``, ``--arms.mdlm.family sedd`` or ``--arms.0.family sedd``
+(an arm by name or index; only its scalar and list fields), ``--arms.d3pm.overrides.process.T 100`` and
+``--shared.train.lr 3e-4`` (a key inside a mapping of run-config overrides). Every bad value raises a one-line
+``DlmError`` naming the field, before any work starts.
+
+Every (arm, seed) resolves to a validated ``dlm.config.RunConfig`` with ``arm_run_config``; ``spec_hash`` is the
+sha256 of the spec's canonical JSON, so a later ``dlm compare`` can refuse a changed spec for an existing DIR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dlm.config import RunConfig, _coerce, _read_yaml, _suggest, load_config, parse_overrides
+from dlm.errors import DlmError
+
+__all__ = [
+    "Arm",
+    "Budget",
+    "CompareSpec",
+    "Corpus",
+    "Evaluation",
+    "LikelihoodEval",
+    "SampleEval",
+    "SpeedEval",
+    "arm_run_config",
+    "available_compare_presets",
+    "dump_spec",
+    "known_families",
+    "load_compare_spec",
+    "spec_from_dict",
+    "spec_hash",
+]
+
+# Families that are a registered process plus fixed run-config settings.
+SHORTHANDS: dict[str, dict[str, str]] = {
+    "gpt2": {"process.name": "ar", "model.backbone": "gpt2-hf"},
+    "d3pm-uniform": {"process.name": "d3pm", "process.transition": "uniform"},
+    "sedd-uniform": {"process.name": "sedd", "process.transition": "uniform"},
+}
+
+# Run-config keys the spec itself sets for every arm: an arm or the shared overrides may not change them.
+RESERVED_KEYS = {
+    "process.name": "set by the arm's family",
+    "model.backbone": "set by the arm's family (gpt2 = backbone gpt2-hf)",
+    "train.seed": "set by seeds",
+    "train.max_steps": "set by budget (one budget for every arm)",
+    "train.max_tokens": "set by budget (one budget for every arm)",
+    "train.time_limit_min": "set by budget (one budget for every arm)",
+    "process.eval_t_samples": "set by evaluation.likelihood.t_samples",
+    "eval.split": "set by evaluation.likelihood.split",
+    "eval.max_batches": "set by evaluation.likelihood.max_batches",
+    "data.dir": "set by corpus",
+}
+
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class Corpus:
+    """The data every arm trains and is evaluated on: a prepared directory, or how to prepare one.
+
+    data_dir:  a prepared data directory (``dlm prepare``'s output); null = prepare it from the fields below.
+    source:    corpus to prepare: shakespeare, a path, hf:NAME, formal:..., text:...
+    tokenizer: tokenizer to prepare with: bytes, chars, bpe:N, gpt2, bert-base-uncased.
+    seq_len:   row length L of the prepared shards.
+    mode:      wrap (documents concatenated and cut into rows) or pad (one document per row).
+    """
+
+    data_dir: str | None = None
+    source: str = "shakespeare"
+    tokenizer: str = "bpe:4096"
+    seq_len: int = 256
+    mode: Literal["wrap", "pad"] = "wrap"
+
+
+@dataclass
+class Arm:
+    """One trained model family of the comparison.
+
+    name:      the arm's name, unique, used for its run directories (letters, digits, ., _, -); "" = the family.
+    family:    a registered process (ar, d3pm, mdlm, sedd), gpt2 (the gpt2-hf backbone with the AR process),
+               d3pm-uniform or sedd-uniform (process.transition uniform).
+    overrides: run-config overrides of this arm only, nested or dotted (``{process: {T: 100}}`` or
+               ``{process.T: 100}``); applied after the shared ones.
+    samplers:  samplers evaluated for this arm; empty = the family's default sampler.
+    steps:     sampling step counts for this arm's step samplers; empty = evaluation.samples.steps.
+    """
+
+    name: str = ""
+    family: str = "ar"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    samplers: tuple[str, ...] = ()
+    steps: tuple[int, ...] = ()
+
+
+@dataclass
+class Budget:
+    """The one training budget of every arm: set exactly one of the three, > 0.
+
+    steps:   optimizer steps (train.max_steps).
+    tokens:  token positions processed (train.max_tokens; the step count follows from the batch).
+    minutes: wall time per run (train.time_limit_min); the LR schedule keeps the base config's max_steps.
+    """
+
+    steps: int | None = None
+    tokens: int | None = None
+    minutes: float | None = None
+
+
+@dataclass
+class LikelihoodEval:
+    """Likelihood on a held-out split: exact for AR, an upper bound with a standard error for diffusion.
+
+    split:       split scored.
+    t_samples:   K, time samples per sequence of a diffusion bound (process.eval_t_samples).
+    max_batches: score at most this many batches; 0 = the whole split.
+    """
+
+    split: str = "test"
+    t_samples: int = 1
+    max_batches: int = 0
+
+
+@dataclass
+class SampleEval:
+    """Unconditional samples, each arm x sampler x step count.
+
+    n:           samples per (arm, seed, sampler, step count).
+    steps:       step counts of step samplers (AR ignores them: one network call per token).
+    seed:        seed of the sampling noise.
+    temperature: softmax temperature of every sampler.
+    """
+
+    n: int = 16
+    steps: tuple[int, ...] = (64, 256)
+    seed: int = 0
+    temperature: float = 1.0
+
+
+@dataclass
+class SpeedEval:
+    """Sampling speed, measured the same way for every arm (warm-up, device synchronised, median of repeats).
+
+    batch_sizes:     batch sizes timed at each step count (latency at 1, throughput at the largest).
+    repeats:         timed repeats; the median is reported.
+    protocol_tokens: the thesis protocol: generate at batch 4 until this many tokens; 0 = skip it.
+    """
+
+    batch_sizes: tuple[int, ...] = (1, 64)
+    repeats: int = 3
+    protocol_tokens: int = 100_000
+
+
+@dataclass
+class Evaluation:
+    """The evaluation protocol, the same for every arm.
+
+    likelihood: held-out likelihood settings.
+    samples:    sampling settings.
+    evaluator:  who scores samples (gen PPL): judge-ar (an AR model trained once on the same corpus), hf:DIR (a
+                local causal LM directory) or true-language (a formal corpus only).
+    speed:      speed settings.
+    """
+
+    likelihood: LikelihoodEval = field(default_factory=LikelihoodEval)
+    samples: SampleEval = field(default_factory=SampleEval)
+    evaluator: str = "judge-ar"
+    speed: SpeedEval = field(default_factory=SpeedEval)
+
+
+@dataclass
+class CompareSpec:
+    """A comparison: every arm x seed trained on one corpus with one budget, evaluated under one protocol.
+
+    name:       a label for the report.
+    corpus:     the data.
+    base:       run-config preset or YAML file every arm starts from (model size, optimiser): tiny-cpu, ...
+    shared:     run-config overrides of every arm, nested or dotted (e.g. the model size ``{model: {n_layer: 2}}``).
+    arms:       the families compared.
+    seeds:      training seeds; every arm runs once per seed.
+    budget:     the one training budget of every arm.
+    evaluation: the evaluation protocol.
+    """
+
+    name: str = "compare"
+    corpus: Corpus = field(default_factory=Corpus)
+    base: str = "tiny-cpu"
+    shared: dict[str, Any] = field(default_factory=dict)
+    arms: list[Arm] = field(default_factory=list)
+    seeds: tuple[int, ...] = (0,)
+    budget: Budget = field(default_factory=Budget)
+    evaluation: Evaluation = field(default_factory=Evaluation)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able nested dict (tuples become lists); ``spec_from_dict`` inverts it."""
+        return _plain(dataclasses.asdict(self))
+
+    def arm(self, name: str) -> Arm:
+        """The arm called ``name``."""
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise DlmError(f"arms: no arm named {name!r} (arms: {', '.join(a.name for a in self.arms)})")
+
+    def validate(self) -> CompareSpec:
+        """Raise ``DlmError`` naming the first impossible field; every arm's run config is built and validated."""
+        _validate_corpus(self.corpus)
+        if not self.arms:
+            raise DlmError("arms: the arm list is empty; give at least one arm (e.g. family: ar)")
+        seen: set[str] = set()
+        for i, arm in enumerate(self.arms):
+            if arm.family not in known_families():
+                raise DlmError(f"arms.{i}.family: unknown family {arm.family!r} (known: {', '.join(known_families())})")
+            if not _ARM_NAME.fullmatch(arm.name):
+                raise DlmError(f"arms.{i}.name: {arm.name!r} must be letters, digits, '.', '_' or '-'")
+            if arm.name in seen:
+                raise DlmError(f"arms.{i}.name: duplicate arm name {arm.name!r}")
+            seen.add(arm.name)
+            _require(f"arms.{i}.steps", arm.steps, all(s >= 1 for s in arm.steps), "must all be >= 1")
+        if not self.seeds:
+            raise DlmError("seeds: the seed list is empty; give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise DlmError(f"seeds: duplicated seed in {list(self.seeds)}")
+        _validate_budget(self.budget)
+        _validate_evaluation(self.evaluation, self.corpus)
+        _flat_overrides(self.shared, "shared")
+        for i, arm in enumerate(self.arms):
+            cfg = arm_run_config(self, arm, self.seeds[0])
+            _check_samplers(cfg, arm, i, self.evaluation.samples.steps)
+        return self
+
+
+def _require(key: str, value: Any, ok: bool, what: str) -> None:
+    if not ok:
+        raise DlmError(f"{key} {what}, got {value!r}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def known_families() -> list[str]:
+    """Every valid ``arm.family``: the registered processes, then the shorthands."""
+    import dlm.process  # registers every process
+
+    return [*dlm.process.available_processes(), *SHORTHANDS]
+
+
+def _validate_corpus(c: Corpus) -> None:
+    if c.data_dir is not None:
+        if not Path(c.data_dir).is_dir():
+            raise DlmError(f"corpus.data_dir: {c.data_dir!r} is not a directory")
+        return
+    from dlm.data.tokenizers import needs_training
+
+    if not c.source.strip():
+        raise DlmError("corpus.source: empty; give a corpus (shakespeare, a path, hf:NAME) or corpus.data_dir")
+    try:
+        needs_training(c.tokenizer)  # raises for an unknown tokenizer spec
+    except DlmError as e:
+        raise DlmError(f"corpus.tokenizer: {e}") from None
+    _require("corpus.seq_len", c.seq_len, c.seq_len >= 2, "must be >= 2")
+
+
+def _validate_budget(b: Budget) -> None:
+    given = [k for k in ("steps", "tokens", "minutes") if getattr(b, k) is not None]
+    if len(given) != 1:
+        what = "none is set" if not given else f"{' and '.join(given)} are set"
+        raise DlmError(f"budget: set exactly one of budget.steps, budget.tokens, budget.minutes ({what})")
+    key = given[0]
+    _require(f"budget.{key}", getattr(b, key), getattr(b, key) > 0, "must be > 0")
+
+
+def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
+    lk, s, sp = e.likelihood, e.samples, e.speed
+    _require("evaluation.likelihood.t_samples", lk.t_samples, lk.t_samples >= 1, "must be >= 1")
+    _require("evaluation.likelihood.max_batches", lk.max_batches, lk.max_batches >= 0, "must be >= 0")
+    _require("evaluation.samples.n", s.n, s.n >= 1, "must be >= 1")
+    _require("evaluation.samples.steps", s.steps, bool(s.steps) and all(v >= 1 for v in s.steps), "must be >= 1")
+    _require("evaluation.samples.temperature", s.temperature, s.temperature >= 0, "must be >= 0")
+    _require("evaluation.speed.batch_sizes", sp.batch_sizes, all(v >= 1 for v in sp.batch_sizes), "must be >= 1")
+    _require("evaluation.speed.repeats", sp.repeats, sp.repeats >= 1, "must be >= 1")
+    _require("evaluation.speed.protocol_tokens", sp.protocol_tokens, sp.protocol_tokens >= 0, "must be >= 0")
+    ev = e.evaluator
+    if ev.startswith("hf:"):
+        if not Path(ev[3:]).is_dir():
+            raise DlmError(f"evaluation.evaluator: {ev[3:]!r} is not a directory (hf:DIR needs a local causal LM)")
+    elif ev == "true-language":
+        if corpus.data_dir is None and not corpus.source.startswith("formal"):
+            raise DlmError(f"evaluation.evaluator: true-language needs a formal corpus, got {corpus.source!r}")
+    elif ev != "judge-ar":
+        raise DlmError(f"evaluation.evaluator: expected judge-ar, hf:DIR or true-language, got {ev!r}")
+
+
+def _flat_overrides(d: Any, where: str) -> dict[str, Any]:
+    """``{process: {T: 100}, "train.lr": 1e-3}`` -> ``{"process.T": 100, "train.lr": 1e-3}``; reserved keys refused."""
+    if not isinstance(d, dict):
+        raise DlmError(f"{where}: expected a mapping of run-config overrides, got {d!r}")
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in _flat_overrides(value, f"{where}.{key}").items()})
+        else:
+            out[str(key)] = value
+    for key in out:
+        if key in RESERVED_KEYS:
+            raise DlmError(f"{where}: {key} cannot be overridden ({RESERVED_KEYS[key]})")
+    return out
+
+
+def _run_overrides(flat: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in flat.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(map(str, value))
+        out.append(f"--{key}={'null' if value is None else value}")
+    return out
+
+
+def arm_run_config(spec: CompareSpec, arm: Arm, seed: int, data_dir: str | None = None) -> RunConfig:
+    """The validated run config of ``arm`` at ``seed``, in this order (later wins): ``spec.base``, ``spec.shared``,
+    the family's settings, the arm's overrides, then what the spec fixes for every arm (seed, budget, likelihood
+    evaluation, data directory: ``data_dir``, else ``corpus.data_dir``, else "" for the caller to fill)."""
+    if arm.family not in known_families():
+        raise DlmError(f"arm {arm.name!r}: unknown family {arm.family!r} (known: {', '.join(known_families())})")
+    family = SHORTHANDS.get(arm.family, {"process.name": arm.family})
+    b, lk = spec.budget, spec.evaluation.likelihood
+    fixed: dict[str, Any] = {
+        "train.seed": seed,
+        "process.eval_t_samples": lk.t_samples,
+        "eval.split": lk.split,
+        "eval.max_batches": lk.max_batches,
+        "data.dir": data_dir or spec.corpus.data_dir or "",
+    }
+    if b.steps is not None:
+        fixed |= {"train.max_steps": b.steps, "train.max_tokens": 0, "train.time_limit_min": None}
+    elif b.tokens is not None:
+        fixed |= {"train.max_steps": 0, "train.max_tokens": b.tokens, "train.time_limit_min": None}
+    elif b.minutes is not None:
+        fixed |= {"train.time_limit_min": b.minutes}
+    overrides = _run_overrides(_flat_overrides(spec.shared, "shared"))
+    overrides += _run_overrides(dict(family))
+    overrides += _run_overrides(_flat_overrides(arm.overrides, f"arms.{arm.name}.overrides"))
+    overrides += _run_overrides(fixed)
+    try:
+        return load_config(spec.base, overrides)
+    except DlmError as e:
+        raise DlmError(f"arm {arm.name!r} (seed {seed}): {e}") from None
+
+
+def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...]) -> None:
+    """Every sampler of ``arm`` exists for its family, and every step count is within the family's limit."""
+    from dlm.data.specials import SpecialIds
+    from dlm.process import get_process
+
+    process = get_process(cfg.process, SpecialIds(bos=0, eos=1, pad=2, mask=8, vocab_size=8))
+    for sampler in arm.samplers:
+        if sampler not in process.samplers:
+            raise DlmError(
+                f"arms.{i}.samplers: unknown sampler {sampler!r} for family {arm.family!r} "
+                f"(available: {', '.join(process.samplers)})"
+            )
+    limit = process.max_steps()
+    steps = arm.steps or default_steps
+    if process.step_sampler and limit is not None and max(steps) > limit:
+        where = f"arms.{i}.steps" if arm.steps else f"evaluation.samples.steps (arm {arm.name!r})"
+        raise DlmError(f"{where}: step count {max(steps)} exceeds the family's limit {limit} (process.T)")
+
+
+# ----------------------------------------------------------------------------- building, overrides, files
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, d: Any, where: str) -> Any:
+    """An instance of the dataclass ``cls`` from a mapping; unknown keys and wrong types raise naming the key."""
+    if not isinstance(d, dict):
+        raise DlmError(f"{where or 'spec'}: expected a mapping, got {d!r}")
+    obj = cls()
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in d.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise DlmError(f"unknown compare spec key {path!r}{_suggest(str(key), names)}")
+        setattr(obj, key, _value(_hints(cls)[key], value, path))
+    return obj
+
+
+def _value(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, path)
+    origin = typing.get_origin(tp)
+    if origin is list:  # list[Arm]
+        if not isinstance(value, list):
+            raise DlmError(f"{path}: expected a list, got {value!r}")
+        (elem,) = typing.get_args(tp)
+        return [_value(elem, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        value = {} if value is None else value
+        if not isinstance(value, dict):
+            raise DlmError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    return _coerce(value, tp, path)
+
+
+def spec_from_dict(d: dict[str, Any]) -> CompareSpec:
+    """A ``CompareSpec`` from a nested dict (as YAML gives it); arms without a name take their family's name.
+    Not validated (``validate``)."""
+    spec = _build(CompareSpec, {} if d is None else d, "")
+    for arm in spec.arms:
+        arm.name = arm.name or arm.family
+    return spec
+
+
+def _set_override(spec: CompareSpec, key: str, value: str | None) -> None:
+    """Set one dotted override ``key`` (see the module docstring) on ``spec``, parsed with the field's type."""
+    parts = key.split(".")
+    obj: Any = spec
+    path: list[str] = []
+    while parts:
+        part = parts.pop(0)
+        path.append(part)
+        where = ".".join(path)
+        if isinstance(obj, list):  # arms: by index or by name
+            match = [a for i, a in enumerate(obj) if part in (str(i), a.name)]
+            if not match:
+                raise DlmError(f"{where}: no arm {part!r} (arms: {', '.join(a.name for a in obj)})")
+            obj = match[0]
+            continue
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            raise DlmError(f"unknown compare spec key {where!r}{_suggest(part, names)}")
+        tp = _hints(type(obj))[part]
+        current = getattr(obj, part)
+        if isinstance(current, dict):
+            if not parts:
+                raise DlmError(f"{where}: give a key inside it, e.g. --{where}.train.lr 3e-4")
+            current[".".join(parts)] = value
+            return
+        if dataclasses.is_dataclass(current) or isinstance(current, list):
+            if not parts:
+                raise DlmError(f"{where}: only its fields can be overridden, e.g. --{where}.<field> VALUE")
+            obj = current
+            continue
+        if parts:
+            raise DlmError(f"unknown compare spec key {key!r}: {where} has no fields")
+        if value is None:
+            if tp is not bool:
+                raise DlmError(f"--{key}: missing value")
+            value = "true"
+        setattr(obj, part, _coerce(value, tp, where))
+        return
+
+
+def _presets_dir() -> Any:
+    return resources.files("dlm") / "compare" / "presets"
+
+
+def available_compare_presets() -> list[str]:
+    """Names of the bundled comparison presets (``src/dlm/compare/presets/*.yaml``)."""
+    return sorted(p.name[: -len(".yaml")] for p in _presets_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_compare_spec(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> CompareSpec:
+    """A bundled preset name or a YAML file, then dotted overrides (module docstring); validated."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists() or "/" in text:
+        if not path.is_file():
+            raise DlmError(f"compare spec file not found: {text}")
+        d = _read_yaml(path.read_text(), text)
+    else:
+        if text not in available_compare_presets():
+            known = ", ".join(available_compare_presets())
+            raise DlmError(f"unknown compare preset {text!r} (available: {known})")
+        d = _read_yaml((_presets_dir() / f"{text}.yaml").read_text(), f"compare preset {text}")
+    spec = spec_from_dict(d)
+    for key, value in parse_overrides(list(overrides)):
+        _set_override(spec, key, value)
+    return spec.validate()
+
+
+def dump_spec(spec: CompareSpec) -> str:
+    """The spec as YAML; ``load_compare_spec`` of this text gives an equal spec (same ``spec_hash``)."""
+    return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+
+def spec_hash(spec: CompareSpec) -> str:
+    """sha256 of the canonical JSON of ``spec.to_dict()`` (sorted keys, no whitespace)."""
+    text = json.dumps(spec.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
