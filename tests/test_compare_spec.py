@@ -66,19 +66,21 @@ def test_presets_resolve_every_arm_and_seed(name: str) -> None:
             assert cfg.process.eval_t_samples == spec.evaluation.likelihood.t_samples
             assert cfg.eval.split == spec.evaluation.likelihood.split
             assert cfg.data.dir == "/data/x"
-            assert cfg.model.n_layer == spec.shared["model"]["n_layer"]
+            assert cfg.model.n_layer == spec.shared["model.n_layer"]
 
 
 def test_shorthands_and_budget_kinds(tmp_path: Path) -> None:
     d = _smoke_dict()
     d["arms"] = [{"family": "gpt2"}, {"family": "d3pm-uniform"}, {"name": "su", "family": "sedd-uniform"}]
     d["budget"] = {"tokens": 4096}
+    d["shared"] = {**d["shared"], "train": {"lr": "3e-4", "betas": "0.9,0.99"}}  # strings parsed by field type
     spec = load_compare_spec(_write(tmp_path, d))
     g, du, su = (arm_run_config(spec, a, 0) for a in spec.arms)
     assert (g.process.name, g.model.backbone) == ("ar", "gpt2-hf")
     assert (du.process.name, du.process.transition) == ("d3pm", "uniform")
     assert (su.process.name, su.process.transition) == ("sedd", "uniform")
     assert (g.train.max_tokens, g.train.max_steps) == (4096, 0)
+    assert (g.train.lr, g.train.betas) == (3e-4, (0.9, 0.99)) and spec.shared["train.lr"] == 3e-4
     d["budget"] = {"minutes": 1.5}
     spec = load_compare_spec(_write(tmp_path, d))
     cfg = arm_run_config(spec, spec.arms[0], 0)
@@ -131,7 +133,9 @@ def test_overrides() -> None:
         (["--arms.ar.overrides.train.seed", "3"], ["train.seed", "set by seeds"]),
         (["--arms.ar.overrides.process.name", "mdlm"], ["process.name", "family"]),
         (["--shared.train.max_steps", "3"], ["shared", "one budget"]),
-        (["--arms.ar.overrides.model.n_layr", "3"], ["arm 'ar'", "model.n_layr"]),
+        (["--arms.ar.overrides.model.n_layr", "3"], ["arms.ar.overrides", "model.n_layr", "did you mean n_layer"]),
+        (["--shared.modle.n_layer", "3"], ["shared", "unknown run-config section 'modle'"]),
+        (["--shared.train.lr", "fast"], ["shared.train.lr", "expected float"]),
         (["--arms.d3pm.overrides.process.T", "0"], ["arm 'd3pm'", "process.T"]),
         (["--shared.train.lr", "-1"], ["train.lr", "must be > 0"]),
         (["--arms.mdlm.samplers", "ancestral"], ["arms.1.samplers", "ancestral", "first_hitting"]),
@@ -206,6 +210,9 @@ def test_spec_hash_stable_across_dump_and_load(tmp_path: Path) -> None:
         load_compare_spec("smoke", ["--evaluation.samples.n", "3"]),
         load_compare_spec("smoke", ["--corpus.tokenizer", "chars"]),
     ]
+    # run-config overrides are kept dotted and typed: the same setting given another way hashes the same
+    same = load_compare_spec("smoke", ["--arms.d3pm.overrides.process.T", "16", "--shared.train.batch_size=4"])
+    assert same.arm("d3pm").overrides == {"process.T": 16} and spec_hash(same) == spec_hash(base)
     hashes = {spec_hash(s) for s in changed} | {spec_hash(base)}
     assert len(hashes) == len(changed) + 1
     assert len(spec_hash(base)) == 64

@@ -99,7 +99,7 @@ class Arm:
     family:    a registered process (ar, d3pm, mdlm, sedd), gpt2 (the gpt2-hf backbone with the AR process),
                d3pm-uniform or sedd-uniform (process.transition uniform).
     overrides: run-config overrides of this arm only, nested or dotted (``{process: {T: 100}}`` or
-               ``{process.T: 100}``); applied after the shared ones.
+               ``{process.T: 100}``; kept dotted and typed); applied after the shared ones.
     samplers:  samplers evaluated for this arm; empty = the family's default sampler.
     steps:     sampling step counts for this arm's step samplers; empty = evaluation.samples.steps.
     """
@@ -241,7 +241,6 @@ class CompareSpec:
             raise DlmError(f"seeds: duplicated seed in {list(self.seeds)}")
         _validate_budget(self.budget)
         _validate_evaluation(self.evaluation, self.corpus)
-        _flat_overrides(self.shared, "shared")
         for i, arm in enumerate(self.arms):
             cfg = arm_run_config(self, arm, self.seeds[0])
             _check_samplers(cfg, arm, i, self.evaluation.samples.steps)
@@ -314,19 +313,39 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
         raise DlmError(f"evaluation.evaluator: expected judge-ar, hf:DIR or true-language, got {ev!r}")
 
 
-def _flat_overrides(d: Any, where: str) -> dict[str, Any]:
-    """``{process: {T: 100}, "train.lr": 1e-3}`` -> ``{"process.T": 100, "train.lr": 1e-3}``; reserved keys refused."""
+def _flatten(d: Any, where: str) -> dict[str, Any]:
+    """``{process: {T: 1}, "train.lr": 2}`` -> ``{"process.T": 1, "train.lr": 2}``."""
     if not isinstance(d, dict):
         raise DlmError(f"{where}: expected a mapping of run-config overrides, got {d!r}")
     out: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in _flat_overrides(value, f"{where}.{key}").items()})
+            out.update({f"{key}.{k}": v for k, v in _flatten(value, where).items()})
         else:
             out[str(key)] = value
-    for key in out:
+    return out
+
+
+def _typed_overrides(d: Any, where: str) -> dict[str, Any]:
+    """Run-config overrides in one canonical form: ``{process: {T: "100"}, "train.lr": "3e-4"}`` ->
+    ``{"process.T": 100, "train.lr": 0.0003}``, each value parsed with its run-config field's type (so equal
+    settings hash equally); unknown keys and the keys the spec itself sets (``RESERVED_KEYS``) are refused."""
+    from dlm.config import SECTIONS
+
+    out: dict[str, Any] = {}
+    for key, value in _flatten(d, where).items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS:
+            raise DlmError(
+                f"{where}: unknown run-config section {section!r} in {key!r}{_suggest(section, [*SECTIONS])}"
+            )
+        names = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        if name not in names:
+            raise DlmError(f"{where}: unknown run-config key {key!r}{_suggest(name, names)}")
         if key in RESERVED_KEYS:
             raise DlmError(f"{where}: {key} cannot be overridden ({RESERVED_KEYS[key]})")
+        tp = _hints(SECTIONS[section])[name]
+        out[key] = True if value is None and tp is bool else _coerce(value, tp, f"{where}.{key}")
     return out
 
 
@@ -360,9 +379,9 @@ def arm_run_config(spec: CompareSpec, arm: Arm, seed: int, data_dir: str | None 
         fixed |= {"train.max_steps": 0, "train.max_tokens": b.tokens, "train.time_limit_min": None}
     elif b.minutes is not None:
         fixed |= {"train.time_limit_min": b.minutes}
-    overrides = _run_overrides(_flat_overrides(spec.shared, "shared"))
+    overrides = _run_overrides(_typed_overrides(spec.shared, "shared"))
     overrides += _run_overrides(dict(family))
-    overrides += _run_overrides(_flat_overrides(arm.overrides, f"arms.{arm.name}.overrides"))
+    overrides += _run_overrides(_typed_overrides(arm.overrides, f"arm {arm.name!r} overrides"))
     overrides += _run_overrides(fixed)
     try:
         return load_config(spec.base, overrides)
@@ -420,11 +439,8 @@ def _value(tp: Any, value: Any, path: str) -> Any:
             raise DlmError(f"{path}: expected a list, got {value!r}")
         (elem,) = typing.get_args(tp)
         return [_value(elem, v, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        value = {} if value is None else value
-        if not isinstance(value, dict):
-            raise DlmError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+    if origin is dict:  # run-config overrides
+        return _typed_overrides({} if value is None else value, path)
     return _coerce(value, tp, path)
 
 
@@ -460,7 +476,7 @@ def _set_override(spec: CompareSpec, key: str, value: str | None) -> None:
         if isinstance(current, dict):
             if not parts:
                 raise DlmError(f"{where}: give a key inside it, e.g. --{where}.train.lr 3e-4")
-            current[".".join(parts)] = value
+            current.update(_typed_overrides({".".join(parts): value}, where))
             return
         if dataclasses.is_dataclass(current) or isinstance(current, list):
             if not parts:
