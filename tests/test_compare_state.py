@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,18 @@ def test_statuses_tokens_and_minutes_budget(tmp_path: Path, smoke: CompareSpec) 
         assert cdir.status("ar", 1) == "partial"
         assert cdir.status("mdlm", 0) == "missing"
         assert cdir.status("mdlm", 1) == "finished"
+
+
+def test_statuses_of_a_real_run(tmp_path: Path, smoke: CompareSpec, tiny_ar_run: Path) -> None:
+    """The trainer's own state.json: the tiny run did 20 steps of 8 rows x 32 tokens = 5120 tokens."""
+    cases = [({"steps": 20}, "finished"), ({"steps": 21}, "partial"), ({"tokens": 5120}, "finished")]
+    cases.append(({"tokens": 5121}, "partial"))
+    for i, (budget, expected) in enumerate(cases):
+        spec = copy.deepcopy(smoke)
+        spec.budget.steps = None
+        for key, value in budget.items():
+            setattr(spec.budget, key, value)
+        with open_compare_dir(tmp_path / str(i), spec, force=False) as cdir:
+            shutil.copytree(tiny_ar_run, cdir.run_dir("ar", 0))
+            state = cdir.state("ar", 0)
+            assert (state.status, state.step, state.tokens) == (expected, 20, 5120), budget
