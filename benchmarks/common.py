@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dlm.eval.speed import machine_info as speed_machine_info
 from dlm.io import write_json_atomic
 
 
@@ -24,17 +24,8 @@ def load_avg() -> list[float] | None:
 
 
 def machine_info(device: torch.device, **extra: Any) -> dict[str, Any]:
-    """The machine a result was measured on: platform, CPU count, threads, torch version, device (+ extra)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        **extra,
-    }
+    """The machine a result was measured on (``dlm.eval.speed.machine_info``), plus ``extra``."""
+    return {**speed_machine_info(device), **extra}
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 
@@ -40,7 +40,7 @@ class ARRunJudge:
     """A loaded dlm run with an exact likelihood (``dlm.rundir.load_run``) as judge.
 
     Each sample x = (x_1, ..., x_m) becomes the row (b, x_1, ..., x_m), b the run's document boundary
-    (``dlm.eval.run.start_ids``: EOS in ``wrap`` data, else BOS when the tokenizer has one); rows of a batch are
+    (``dlm.eval.run.boundary_id``: EOS in ``wrap`` data, else BOS when the tokenizer has one); rows of a batch are
     right-padded with PAD (mask False). ``process.nll`` scores positions 1..m of the row (position 0 is context,
     ``scored_positions``), so every generated token is scored:
 
@@ -71,14 +71,10 @@ class ARRunJudge:
     @classmethod
     def from_run(cls, run: Any, batch_size: int = 32) -> ARRunJudge:
         """The judge of a ``LoadedRun``: its model, process, document boundary and model context."""
-        from types import SimpleNamespace
+        from dlm.eval.run import boundary_id
 
-        from dlm.eval.run import start_ids
-
-        # start_ids reads only the tokenizer's specials when there is no prompt.
-        head = start_ids(run.data_meta, cast(Any, SimpleNamespace(specials=run.process.specials)), None)
-        assert len(head) == 1, head
-        return cls(run.model, run.process, head[0], int(run.cfg.model.context), batch_size=batch_size)
+        head = boundary_id(run.data_meta, run.process.specials)
+        return cls(run.model, run.process, head, int(run.cfg.model.context), batch_size=batch_size)
 
     def rows(self, ids_list: Sequence[Any]) -> list[list[int]]:
         """The judge's rows (boundary + sample), checked against its vocabulary and context."""

@@ -22,6 +22,7 @@ import torch
 
 from dlm.data.loader import Loader
 from dlm.data.shards import ShardSplit, open_split
+from dlm.data.specials import SpecialIds
 from dlm.data.tokenizers import Tokenizer, load_tokenizer
 from dlm.errors import DlmError
 from dlm.eval.likelihood import bits_per_byte, evaluate_nll
@@ -198,14 +199,15 @@ def likelihood_settings(
     }
 
 
-def start_ids(meta: dict[str, Any], tokenizer: Tokenizer, prompt: str | None) -> list[int]:
-    """The conditioning ids of a sample: a document boundary, then the prompt.
+def boundary_id(meta: dict[str, Any], specials: SpecialIds) -> int:
+    """The id a fresh document starts after: EOS in ``wrap`` data (documents follow an EOS), BOS in ``pad``
+    data (rows start with BOS) when the tokenizer has one, else EOS."""
+    return specials.eos if meta["mode"] == "wrap" or specials.bos is None else specials.bos
 
-    In ``wrap`` data documents follow an EOS, so a fresh document starts after EOS; in ``pad`` data rows
-    start with BOS (when the tokenizer has one).
-    """
-    sp = tokenizer.specials
-    head = [sp.eos] if meta["mode"] == "wrap" or sp.bos is None else [sp.bos]
+
+def start_ids(meta: dict[str, Any], tokenizer: Tokenizer, prompt: str | None) -> list[int]:
+    """The conditioning ids of a sample: a document boundary (``boundary_id``), then the prompt."""
+    head = [boundary_id(meta, tokenizer.specials)]
     if prompt is None:
         return head
     ids = encode_text(tokenizer, prompt, "prompt")

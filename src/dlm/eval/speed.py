@@ -276,7 +276,7 @@ def _cpu_model() -> str:
 def machine_info(device: torch.device | str) -> dict[str, Any]:
     """The machine a speed was measured on: CPU model, cores, torch threads, torch version, device name, load.
 
-    (benchmarks/common.py has a similar helper for the scripts; it is not importable from the package.)
+    The benchmark scripts record it too (benchmarks/common.py calls this function).
     """
     device = torch.device(device)
     return {

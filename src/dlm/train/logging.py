@@ -17,12 +17,11 @@ Non-finite floats are written as null, so every line is strict JSON (written wit
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 from typing import IO, Any
 
-from dlm.io import json_line
+from dlm.io import json_line, write_text_atomic
 from dlm.rundir import METRICS_FILE, read_jsonl
 
 
@@ -37,12 +36,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.writelines(json_line(r) + "\n" for r in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json_line(r) + "\n" for r in kept))
 
 
 def _fmt_count(x: float) -> str:
