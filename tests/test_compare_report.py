@@ -1,0 +1,159 @@
+"""The comparison report (dlm.compare.report, dlm.compare.figures) from a fake comparison directory."""
+
+from __future__ import annotations
+
+import base64
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dlm.compare.figures import pareto_front
+from dlm.compare.report import build_report, load_results, summary_lines, trajectory_frames
+from dlm.errors import DlmError
+from tests.compare_fixture import SAMPLE_LEN, STEPS, likelihood_nll, make_compare_dir, parse_html
+
+ARMS = ("ar", "mdlm")
+SEEDS = (0, 1)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    root = make_compare_dir(tmp_path_factory.mktemp("report"), arms=ARMS, seeds=SEEDS)
+    return root, build_report(root)
+
+
+def test_files_written(built: tuple[Path, dict[str, Path]]) -> None:
+    root, paths = built
+    assert paths == {"md": root / "report.md", "html": root / "report.html", "figures": root / "figures"}
+    names = sorted(p.name for p in paths["figures"].iterdir())
+    assert names == sorted(
+        f"{n}.png"
+        for n in ("training_loss", "learning_rate", "validation_nll", "genppl_steps", "genppl_entropy", "speed_quality")
+    )
+    assert all(p.read_bytes().startswith(PNG) for p in paths["figures"].iterdir())
+    assert not any(p.name.startswith(".") for p in root.rglob("*")), "no temporary file left behind"
+
+
+def test_likelihood_rows_carry_relation_and_mean_std_over_seeds(built: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = built
+    tables, _ = parse_html(paths["html"].read_text())
+    rows = tables["likelihood"]
+    assert set(rows) == {f"likelihood-{a}" for a in ARMS}
+    for i, arm in enumerate(ARMS):
+        nll = [likelihood_nll(i, s) for s in SEEDS]
+        rel = "=" if arm == "ar" else "≤"
+        assert rows[f"likelihood-{arm}"][3] == f"{rel} {statistics.fmean(nll):.4f} ± {statistics.stdev(nll):.4f}"
+        assert rows[f"likelihood-{arm}"][-1] == str(len(SEEDS))
+        for s in SEEDS:
+            cell = tables["likelihood-seeds"][f"likelihood-{arm}-seed{s}"][3]
+            assert cell == f"{rel} {likelihood_nll(i, s):.4f} ± 0.0100"
+    # by hand: AR's seeds 2.00 and 2.03 -> mean 2.015, sample std 0.03 / sqrt(2) = 0.02121
+    assert rows["likelihood-ar"][3] == "= 2.0150 ± 0.0212"
+    md = paths["md"].read_text()
+    assert "| ar | ar | test | = 2.0150 ± 0.0212 |" in md
+
+
+def test_quality_speed_and_sample_tables(built: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = built
+    text = paths["html"].read_text()
+    tables, _ = parse_html(text)
+    assert set(tables["quality"]) == {"quality-ar-ar-–"} | {f"quality-mdlm-ddpm_cache-{s}" for s in STEPS}
+    # gen PPL (seq mean) of mdlm at S=4: seeds 14 + 16 and 14.5 + 16 -> 30.25 ± 0.5/sqrt(2)
+    assert tables["quality"]["quality-mdlm-ddpm_cache-4"][4] == "30.25 ± 0.35"
+    assert len(tables["speed"]) == 3 * 2  # (AR + 2 step counts) x 2 batch sizes
+    assert tables["speed-quality"]["sq-mdlm-ddpm_cache-16"][-1] == "speed protocol, batch 1"
+    assert {r.split("-")[1] for r in tables["samples"]} == set(ARMS)
+    assert "&lt;b&gt;&amp;x0" in text and "<b>&x0" not in text, "sample text is HTML-escaped"
+
+
+def test_trajectory_view(built: tuple[Path, dict[str, Path]]) -> None:
+    tables, _ = parse_html(built[1]["html"].read_text())
+    frames = list(tables["trajectory"].values())
+    assert [f[0] for f in frames] == ["4 / 16", "8 / 16", "12 / 16", "16 / 16"]
+    assert "░" in frames[0][2] and "░" not in frames[-1][2]
+    assert frames[-1][1] == f"{SAMPLE_LEN} / {SAMPLE_LEN}"
+
+
+def test_trajectory_frames_by_hand() -> None:
+    frames = trajectory_frames([1, 3, 2, 4], list("abcd"), steps=4)
+    assert frames == [(1, 1, "a░░░"), (2, 2, "a░c░"), (3, 3, "abc░"), (4, 4, "abcd")]
+
+
+def test_pareto_front_by_hand() -> None:
+    pts = [(1.0, 30.0), (2.0, 10.0), (3.0, 20.0), (0.5, 50.0), (2.0, 12.0)]
+    assert pareto_front(pts) == [(0.5, 50.0), (1.0, 30.0), (2.0, 10.0)]
+
+
+def test_html_is_self_contained(built: tuple[Path, dict[str, Path]]) -> None:
+    _, paths = built
+    text = paths["html"].read_text()
+    _, links = parse_html(text)
+    imgs = [v for tag, k, v in links if tag == "img"]
+    assert len(imgs) == len(list(paths["figures"].iterdir())) == 6
+    assert all(v.startswith("data:image/png;base64,") for v in imgs)
+    assert base64.b64decode(imgs[0].split(",", 1)[1]).startswith(PNG)
+    assert not [v for _, _, v in links if v.startswith(("http://", "https://"))]
+    assert "<script" not in text
+
+
+def test_formal_corpus_ter_ser_and_missing_figures_said(tmp_path: Path) -> None:
+    root = make_compare_dir(tmp_path, arms=("ar", "mdlm"), seeds=(0,), formal=True)
+    paths = build_report(root)
+    assert (paths["figures"] / "ter_ser.png").exists()
+    assert not (paths["figures"] / "genppl_steps.png").exists()
+    text = paths["html"].read_text()
+    tables, links = parse_html(text)
+    assert len([1 for tag, _, _ in links if tag == "img"]) == len(list(paths["figures"].iterdir()))
+    assert 'id="fig-genppl_steps"' in text and "Gen PPL against sampling steps: not drawn" in text
+    # one seed: a mean without ± std; TER of mdlm at S=4 by hand: 1.2 + 8/4 + 0.1 = 3.3
+    assert tables["quality"]["quality-mdlm-ddpm_cache-4"][-2] == "3.3000"
+    assert "not drawn" in paths["md"].read_text()
+
+
+def test_missing_or_corrupt_results_refused_and_nothing_written(tmp_path: Path) -> None:
+    with pytest.raises(DlmError, match="no results.json .run dlm compare first") as e:
+        build_report(tmp_path)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "results.json").write_text('{"rows": [')
+    with pytest.raises(DlmError, match="unreadable") as e:
+        build_report(tmp_path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "results.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(DlmError, match="not a dlm compare results file"):
+        build_report(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_rebuild_is_idempotent(built: tuple[Path, dict[str, Path]]) -> None:
+    root, paths = built
+    md, html_text = paths["md"].read_text(), paths["html"].read_text()
+    build_report(root)
+    assert paths["md"].read_text() == md
+    assert paths["html"].read_text() == html_text
+    assert "2026-01-02T03:04:05Z" in md  # results.json's created, not the clock
+
+
+def test_summary_lines(built: tuple[Path, dict[str, Path]]) -> None:
+    lines = summary_lines(load_results(built[0]))
+    arm_lines = [line for line in lines if not line.startswith((" ", "fixture"))]
+    assert [line.split()[0] for line in arm_lines] == list(ARMS)
+    assert "NLL = 2.0150 ± 0.0212 (2 seeds)" in arm_lines[0]
+    assert arm_lines[1].split("NLL ")[1].startswith("≤ ")
+    assert sum(line.startswith("  ddpm_cache S=") for line in lines) == len(STEPS)
+    assert any("gen PPL 30.25 ± 0.35 (seq mean)" in line and "s/seq" in line for line in lines)
+
+
+def test_import_leaves_training_code_out() -> None:
+    code = (
+        "import sys, dlm.compare.report\n"
+        "bad = [m for m in ('dlm.train', 'dlm.compare.runner') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
