@@ -1,0 +1,584 @@
+"""The per-run evaluation stages of ``dlm compare``: samples, their quality, sampling speed (docs/COMPARE.md).
+
+Each stage reads a run directory and writes one file into ``RUN/eval/`` named by its settings
+(:func:`dlm.eval.results.result_path`): the same settings reuse the file, other settings give another one.
+
+- :func:`sample_set`: N unconditional samples of one (sampler, steps), continuing the document boundary
+  (``dlm.eval.run.start_ids``) up to the data's row length; ``samples-{sampler}-steps{S|none}-step{N}-{hash}.json``.
+- :func:`quality_set`: an :class:`Evaluator` scores a samples file (generative perplexity by a judge, or TER/SER
+  under the true language of a ``formal:`` corpus) next to the samples' diversity;
+  ``quality-{sampler}-steps{S|none}-step{N}-{hash}.json`` beside the samples file.
+- :func:`speed_set`: ``dlm.eval.speed.measure_sampling`` per (sampler, steps, batch size) and the thesis protocol
+  per (sampler, steps); ``speed-step{N}-{hash}.json``.
+
+Every check of the caller's input is made before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlm.errors import DlmError
+from dlm.eval.diversity import diversity_summary, repetition_rate, unigram_entropy
+from dlm.eval.formal import GENERATION_DEFINITIONS, formal_generation_metrics, run_language, symbol_table
+from dlm.eval.genppl import ARRunJudge, Judge, gen_ppl_summary
+from dlm.eval.results import check_device, check_writable, find_results, result_path, reusable, settings_hash
+from dlm.eval.run import run_tokenizer, start_ids
+from dlm.eval.speed import machine_info, measure_sampling, thesis_protocol
+from dlm.io import write_json_atomic
+from dlm.process.base import Process, SampleResult
+from dlm.rundir import LoadedRun, load_run, read_run_info
+
+__all__ = [
+    "Evaluator",
+    "JudgeEvaluator",
+    "Scores",
+    "TrueLanguageEvaluator",
+    "judge_from_run",
+    "quality_set",
+    "sample_set",
+    "speed_set",
+]
+
+#: Versions of the three protocols, part of each file's settings: bump one when a change makes old files
+#: incomparable, so they are recomputed rather than reused.
+SAMPLES_PROTOCOL = 1
+QUALITY_PROTOCOL = 1
+SPEED_PROTOCOL = 1
+
+Log = Callable[[str], None] | None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise DlmError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resolve_setting(process: Process, sampler: str | None, steps: int | None, length: int) -> tuple[str, int | None]:
+    """(sampler name, steps) as they go into a file: the family's default sampler for None; steps None for a
+    sampler without steps (``SamplerSpec.takes_steps`` False; steps given for it is refused), else ``steps`` or
+    the family's ``default_steps(length)``."""
+    name = process.resolve_sampler(sampler)
+    if not process.sampler_specs()[name].takes_steps:
+        if steps is not None:
+            raise DlmError(
+                f"the {process.name} sampler {name!r} takes no steps (one network call per token); give steps=None"
+            )
+        return name, None
+    return name, _check_int("steps", process.default_steps(length) if steps is None else steps, 1)
+
+
+def readable_name(sampler: str, steps: int | None, checkpoint_step: int) -> str:
+    """``{sampler}-steps{S|none}-step{N}``: the readable part of the samples and quality file names."""
+    return f"{sampler}-steps{'none' if steps is None else steps}-step{checkpoint_step}"
+
+
+def _data_fingerprints(run: LoadedRun) -> dict[str, Any]:
+    return {
+        "source": run.data_meta.get("source", {}).get("fingerprint"),
+        "tokenizer": run.data_meta["tokenizer"]["fingerprint"],
+    }
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def sample_set(
+    run_dir: str | Path,
+    *,
+    sampler: str | None,
+    steps: int | None,
+    n: int,
+    seed: int,
+    temperature: float,
+    batch_size: int,
+    device: str = "cpu",
+    force: bool = False,
+    log: Log = None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """``n`` unconditional samples of a run's last checkpoint (EMA weights when kept) for one (sampler, steps).
+
+    Each row starts with the document boundary and runs up to the data's row length ``seq_len`` (an AR row may
+    stop earlier at its EOS); rows are drawn ``batch_size`` at a time from one ``torch.Generator`` seeded with
+    ``seed``. Every sample drawn is kept. Per batch the wall time is perf_counter around ``process.sample`` with
+    the device synchronised. Returns (record, path); an existing file with the same settings is returned as
+    it is (``log`` says "reused PATH") unless ``force``. ``progress(done, n)`` after each batch.
+    """
+    _check_int("number of samples", n, 1)
+    _check_int("sample batch size", batch_size, 1)
+    _check_int("sample seed", seed, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise DlmError(f"temperature must be a number >= 0, got {temperature!r}")
+    dev = check_device(device)
+    run = load_run(run_dir, device=device)
+    tok = run_tokenizer(run)
+    prompt = start_ids(run.data_meta, tok, None)
+    length = int(run.data_meta["seq_len"])
+    name, steps = resolve_setting(run.process, sampler, steps, length)
+    settings = {
+        "protocol": SAMPLES_PROTOCOL,
+        "family": run.process.name,
+        "sampler": name,
+        "steps": steps,
+        "temperature": float(temperature),
+        "n": n,
+        "length": length,
+        "seed": seed,
+        "batch_size": batch_size,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "device": dev.type,
+        "process": asdict(run.cfg.process),
+        "data": _data_fingerprints(run),
+    }
+    path = result_path(run_dir, "samples", readable_name(name, steps, run.step), settings)
+    if not force and (old := reusable(path, settings)) is not None:
+        if log is not None:
+            log(f"reused {path}")
+        return old, path
+    check_writable(path.parent)
+    opts: dict[str, Any] = {"temperature": float(temperature)}
+    if steps is not None:
+        opts["steps"] = steps
+    if run.process.sampler_specs()[name].trajectory:
+        opts["return_trajectory"] = True
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    samples: list[dict[str, Any]] = []
+    nfes: list[int] = []
+    wall = 0.0
+    for batch, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        _sync(dev)
+        t0 = time.perf_counter()
+        result = run.process.sample(run.model, b, length, sampler=name, prompt_ids=prompt, generator=gen, **opts)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        wall += dt
+        nfes.append(int(result.nfe))
+        samples += _sample_rows(result, tok.decode, start=start, batch=batch, wall_s=dt, length=length)
+        if progress is not None:
+            progress(start + b, n)
+    record = {
+        "kind": "samples",
+        "settings": settings,
+        "family": run.process.name,
+        "sampler": name,
+        "steps": steps,
+        "temperature": float(temperature),
+        "n": n,
+        "length": length,
+        "prompt_ids": prompt,
+        "seed": seed,
+        "batch_size": batch_size,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "tokenizer": tok.name,
+        "device": str(dev),
+        "nfe": sum(nfes) / len(nfes),
+        "nfe_per_batch": nfes,
+        "wall_s": wall,
+        "wall_s_per_sequence": wall / n,
+        "created": _now(),
+        "samples": samples,
+    }
+    write_json_atomic(path, record)
+    if log is not None:
+        log(f"{n} samples {run.process.name} {name} steps {steps}: {wall / n:.4f} s/sequence -> {path}")
+    return record, path
+
+
+def _sample_rows(
+    result: SampleResult, decode: Callable[[list[int]], str], *, start: int, batch: int, wall_s: float, length: int
+) -> list[dict[str, Any]]:
+    """The per-sample records of one batch: generated ids (after the prompt, up to the row's returned length,
+    an EOS that stopped it included), their text, and the step that revealed each (or None)."""
+    P = result.prompt_len
+    ids_NL = result.ids_NL.cpu()
+    lengths_N = result.lengths_N.cpu()
+    traj_NL = result.trajectory_NL.cpu() if result.trajectory_NL is not None else None
+    rows = []
+    for i in range(ids_NL.shape[0]):
+        end = int(lengths_N[i])
+        ids = ids_NL[i, P:end].tolist()
+        rows.append(
+            {
+                "index": start + i,
+                "batch": batch,
+                "ids": ids,
+                "text": decode(ids),
+                "tokens": len(ids),
+                "nfe": int(result.nfe),
+                "wall_s_batch": wall_s,
+                "stop": "eos" if end < length else "length",
+                "reveal_step": traj_NL[i, P:end].tolist() if traj_NL is not None else None,
+            }
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- evaluators
+
+
+@dataclass
+class Scores:
+    """What an evaluator says of a set of samples: gen PPL figures (or None), formal TER/SER figures (or None),
+    and per sample the judge's nats and scored tokens (None where the evaluator has no per-sample NLL)."""
+
+    gen_ppl: dict[str, Any] | None
+    formal: dict[str, Any] | None
+    nats: list[float | None]
+    tokens: list[int | None]
+
+
+_INFO_KEYS = ("kind", "name", "tokenizer", "retokenisation", "likelihood")
+
+
+class Evaluator(ABC):
+    """Scores the generated ids of a samples file. ``info`` is written into every quality file (the keys of
+    docs/COMPARE.md and any further identity such as a judge's run directory); ``identity()`` is the part that
+    goes into the quality settings (no figure that could change when the evaluator is re-measured)."""
+
+    info: dict[str, Any]
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.info.items() if k != "likelihood"}
+
+    def check(self, run_dir: Path) -> None:  # noqa: B027 - the default evaluator accepts every run
+        """Refuse (DlmError, one line) the samples of a run this evaluator cannot score."""
+
+    @abstractmethod
+    def score(self, ids_list: list[list[int]]) -> Scores:
+        """Score the samples (generated ids only, as in the samples file)."""
+
+
+def _check_info(info: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in _INFO_KEYS if k not in info]
+    if missing:
+        raise DlmError(f"evaluator info lacks {', '.join(missing)} (needs {', '.join(_INFO_KEYS)})")
+    return dict(info)
+
+
+class JudgeEvaluator(Evaluator):
+    """Generative perplexity by a judge (``dlm.eval.genppl.Judge``): gen_ppl_summary of its per-sample nats.
+
+    The judge reads the arms' token ids as they are, so it must share their tokenizer: ``tokenizer_fingerprint``
+    (the judge's) must equal that of the samples' run, unless the judge retokenises text itself (an attribute
+    ``retokenises = True``).
+    """
+
+    def __init__(self, judge: Judge, info: dict[str, Any], tokenizer_fingerprint: str | None = None) -> None:
+        self.judge = judge
+        self.info = _check_info(info)
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.retokenises = bool(getattr(judge, "retokenises", False))
+
+    def identity(self) -> dict[str, Any]:
+        out = super().identity()
+        if self.tokenizer_fingerprint is not None:
+            out["tokenizer_fingerprint"] = self.tokenizer_fingerprint
+        return out
+
+    def check(self, run_dir: Path) -> None:
+        if self.retokenises:
+            return
+        arm = read_run_info(run_dir)["data_meta"]["tokenizer"]
+        if self.tokenizer_fingerprint != arm.get("fingerprint"):
+            raise DlmError(
+                f"judge {self.info['name']} reads token ids of tokenizer {self.info['tokenizer']} with another "
+                f"vocabulary than the {arm.get('name')} of run {run_dir} (fingerprints differ) and does not "
+                "retokenise; judge with a run trained on the same data"
+            )
+
+    def score(self, ids_list: list[list[int]]) -> Scores:
+        nats_S, tokens_S = self.judge.token_nll(ids_list)
+        return Scores(gen_ppl_summary(nats_S, tokens_S), None, nats_S.tolist(), tokens_S.tolist())
+
+
+def judge_from_run(judge_run_dir: str | Path, device: str = "cpu", batch_size: int = 32) -> JudgeEvaluator:
+    """An AR run as judge (``ARRunJudge``, last checkpoint, EMA weights when kept); its info holds the run's
+    directory name, path and checkpoint step, tokenizer, and its newest likelihood record at that checkpoint
+    (``find_results(judge_run, "likelihood")``) or None."""
+    check_device(device)
+    run = load_run(judge_run_dir, device=device)
+    judge = ARRunJudge.from_run(run, batch_size=batch_size)
+    found = find_results(judge_run_dir, "likelihood", checkpoint_step=run.step)
+    path = Path(judge_run_dir).resolve()
+    tok = run.data_meta["tokenizer"]
+    info = {
+        "kind": "judge-ar",
+        "name": path.name,
+        "tokenizer": tok["name"],
+        "retokenisation": "none: the judge shares the arms' tokenizer",
+        "likelihood": found[-1][1] if found else None,
+        "run_dir": str(path),
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+    }
+    return JudgeEvaluator(judge, info, tokenizer_fingerprint=tok["fingerprint"])
+
+
+class TrueLanguageEvaluator(Evaluator):
+    """TER / SER of samples of a run on a ``formal:`` corpus under the language that generated its data
+    (``dlm.eval.formal``: ``run_language``, ``symbol_table``, ``formal_generation_metrics``).
+
+    A sample's document is its ids up to its first EOS (the rows of the data are ``[BOS] x_1..x_L [EOS] PAD``);
+    a document of exactly L ids maps id by id to symbols (``symbol_table``; a non-symbol id becomes -1), a
+    document of another length becomes a row of -1. ``formal_generation_metrics(..., allow_non_symbols=True)``
+    counts every row holding -1 as out of support for SER and leaves it out of TER, as ``evaluate_generation``
+    does.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        run = load_run(run_dir, device="cpu")
+        self.language, self.length = run_language(run)
+        tok = run_tokenizer(run)
+        self.table = symbol_table(tok, self.language.vocab_size, run.process.vocab_size)
+        self.eos = int(run.process.specials.eos)
+        self.source_fingerprint = run.data_meta["source"].get("fingerprint")
+        self.info = {
+            "kind": "true-language",
+            "name": run.data_meta["source"].get("spec"),
+            "tokenizer": tok.name,
+            "retokenisation": "none: each token id of a symbol is that symbol (dlm.eval.formal.symbol_table)",
+            "likelihood": None,
+            "language": self.language.params(),
+            "length": self.length,
+            "source_fingerprint": self.source_fingerprint,
+        }
+
+    def check(self, run_dir: Path) -> None:
+        source = read_run_info(run_dir)["data_meta"].get("source", {})
+        if source.get("fingerprint") != self.source_fingerprint:
+            raise DlmError(
+                f"run {run_dir} was trained on {source.get('spec')!r}, not on the corpus of this true-language "
+                f"evaluator ({self.info['name']!r}); score each run with its own language"
+            )
+
+    def symbols(self, ids_list: Sequence[Sequence[int]]) -> np.ndarray:
+        """int64 [N, L]: each sample's document as symbols, -1 for a non-symbol id or a document not of length L."""
+        out = np.full((len(ids_list), self.length), -1, dtype=np.int64)
+        size = len(self.table)
+        for s, ids in enumerate(ids_list):
+            doc = list(ids[: list(ids).index(self.eos)] if self.eos in ids else ids)
+            if len(doc) == self.length:
+                x = np.asarray(doc, dtype=np.int64)
+                out[s] = np.where((x >= 0) & (x < size), self.table[np.clip(x, 0, size - 1)], -1)
+        return out
+
+    def score(self, ids_list: list[list[int]]) -> Scores:
+        if not ids_list:
+            raise DlmError("no samples to score")
+        m = formal_generation_metrics(self.language, self.symbols(ids_list), allow_non_symbols=True)
+        formal = {**m, "definitions": {k: v for k, v in GENERATION_DEFINITIONS.items() if k in m}}
+        return Scores(None, formal, [None] * len(ids_list), [None] * len(ids_list))
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def _read_samples(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except OSError as e:
+        raise DlmError(f"cannot read samples file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DlmError(f"corrupt samples file {path}: {e}") from None
+    if not isinstance(record, dict) or record.get("kind") != "samples" or not isinstance(record.get("samples"), list):
+        raise DlmError(f"{path} is not a samples file (dlm.compare.evaluate.sample_set)")
+    return record
+
+
+def quality_set(
+    samples_path: str | Path, *, evaluator: Evaluator, window: int = 100, force: bool = False, log: Log = None
+) -> tuple[dict[str, Any], Path]:
+    """Score a samples file (``RUN/eval/samples-*.json``) with ``evaluator`` and measure its diversity.
+
+    Writes ``quality-{sampler}-steps{S|none}-step{N}-{hash}.json`` beside it. Settings: the samples file's name
+    and the hash of its settings, ``evaluator.identity()`` and the repetition ``window``; an existing file with
+    the same settings is returned (``log`` says "reused PATH") unless ``force``. Per sample: the judge's nats
+    (``judge_nll``, None without a judge) and scored tokens, unigram entropy and repetition rate (``window``).
+    """
+    samples_path = Path(samples_path).resolve()
+    _check_int("repetition window", window, 1)
+    rec = _read_samples(samples_path)
+    run_dir = samples_path.parent.parent
+    evaluator.check(run_dir)
+    settings = {
+        "protocol": QUALITY_PROTOCOL,
+        "samples_file": samples_path.name,
+        "samples_settings_hash": settings_hash(rec["settings"]),
+        "evaluator": evaluator.identity(),
+        "window": window,
+    }
+    readable = readable_name(rec["sampler"], rec["steps"], rec["checkpoint_step"])
+    path = result_path(run_dir, "quality", readable, settings)
+    assert path.parent == samples_path.parent, (path, samples_path)
+    if not force and (old := reusable(path, settings)) is not None:
+        if log is not None:
+            log(f"reused {path}")
+        return old, path
+    check_writable(path.parent)
+    ids_list = [s["ids"] for s in rec["samples"]]
+    scores = evaluator.score(ids_list)
+    per_sample = [
+        {
+            "index": s["index"],
+            "judge_nll": nats,
+            "judge_tokens": toks,
+            "entropy": unigram_entropy(s["ids"]),
+            "repetition_rate": repetition_rate(s["ids"], window),
+        }
+        for s, nats, toks in zip(rec["samples"], scores.nats, scores.tokens, strict=True)
+    ]
+    record = {
+        "kind": "quality",
+        "settings": settings,
+        "samples_file": samples_path.name,
+        "family": rec.get("family"),
+        "sampler": rec["sampler"],
+        "steps": rec["steps"],
+        "checkpoint_step": rec["checkpoint_step"],
+        "nfe": rec["nfe"],
+        "wall_s_per_sequence": rec["wall_s_per_sequence"],
+        "evaluator": evaluator.info,
+        "gen_ppl": scores.gen_ppl,
+        "diversity": diversity_summary(ids_list, window),
+        "formal": scores.formal,
+        "per_sample": per_sample,
+        "created": _now(),
+    }
+    write_json_atomic(path, record)
+    if log is not None:
+        g = scores.gen_ppl
+        shown = f"gen PPL {g['gen_ppl_pooled']}" if g else f"TER {scores.formal and scores.formal.get('ter')}"
+        log(f"quality {rec['sampler']} steps {rec['steps']} ({evaluator.info['kind']}): {shown} -> {path}")
+    return record, path
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def speed_set(
+    run_dir: str | Path,
+    *,
+    settings: list[tuple[str | None, int | None]],
+    batch_sizes: list[int],
+    repeats: int,
+    protocol_tokens: int,
+    seed: int = 0,
+    warmup: int = 1,
+    device: str = "cpu",
+    force: bool = False,
+    log: Log = None,
+) -> tuple[dict[str, Any], Path]:
+    """Sampling speed of a run's last checkpoint: ``measure_sampling`` for each (sampler, steps) in ``settings``
+    and each batch size, and ``thesis_protocol`` (batch 4 until ``protocol_tokens`` tokens) per (sampler, steps)
+    when ``protocol_tokens`` > 0; rows of the data's row length continuing the document boundary.
+
+    One file ``speed-step{N}-{hash}.json``; its settings hold the lists, repeats, warm-up, token target, seed,
+    device type, checkpoint and the machine (CPU model, device name, torch version and threads), so a speed
+    measured on another machine is another file. Returns (record, path); reuse as the other stages.
+    """
+    if not settings:
+        raise DlmError("speed needs at least one (sampler, steps) setting")
+    if not batch_sizes:
+        raise DlmError("speed needs at least one batch size")
+    for b in batch_sizes:
+        _check_int("speed batch size", b, 1)
+    _check_int("speed repeats", repeats, 1)
+    _check_int("speed warmup", warmup, 0)
+    _check_int("protocol tokens", protocol_tokens, 0)
+    _check_int("speed seed", seed, 0)
+    dev = check_device(device)
+    run = load_run(run_dir, device=device)
+    prompt = start_ids(run.data_meta, run_tokenizer(run), None)
+    length = int(run.data_meta["seq_len"])
+    resolved = [resolve_setting(run.process, s, st, length) for s, st in settings]
+    if len(set(resolved)) != len(resolved):
+        raise DlmError(f"speed settings repeat a (sampler, steps): {resolved}")
+    machine = machine_info(dev)
+    key = {
+        "protocol": SPEED_PROTOCOL,
+        "settings": [[name, steps] for name, steps in resolved],
+        "batch_sizes": list(batch_sizes),
+        "repeats": repeats,
+        "warmup": warmup,
+        "protocol_tokens": protocol_tokens,
+        "seed": seed,
+        "length": length,
+        "device": dev.type,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "process": asdict(run.cfg.process),
+        "machine": {k: machine[k] for k in ("cpu_model", "device_name", "torch", "torch_threads")},
+    }
+    path = result_path(run_dir, "speed", f"step{run.step}", key)
+    if not force and (old := reusable(path, key)) is not None:
+        if log is not None:
+            log(f"reused {path}")
+        return old, path
+    check_writable(path.parent)
+    common = {"length": length, "device": dev, "generator_seed": seed, "prompt_ids": prompt}
+    rows, protocol = [], []
+    for name, steps in resolved:
+        for b in batch_sizes:
+            row = measure_sampling(
+                run.process, run.model, batch_size=b, sampler=name, steps=steps, n_repeats=repeats, warmup=warmup,
+                **common,
+            )  # fmt: skip
+            rows.append(row)
+            if log is not None:
+                log(
+                    f"speed {run.process.name} {name} steps {steps} batch {b}: {row['seconds_per_sequence']:.4f} "
+                    f"s/sequence, {row['tokens_per_s']:.0f} tokens/s, nfe {row['nfe']}"
+                )
+        if protocol_tokens > 0:
+            p = thesis_protocol(
+                run.process, run.model, sampler=name, steps=steps, token_target=protocol_tokens, warmup=warmup,
+                **common,
+            )  # fmt: skip
+            protocol.append(p)
+            if log is not None:
+                log(
+                    f"speed protocol {run.process.name} {name} steps {steps}: {p['batches_per_s']:.2f} batches/s, "
+                    f"{p['tokens_per_s']:.0f} tokens/s over {p['generated_tokens']} tokens"
+                )
+    record = {
+        "kind": "speed",
+        "settings": key,
+        "family": run.process.name,
+        "checkpoint_step": run.step,
+        "machine": machine,
+        "rows": [_finite(r) for r in rows],
+        "protocol": [_finite(p) for p in protocol],
+        "created": _now(),
+    }
+    write_json_atomic(path, record)
+    return record, path
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    """A speed row with an infinite rate (a call timed at 0 s) written as null: the files are strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
