@@ -1,4 +1,4 @@
-"""The ``dlm`` command: prepare | train | eval | sample | infill | experiment | demo.
+"""The ``dlm`` command: prepare | train | eval | sample | infill | demo | compare | report | experiment.
 
 Bad input ends in one line ``dlm: error: ...`` on stderr and exit status 2. Hub access is off
 unless the user sets ``DLM_ONLINE=1`` (needed only to fetch a Hugging Face dataset or model).
@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from dlm.cli_compare import add_commands
 from dlm.errors import DlmError
 
 _USER_TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM" in os.environ
@@ -274,48 +275,6 @@ def cmd_infill(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- experiment
-
-
-def _int_list(values: Sequence[str]) -> list[int]:
-    out = []
-    for v in values:
-        for part in v.replace(",", " ").split():
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise DlmError(f"--steps takes integers like 8 16 32 or 8,16,32, got {v!r}") from None
-    return out
-
-
-def cmd_experiment_formal(args: argparse.Namespace) -> int:
-    """AR vs MDLM on a formal language: TER and SER against MDLM sampling steps."""
-    from dlm.experiment.formal import default_config, run_formal_experiment
-
-    cfg = default_config(
-        args.language,
-        temp_mode=args.temp_mode,
-        language_seed=args.language_seed,
-        length=args.length,
-        seed=args.seed,
-        n_train=args.n_train,
-        n_layer=args.n_layer,
-        d_model=args.d_model,
-        n_head=args.n_head,
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        steps=_int_list(args.steps) if args.steps else None,
-        n_samples=args.n_samples,
-        sample_batch_size=args.sample_batch_size,
-        device=args.device,
-        threads=args.threads,
-    )
-    out = args.out or Path("runs") / f"formal-{cfg.language}-seed{cfg.seed}"
-    run_formal_experiment(cfg, out, force=args.force)
-    return 0
-
-
 # ----------------------------------------------------------------------------- demo
 
 
@@ -541,39 +500,6 @@ def _add_infill(sub: Any) -> None:
     pi.set_defaults(func=cmd_infill)
 
 
-def _add_experiment(sub: Any) -> None:
-    """dlm experiment formal: AR vs MDLM on a formal language."""
-    px = sub.add_parser("experiment", help="named experiments: formal (AR vs MDLM, TER/SER vs sampling steps)")
-    xsub = px.add_subparsers(dest="experiment", required=True)
-    pf = xsub.add_parser(
-        "formal",
-        help="AR vs MDLM on a formal language: TER and SER against MDLM sampling steps (MDM theory paper, fig. 1)",
-        description="Prepare a formal language, train an AR model and an MDLM with one backbone config, sample both "
-        "(MDLM ddpm_cache over a sweep of step counts) and score TER/SER with the true language. Unset options "
-        "come from the language's preset: -cpu languages get a CPU preset (under 20 minutes on 2 cores).",
-    )
-    pf.add_argument("--language", default="2gram-cpu", help="formal language preset (default 2gram-cpu)")
-    pf.add_argument("--out", type=Path, default=None, help="output directory (default runs/formal-LANG-seedS)")
-    pf.add_argument("--force", action="store_true", help="redo a finished experiment / replace pieces of others")
-    pf.add_argument("--temp-mode", default=None, help="multiply (default: needed for SER > 0) or divide (SPEC)")
-    pf.add_argument("--language-seed", type=int, default=None, help="seed of the language (default: preset's)")
-    pf.add_argument("--length", type=int, default=None, help="symbols per sequence (default: the preset's)")
-    pf.add_argument("--seed", type=int, default=None, help="seed of data, trainings and samples (default 0)")
-    pf.add_argument("--n-train", type=int, default=None, help="training sequences")
-    pf.add_argument("--n-layer", type=int, default=None, help="backbone blocks (both models)")
-    pf.add_argument("--d-model", type=int, default=None, help="backbone width (both models)")
-    pf.add_argument("--n-head", type=int, default=None, help="attention heads (both models)")
-    pf.add_argument("--train-steps", type=int, default=None, help="optimizer steps of each training")
-    pf.add_argument("--batch-size", type=int, default=None, help="training sequences per step")
-    pf.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    pf.add_argument("--steps", nargs="+", default=None, help="MDLM step counts, e.g. 8 16 32 64 128")
-    pf.add_argument("--n-samples", type=int, default=None, help="sequences sampled per setting")
-    pf.add_argument("--sample-batch-size", type=int, default=None, help="rows sampled at once (16, as the paper)")
-    pf.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    pf.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU preset 1; 0 = torch's default)")
-    pf.set_defaults(func=cmd_experiment_formal)
-
-
 def _add_demo(sub: Any) -> None:
     """dlm demo: prepare, train, evaluate and sample on the embedded corpus."""
     pd = sub.add_parser(
@@ -599,8 +525,9 @@ def _add_demo(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlm", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_prepare, _add_train, _add_eval, _add_sample, _add_infill, _add_experiment, _add_demo):
+    for add in (_add_prepare, _add_train, _add_eval, _add_sample, _add_infill, _add_demo):
         add(sub)
+    add_commands(sub)  # compare, report, experiment
     return p
 
 

@@ -37,14 +37,17 @@ __all__ = [
     "CompareSpec",
     "Corpus",
     "Evaluation",
+    "JudgeSpec",
     "LikelihoodEval",
     "SampleEval",
     "SpeedEval",
     "arm_run_config",
     "available_compare_presets",
     "dump_spec",
+    "judge_run_config",
     "known_families",
     "load_compare_spec",
+    "source_options",
     "spec_from_dict",
     "spec_hash",
 ]
@@ -79,6 +82,8 @@ class Corpus:
 
     data_dir:  a prepared data directory (``dlm prepare``'s output); null = prepare it from the fields below.
     source:    corpus to prepare: shakespeare, a path, hf:NAME, formal:..., text:...
+    source_options: options of the source as KEY=VALUE strings (``dlm prepare --source-opt``), e.g.
+               ``[n_train=20000, length=64]`` for a formal language.
     tokenizer: tokenizer to prepare with: bytes, chars, bpe:N, gpt2, bert-base-uncased.
     seq_len:   row length L of the prepared shards.
     mode:      wrap (documents concatenated and cut into rows) or pad (one document per row).
@@ -86,6 +91,7 @@ class Corpus:
 
     data_dir: str | None = None
     source: str = "shakespeare"
+    source_options: tuple[str, ...] = ()
     tokenizer: str = "bpe:4096"
     seq_len: int = 256
     mode: Literal["wrap", "pad"] = "wrap"
@@ -147,12 +153,14 @@ class SampleEval:
     steps:       step counts of step samplers (AR ignores them: one network call per token).
     seed:        seed of the sampling noise.
     temperature: softmax temperature of every sampler.
+    batch_size:  rows sampled at once (the samples depend on it when n exceeds it: one generator runs through).
     """
 
     n: int = 16
     steps: tuple[int, ...] = (64, 256)
     seed: int = 0
     temperature: float = 1.0
+    batch_size: int = 16
 
 
 @dataclass
@@ -170,6 +178,23 @@ class SpeedEval:
 
 
 @dataclass
+class JudgeSpec:
+    """The judge of evaluator judge-ar: an AR model trained once per comparison on the same corpus (DIR/judge).
+
+    overrides:  run-config overrides of the judge, applied after the shared ones: make it larger than the arms
+                (e.g. ``{model: {n_layer: 4, d_model: 256}}``).
+    steps:      its training steps; 0 = the arms' budget (steps, tokens or minutes).
+    seed:       its training seed.
+    batch_size: rows scored per forward pass.
+    """
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 0
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
 class Evaluation:
     """The evaluation protocol, the same for every arm.
 
@@ -177,13 +202,17 @@ class Evaluation:
     samples:    sampling settings.
     evaluator:  who scores samples (gen PPL): judge-ar (an AR model trained once on the same corpus), hf:DIR (a
                 local causal LM directory) or true-language (a formal corpus only).
+    judge:      the judge-ar model's size and training.
     speed:      speed settings.
+    device:     where evaluation runs: auto (CUDA when available), cpu or cuda.
     """
 
     likelihood: LikelihoodEval = field(default_factory=LikelihoodEval)
     samples: SampleEval = field(default_factory=SampleEval)
     evaluator: str = "judge-ar"
+    judge: JudgeSpec = field(default_factory=JudgeSpec)
     speed: SpeedEval = field(default_factory=SpeedEval)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
@@ -244,6 +273,11 @@ class CompareSpec:
         for i, arm in enumerate(self.arms):
             cfg = arm_run_config(self, arm, self.seeds[0])
             _check_samplers(cfg, arm, i, self.evaluation.samples.steps)
+        if self.evaluation.evaluator == "judge-ar":
+            try:
+                judge_run_config(self)
+            except DlmError as e:
+                raise DlmError(f"evaluation.judge: {e}") from None
         return self
 
 
@@ -281,6 +315,13 @@ def _validate_corpus(c: Corpus) -> None:
     except DlmError as e:
         raise DlmError(f"corpus.tokenizer: {e}") from None
     _require("corpus.seq_len", c.seq_len, c.seq_len >= 2, "must be >= 2")
+    bad = [o for o in c.source_options if "=" not in o or not o.split("=", 1)[0].strip()]
+    _require("corpus.source_options", list(c.source_options), not bad, "must be KEY=VALUE strings")
+
+
+def source_options(c: Corpus) -> dict[str, str]:
+    """``corpus.source_options`` as the keyword arguments of ``dlm.data.sources.get_source``."""
+    return {k.strip(): v for k, v in (o.split("=", 1) for o in c.source_options)}
 
 
 def _validate_budget(b: Budget) -> None:
@@ -299,6 +340,9 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
     _require("evaluation.samples.n", s.n, s.n >= 1, "must be >= 1")
     _require("evaluation.samples.steps", s.steps, bool(s.steps) and all(v >= 1 for v in s.steps), "must be >= 1")
     _require("evaluation.samples.temperature", s.temperature, s.temperature >= 0, "must be >= 0")
+    _require("evaluation.samples.batch_size", s.batch_size, s.batch_size >= 1, "must be >= 1")
+    _require("evaluation.judge.steps", e.judge.steps, e.judge.steps >= 0, "must be >= 0")
+    _require("evaluation.judge.batch_size", e.judge.batch_size, e.judge.batch_size >= 1, "must be >= 1")
     _require("evaluation.speed.batch_sizes", sp.batch_sizes, all(v >= 1 for v in sp.batch_sizes), "must be >= 1")
     _require("evaluation.speed.repeats", sp.repeats, sp.repeats >= 1, "must be >= 1")
     _require("evaluation.speed.protocol_tokens", sp.protocol_tokens, sp.protocol_tokens >= 0, "must be >= 0")
@@ -387,6 +431,17 @@ def arm_run_config(spec: CompareSpec, arm: Arm, seed: int, data_dir: str | None 
         return load_config(spec.base, overrides)
     except DlmError as e:
         raise DlmError(f"arm {arm.name!r} (seed {seed}): {e}") from None
+
+
+def judge_run_config(spec: CompareSpec, data_dir: str | None = None) -> RunConfig:
+    """The run config of the judge-ar judge: an AR arm with ``evaluation.judge.overrides`` at
+    ``evaluation.judge.seed``, trained for ``evaluation.judge.steps`` steps (0 = the arms' budget)."""
+    j = spec.evaluation.judge
+    judge = Arm(name="judge", family="ar", overrides=j.overrides)
+    cfg = arm_run_config(spec, judge, j.seed, data_dir)
+    if j.steps:
+        cfg.train.max_steps, cfg.train.max_tokens, cfg.train.time_limit_min = j.steps, 0, None
+    return cfg.validate()
 
 
 def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...]) -> None:

@@ -62,7 +62,7 @@ def lock_run(run_dir: Path, rt: Runtime, held: contextlib.ExitStack) -> None:
         held.enter_context(exclusive_lock(run_dir / LOCK_FILE, run_dir))
 
 
-def _check_before_data(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
+def check_resumable(stored: RunConfig, cfg: RunConfig, run_dir: Path) -> None:
     """A resumption's configuration diff, before anything is built from it (the fields the trainer fills in
     from the data and the process, model.vocab_size and model.context when 0 and model.time_cond, are
     compared later)."""
@@ -254,7 +254,7 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         if run_dir.is_dir():
             lock_run(run_dir, rt, held)  # before reading: another process may be writing this run
         stored = read_run_config(run_dir)
-        _check_before_data(stored, cfg, run_dir)
+        check_resumable(stored, cfg, run_dir)
         if cfg.model.context == 0:  # "from the data" resumes with the context the run was given
             cfg.model.context = stored.model.context
     train_split, val_split, process = resolve_data(cfg)
