@@ -40,16 +40,8 @@ from dlm.io import write_json_atomic
 from dlm.process.base import Process, SampleResult
 from dlm.rundir import LoadedRun, load_run, read_run_info
 
-__all__ = [
-    "Evaluator",
-    "JudgeEvaluator",
-    "Scores",
-    "TrueLanguageEvaluator",
-    "judge_from_run",
-    "quality_set",
-    "sample_set",
-    "speed_set",
-]
+__all__ = ["Evaluator", "JudgeEvaluator", "Scores", "TrueLanguageEvaluator", "judge_from_run", "quality_set"]
+__all__ += ["readable_name", "resolve_setting", "sample_set", "speed_set"]
 
 #: Versions of the three protocols, part of each file's settings: bump one when a change makes old files
 #: incomparable, so they are recomputed rather than reused.
@@ -159,41 +151,13 @@ def sample_set(
             log(f"reused {path}")
         return old, path
     check_writable(path.parent)
-    opts: dict[str, Any] = {"temperature": float(temperature)}
-    if steps is not None:
-        opts["steps"] = steps
-    if run.process.sampler_specs()[name].trajectory:
-        opts["return_trajectory"] = True
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    samples: list[dict[str, Any]] = []
-    nfes: list[int] = []
-    wall = 0.0
-    for batch, start in enumerate(range(0, n, batch_size)):
-        b = min(batch_size, n - start)
-        _sync(dev)
-        t0 = time.perf_counter()
-        result = run.process.sample(run.model, b, length, sampler=name, prompt_ids=prompt, generator=gen, **opts)
-        _sync(dev)
-        dt = time.perf_counter() - t0
-        wall += dt
-        nfes.append(int(result.nfe))
-        samples += _sample_rows(result, tok.decode, start=start, batch=batch, wall_s=dt, length=length)
-        if progress is not None:
-            progress(start + b, n)
+    samples, nfes, wall = _draw(run, tok.decode, prompt, settings, dev, progress)
     record = {
         "kind": "samples",
         "settings": settings,
-        "family": run.process.name,
-        "sampler": name,
-        "steps": steps,
-        "temperature": float(temperature),
-        "n": n,
-        "length": length,
+        **{k: settings[k] for k in ("family", "sampler", "steps", "temperature", "n", "length", "seed")},
+        **{k: settings[k] for k in ("batch_size", "checkpoint_step", "ema")},
         "prompt_ids": prompt,
-        "seed": seed,
-        "batch_size": batch_size,
-        "checkpoint_step": run.step,
-        "ema": run.ema,
         "tokenizer": tok.name,
         "device": str(dev),
         "nfe": sum(nfes) / len(nfes),
@@ -207,6 +171,41 @@ def sample_set(
     if log is not None:
         log(f"{n} samples {run.process.name} {name} steps {steps}: {wall / n:.4f} s/sequence -> {path}")
     return record, path
+
+
+def _draw(
+    run: LoadedRun,
+    decode: Callable[[list[int]], str],
+    prompt: list[int],
+    settings: dict[str, Any],
+    dev: torch.device,
+    progress: Callable[[int, int | None], None] | None,
+) -> tuple[list[dict[str, Any]], list[int], float]:
+    """The samples of ``settings`` drawn batch by batch from one generator: (per-sample records, NFE per batch,
+    total wall seconds); each batch timed by perf_counter around ``process.sample``, the device synchronised."""
+    name, steps, n, bs, length = (settings[k] for k in ("sampler", "steps", "n", "batch_size", "length"))
+    opts: dict[str, Any] = {"temperature": settings["temperature"]}
+    if steps is not None:
+        opts["steps"] = steps
+    if run.process.sampler_specs()[name].trajectory:
+        opts["return_trajectory"] = True
+    gen = torch.Generator(device=dev).manual_seed(settings["seed"])
+    samples: list[dict[str, Any]] = []
+    nfes: list[int] = []
+    wall = 0.0
+    for batch, start in enumerate(range(0, n, bs)):
+        b = min(bs, n - start)
+        _sync(dev)
+        t0 = time.perf_counter()
+        result = run.process.sample(run.model, b, length, sampler=name, prompt_ids=prompt, generator=gen, **opts)
+        _sync(dev)
+        dt = time.perf_counter() - t0
+        wall += dt
+        nfes.append(int(result.nfe))
+        samples += _sample_rows(result, decode, start=start, batch=batch, wall_s=dt, length=length)
+        if progress is not None:
+            progress(start + b, n)
+    return samples, nfes, wall
 
 
 def _sample_rows(
@@ -540,31 +539,7 @@ def speed_set(
             log(f"reused {path}")
         return old, path
     check_writable(path.parent)
-    common = {"length": length, "device": dev, "generator_seed": seed, "prompt_ids": prompt}
-    rows, protocol = [], []
-    for name, steps in resolved:
-        for b in batch_sizes:
-            row = measure_sampling(
-                run.process, run.model, batch_size=b, sampler=name, steps=steps, n_repeats=repeats, warmup=warmup,
-                **common,
-            )  # fmt: skip
-            rows.append(row)
-            if log is not None:
-                log(
-                    f"speed {run.process.name} {name} steps {steps} batch {b}: {row['seconds_per_sequence']:.4f} "
-                    f"s/sequence, {row['tokens_per_s']:.0f} tokens/s, nfe {row['nfe']}"
-                )
-        if protocol_tokens > 0:
-            p = thesis_protocol(
-                run.process, run.model, sampler=name, steps=steps, token_target=protocol_tokens, warmup=warmup,
-                **common,
-            )  # fmt: skip
-            protocol.append(p)
-            if log is not None:
-                log(
-                    f"speed protocol {run.process.name} {name} steps {steps}: {p['batches_per_s']:.2f} batches/s, "
-                    f"{p['tokens_per_s']:.0f} tokens/s over {p['generated_tokens']} tokens"
-                )
+    rows, protocol = _measure(run, resolved, key, prompt, dev, log or (lambda line: None))
     record = {
         "kind": "speed",
         "settings": key,
@@ -577,6 +552,43 @@ def speed_set(
     }
     write_json_atomic(path, record)
     return record, path
+
+
+def _measure(
+    run: LoadedRun,
+    resolved: list[tuple[str, int | None]],
+    key: dict[str, Any],
+    prompt: list[int],
+    dev: torch.device,
+    log: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``measure_sampling`` rows (sampler x steps x batch size) and ``thesis_protocol`` results (sampler x steps,
+    when ``protocol_tokens`` > 0) of the speed settings ``key``; one log line per measurement."""
+    common = {"length": key["length"], "device": dev, "generator_seed": key["seed"], "prompt_ids": prompt}
+    family = run.process.name
+    rows, protocol = [], []
+    for name, steps in resolved:
+        for b in key["batch_sizes"]:
+            row = measure_sampling(
+                run.process, run.model, batch_size=b, sampler=name, steps=steps, n_repeats=key["repeats"],
+                warmup=key["warmup"], **common,
+            )  # fmt: skip
+            rows.append(row)
+            log(
+                f"speed {family} {name} steps {steps} batch {b}: {row['seconds_per_sequence']:.4f} s/sequence, "
+                f"{row['tokens_per_s']:.0f} tokens/s, nfe {row['nfe']}"
+            )
+        if key["protocol_tokens"] > 0:
+            p = thesis_protocol(
+                run.process, run.model, sampler=name, steps=steps, token_target=key["protocol_tokens"],
+                warmup=key["warmup"], **common,
+            )  # fmt: skip
+            protocol.append(p)
+            log(
+                f"speed protocol {family} {name} steps {steps}: {p['batches_per_s']:.2f} batches/s, "
+                f"{p['tokens_per_s']:.0f} tokens/s over {p['generated_tokens']} tokens"
+            )
+    return rows, protocol
 
 
 def _finite(row: dict[str, Any]) -> dict[str, Any]:
