@@ -206,11 +206,18 @@ def test_judge_with_another_tokenizer_refused_unless_it_retokenises(ar_run: Path
         quality_set(spath, evaluator=judge_from_run(other))
     assert "\n" not in str(e.value) and _eval_files(ar_run) == before
     meta = {"kind": "hf", "name": "fake", "tokenizer": "other", "retokenisation": "re-encoded", "likelihood": None}
-    q, _ = quality_set(spath, evaluator=JudgeEvaluator(_RetokenisingJudge(), meta))
+    q, qpath = quality_set(spath, evaluator=JudgeEvaluator(_RetokenisingJudge(), meta))
     assert q["gen_ppl"]["gen_ppl_pooled"] == pytest.approx(math.exp(2.0))
     assert q["evaluator"] == meta and q["settings"]["evaluator"] == {k: v for k, v in meta.items() if k != "likelihood"}
     with pytest.raises(DlmError, match="lacks likelihood"):
         JudgeEvaluator(_RetokenisingJudge(), {k: v for k, v in meta.items() if k != "likelihood"})
+    with pytest.raises(DlmError, match="repetition window"):
+        quality_set(spath, evaluator=JudgeEvaluator(_RetokenisingJudge(), meta), window=0)
+    edited = json.loads(spath.read_text())  # the same settings, other ids (a forced resample on another device)
+    edited["samples"][0]["ids"] = edited["samples"][0]["ids"][:-1]
+    spath.write_text(json.dumps(edited))
+    q2, q2path = quality_set(spath, evaluator=JudgeEvaluator(_RetokenisingJudge(), meta))
+    assert q2path != qpath and q2["gen_ppl"]["tokens"] == q["gen_ppl"]["tokens"] - 1
     with pytest.raises(DlmError, match="not a samples file"):
         quality_set(ar_run / "config.json", evaluator=JudgeEvaluator(_RetokenisingJudge(), meta))
 

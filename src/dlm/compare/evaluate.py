@@ -414,8 +414,9 @@ def quality_set(
 ) -> tuple[dict[str, Any], Path]:
     """Score a samples file (``RUN/eval/samples-*.json``) with ``evaluator`` and measure its diversity.
 
-    Writes ``quality-{sampler}-steps{S|none}-step{N}-{hash}.json`` beside it. Settings: the samples file's name
-    and the hash of its settings, ``evaluator.identity()`` and the repetition ``window``; an existing file with
+    Writes ``quality-{sampler}-steps{S|none}-step{N}-{hash}.json`` beside it. Settings: the samples file's name,
+    the hashes of its settings and of its ids (a forced resample that drew other ids is scored again),
+    ``evaluator.identity()`` and the repetition ``window``; an existing file with
     the same settings is returned (``log`` says "reused PATH") unless ``force``. Per sample: the judge's nats
     (``judge_nll``, None without a judge) and scored tokens, unigram entropy and repetition rate (``window``).
     """
@@ -428,6 +429,7 @@ def quality_set(
         "protocol": QUALITY_PROTOCOL,
         "samples_file": samples_path.name,
         "samples_settings_hash": settings_hash(rec["settings"]),
+        "samples_ids_hash": settings_hash({"ids": [s["ids"] for s in rec["samples"]]}),
         "evaluator": evaluator.identity(),
         "window": window,
     }
