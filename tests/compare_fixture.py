@@ -198,9 +198,11 @@ def find_chromium() -> tuple[str | None, str]:
     return (path, "") if path else (None, "apt-get install chromium did not provide a chromium binary")
 
 
-def chromium(binary: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run headless Chromium with ``args`` (e.g. ``--dump-dom URL``); stdout captured as text."""
-    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", *args]
+def chromium(binary: str, profile: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run headless Chromium with its own profile directory and ``args`` (e.g. ``--dump-dom URL``); stdout
+    captured as text."""
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"]
+    cmd += args
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 

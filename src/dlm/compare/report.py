@@ -30,13 +30,14 @@ FIGURES_DIR = "figures"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 UNREVEALED = "░"
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:13px}
-th,td{border:1px solid #bbb;padding:3px 7px;text-align:right;vertical-align:top}
-th{background:#eef1f5}td:first-child,th:first-child{text-align:left}
-table.protocol td,table.samples td,table.trajectory td,table.definitions td{text-align:left}
-table.samples td:last-child,table.trajectory td:last-child{font-family:monospace;white-space:pre-wrap}
-img{max-width:100%;border:1px solid #ddd}p.missing{color:#a33}p.note{color:#555;font-size:13px}"""
+th,td{border:1px solid #bbb;padding:3px 7px;text-align:right;vertical-align:top;white-space:nowrap}
+th{background:#eef1f5;white-space:normal}div.table{overflow-x:auto}td:first-child,th:first-child{text-align:left}
+table.protocol td,table.protocol th,table.samples td,table.definitions td{text-align:left;white-space:normal}
+table.samples td:last-child,table.trajectory td:last-child{font-family:monospace;white-space:pre-wrap;text-align:left}
+figure{display:inline-block;width:48%;margin:0 1% 1em 0;vertical-align:top}figure img{width:100%}
+img{border:1px solid #ddd}p.missing{color:#a33}p.note{color:#555;font-size:13px}"""
 
 
 @dataclass
@@ -425,7 +426,7 @@ def render_html(doc: Sequence[Item], title: str) -> str:
     parts.append(f"<style>{_CSS}</style></head><body>")
     for item in doc:
         if isinstance(item, Table):
-            parts.append(_html_table(item))
+            parts.append(f'<div class="table">{_html_table(item)}</div>')
         elif isinstance(item, FigureFile):
             if item.path is None:
                 parts.append(f'<p class="missing" id="fig-{item.name}">{html.escape(item.title)}: not drawn: '
