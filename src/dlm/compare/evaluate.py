@@ -114,9 +114,10 @@ def sample_set(
 
     Each row starts with the document boundary and runs up to the data's row length ``seq_len`` (an AR row may
     stop earlier at its EOS); rows are drawn ``batch_size`` at a time from one ``torch.Generator`` seeded with
-    ``seed``. Every sample drawn is kept. Per batch the wall time is perf_counter around ``process.sample`` with
-    the device synchronised. Returns (record, path); an existing file with the same settings is returned as
-    it is (``log`` says "reused PATH") unless ``force``. ``progress(done, n)`` after each batch.
+    ``seed``. Every sample drawn is kept. Per batch wall_s_batch = perf_counter around ``process.sample`` (device
+    synchronised) and its NFE; nfe = mean NFE over batches, wall_s = sum of wall_s_batch, wall_s_per_sequence =
+    wall_s / n. Returns (record, path); an existing file with the same settings is returned as it is (``log``
+    says "reused PATH") unless ``force``. ``progress(done, n)`` after each batch.
     """
     _check_int("number of samples", n, 1)
     _check_int("sample batch size", batch_size, 1)
