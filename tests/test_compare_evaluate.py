@@ -300,3 +300,22 @@ def test_bad_speed_input_refused_before_writing(kw: dict[str, Any], match: str, 
     with pytest.raises(DlmError, match=match):
         speed_set(ar_run, **{**args, **kw})
     assert _eval_files(ar_run) == []
+
+
+def test_pad_mode_rows_end_at_their_first_eos_for_every_family():
+    """Pad-mode data: a diffusion row that writes EOS then PAD is cut after the EOS (kept), as AR stops there; a
+    row without EOS keeps its full returned length; wrap mode (eos None) cuts nothing."""
+    from dlm.compare.evaluate import _sample_rows
+    from dlm.process.base import SampleResult
+
+    eos, pad = 7, 8
+    ids_NL = torch.tensor([[0, 3, 4, eos, pad, pad], [0, 3, 4, 5, 6, 2], [0, eos, 3, eos, 2, 2]])
+    traj_NL = torch.tensor([[-1, 0, 1, 2, 3, 3], [-1, 0, 0, 1, 1, 2], [-1, 2, 0, 1, 1, 0]])
+    result = SampleResult(ids_NL, torch.full((3,), 6), nfe=4, prompt_len=1, trajectory_NL=traj_NL)
+    rows = _sample_rows(result, lambda ids: " ".join(map(str, ids)), start=0, batch=0, wall_s=0.5, length=6, eos=eos)
+    assert [r["ids"] for r in rows] == [[3, 4, eos], [3, 4, 5, 6, 2], [eos]]
+    assert [r["stop"] for r in rows] == ["eos", "length", "eos"]
+    assert [r["reveal_step"] for r in rows] == [[0, 1, 2], [0, 0, 1, 1, 2], [2]]
+    assert [r["tokens"] for r in rows] == [3, 5, 1]
+    whole = _sample_rows(result, str, start=0, batch=0, wall_s=0.5, length=6, eos=None)
+    assert [len(r["ids"]) for r in whole] == [5, 5, 5] and {r["stop"] for r in whole} == {"length"}

@@ -296,16 +296,16 @@ def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any
     for sampler, steps in settings:
         srec, spath = sample_set(
             run_dir, sampler=sampler, steps=steps, n=sm.n, seed=sm.seed, temperature=sm.temperature,
-            batch_size=sm.batch_size, device=device, log=log,
+            batch_size=sm.batch_size, device=device,
         )  # fmt: skip
-        qrec, qpath = quality_set(spath, evaluator=evaluator(run_dir), log=log)
+        qrec, qpath = quality_set(spath, evaluator=evaluator(run_dir))
         rec.samples.append((srec, spath, qrec, qpath))
         log("  " + _quality_line(sampler, steps, srec, qrec))
     if s.seed == spec.seeds[0]:
         sp = ev.speed
         rec.speed = speed_set(
             run_dir, settings=settings, batch_sizes=list(sp.batch_sizes), repeats=sp.repeats,
-            protocol_tokens=sp.protocol_tokens, device=device, log=log,
+            protocol_tokens=sp.protocol_tokens, device=device, log=lambda m: log("  " + m),
         )  # fmt: skip
     return rec
 
