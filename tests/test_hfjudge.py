@@ -196,3 +196,16 @@ def test_non_causal_or_contextless_judges_refused(tmp_path: Path, arm_gpt2) -> N
     _refused("neither BOS nor EOS", HFJudge.from_dir, no_bos, arm_gpt2)
     encoder = _bert_dir(tmp_path / "encoder", is_decoder=False, bos="[CLS]")
     _refused("is not causal", HFJudge.from_dir, encoder, arm_gpt2)
+
+
+def test_checkpoint_without_lm_head_refused(tmp_path: Path, arm_gpt2) -> None:
+    from transformers import BertConfig, BertModel
+
+    full = _bert_dir(tmp_path / "full", is_decoder=True, bos="[CLS]")
+    base = tmp_path / "base"
+    BertModel(BertConfig.from_pretrained(full), add_pooling_layer=False).save_pretrained(base)  # no cls.* weights
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((full / name).read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["BertLMHeadModel"]}))
+    _refused(r"lacks \d+ causal-LM weights, e.g. cls\.", HFJudge.from_dir, base, arm_gpt2)
