@@ -35,8 +35,8 @@ def gen_ppl(arm_index: int, seed: int, steps: int | None) -> float:
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, sample std (n-1; None for one seed), min and max over seeds of every numeric field, per
-    (kind, arm, sampler, steps, batch_size)."""
+    """Mean, sample std (n-1; None for one seed), min, max and n (seeds with a value) over seeds of every numeric
+    field, per (kind, arm, sampler, steps, batch_size); a field without values is left out."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (r["kind"], r["arm"], r.get("sampler"), r.get("steps"), r.get("batch_size"))
@@ -49,12 +49,15 @@ def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if f in _NON_NUMERIC or isinstance(v, bool) or not isinstance(v, int | float):
                 continue
             vals = [r[f] for r in grp if r[f] is not None]
-            agg[f] = {
-                "mean": statistics.fmean(vals),
-                "std": statistics.stdev(vals) if len(vals) > 1 else None,
-                "min": min(vals),
-                "max": max(vals),
-            }
+            if vals:
+                std = statistics.stdev(vals) if len(vals) > 1 else None
+                agg[f] = {
+                    "mean": statistics.fmean(vals),
+                    "std": std,
+                    "min": min(vals),
+                    "max": max(vals),
+                    "n": len(vals),
+                }
         out.append(agg)
     return out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlm.compare.figures import pareto_front
-from dlm.compare.report import build_report, load_results, summary_lines, trajectory_frames
+from dlm.compare.report import build_report, load_results, mean_std, summary_lines, trajectory_frames, visible
 from dlm.errors import DlmError
 from tests.compare_fixture import SAMPLE_LEN, STEPS, likelihood_nll, make_compare_dir, parse_html
 
@@ -82,6 +82,19 @@ def test_trajectory_view(built: tuple[Path, dict[str, Path]]) -> None:
 def test_trajectory_frames_by_hand() -> None:
     frames = trajectory_frames([1, 3, 2, 4], list("abcd"), steps=4)
     assert frames == [(1, 1, "a░░░"), (2, 2, "a░c░"), (3, 3, "abc░"), (4, 4, "abcd")]
+
+
+def test_visible_keeps_one_character_per_character() -> None:
+    assert visible("a\nb\tc\x00d\x7f") == "a↵b→c␀d␡"
+    assert len(visible("".join(map(chr, range(40))))) == 40
+
+
+def test_mean_std_labels() -> None:
+    agg = {"n_seeds": 3, "ppl": {"mean": 2.0, "std": 0.5, "n": 2}, "nll": {"mean": 1.25, "std": None, "n": 1}}
+    assert mean_std(agg, "ppl") == "2.0000 ± 0.5000 (n=2 of 3 seeds)"
+    assert mean_std({"n_seeds": 1, "nll": agg["nll"]}, "nll", 2) == "1.25"
+    assert mean_std(agg, "bpt") == "–"
+    assert mean_std({"n_seeds": 1, "m": {"mean": 3 * 2**20, "std": None, "n": 1}}, "m", 1, scale=2.0**-20) == "3.0"
 
 
 def test_pareto_front_by_hand() -> None:

@@ -22,7 +22,7 @@ from dlm.errors import DlmError
 from dlm.io import write_text_atomic
 from dlm.rundir import read_metrics
 
-__all__ = ["build_report", "load_results", "summary_lines", "trajectory_frames"]
+__all__ = ["build_report", "fmt", "load_results", "mean_std", "summary_lines", "trajectory_frames", "visible"]
 
 RESULTS_FILE = "results.json"
 SPEC_FILE = "spec.yaml"
@@ -30,11 +30,13 @@ FIGURES_DIR = "figures"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 UNREVEALED = "░"
+_VISIBLE = {c: 0x2400 + c for c in range(32)} | {10: ord("↵"), 9: ord("→"), 127: 0x2421}
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;padding:0 1em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.6em 0 1.4em;font-size:13px}
 th,td{border:1px solid #bbb;padding:3px 7px;text-align:right;vertical-align:top;white-space:nowrap}
 th{background:#eef1f5;white-space:normal}div.table{overflow-x:auto}td:first-child,th:first-child{text-align:left}
 table.protocol td,table.protocol th,table.samples td,table.definitions td{text-align:left;white-space:normal}
+table.samples th,table.trajectory th,table.definitions th{text-align:left}
 table.samples td:last-child,table.trajectory td:last-child{font-family:monospace;white-space:pre-wrap;text-align:left}
 figure{display:inline-block;width:48%;margin:0 1% 1em 0;vertical-align:top}figure img{width:100%}
 img{border:1px solid #ddd}p.missing{color:#a33}p.note{color:#555;font-size:13px}"""
@@ -102,13 +104,14 @@ def fmt(x: Any, nd: int = 4) -> str:
 
 
 def mean_std(agg: Mapping[str, Any] | None, name: str, nd: int = 4, scale: float = 1.0) -> str:
-    """``mean ± std`` over seeds of an aggregate field times ``scale`` (``mean`` alone for one seed), '–' when
-    absent."""
+    """``mean ± std`` over seeds of an aggregate field times ``scale`` (``mean`` alone for one seed; the count
+    when fewer seeds than the group's have a value), '–' when absent."""
     mean = None if agg is None else stat(agg, name)
     if mean is None:
         return "–"
-    std = stat(agg, name, "std")
-    return fmt(mean * scale, nd) + ("" if std is None else f" ± {fmt(std * scale, nd)}")
+    std, n, seeds = stat(agg, name, "std"), stat(agg, name, "n"), agg.get("n_seeds")
+    fewer = f" (n={n:.0f} of {seeds} seeds)" if n is not None and isinstance(seeds, int) and n < seeds else ""
+    return fmt(mean * scale, nd) + ("" if std is None else f" ± {fmt(std * scale, nd)}") + fewer
 
 
 def _steps(s: Any) -> str:
@@ -274,8 +277,14 @@ def sample_table(results: Mapping[str, Any], samples: Mapping[str, list | str]) 
             continue
         for s in got[:2]:
             cells = [arm, str(r.get("sampler")), _steps(r.get("steps")), str(r.get("seed")), str(s.get("index"))]
-            table.rows.append((f"sample-{arm}-{s.get('index')}", [*cells, str(s.get("text", ""))]))
+            table.rows.append((f"sample-{arm}-{s.get('index')}", [*cells, visible(str(s.get("text", "")))]))
     return table, notes
+
+
+def visible(text: str) -> str:
+    """``text`` with each control character shown as one visible character (newline ↵, tab →, others as their
+    Unicode control picture), so a sample keeps its length and a table its rows."""
+    return text.translate(_VISIBLE)
 
 
 def _pieces(sample: Mapping[str, Any]) -> list[str] | None:
@@ -283,9 +292,9 @@ def _pieces(sample: Mapping[str, Any]) -> list[str] | None:
     when there is one per id (byte/character tokenizers), else None."""
     ids = sample.get("ids") or []
     if isinstance(sample.get("pieces"), list) and len(sample["pieces"]) == len(ids):
-        return [str(p) for p in sample["pieces"]]
+        return [visible(str(p)) for p in sample["pieces"]]
     text = str(sample.get("text", ""))
-    return list(text) if len(text) == len(ids) else None
+    return list(visible(text)) if len(text) == len(ids) else None
 
 
 def trajectory_frames(
