@@ -140,6 +140,9 @@ def test_missing_or_corrupt_results_refused_and_nothing_written(tmp_path: Path) 
     (tmp_path / "results.json").write_text(json.dumps({"rows": []}))
     with pytest.raises(DlmError, match="not a dlm compare results file"):
         build_report(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"rows": [{"kind": "likelihood", "seed": 0}], "aggregate": []}))
+    with pytest.raises(DlmError, match=r"rows\[0\] lacks one of kind, arm, seed"):
+        build_report(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 

@@ -74,6 +74,10 @@ def load_results(compare_dir: str | Path) -> dict[str, Any]:
         raise DlmError(f"unreadable {path}: {' '.join(str(e).split())}") from None
     if not isinstance(results, dict) or not all(isinstance(results.get(k), list) for k in ("rows", "aggregate")):
         raise DlmError(f"{path}: not a dlm compare results file (no 'rows' and 'aggregate' lists)")
+    for key, needed in (("rows", ("kind", "arm", "seed")), ("aggregate", ("kind", "arm")), ("runs", ("arm", "seed"))):
+        for i, entry in enumerate(results.get(key) or []):
+            if not isinstance(entry, dict) or any(k not in entry for k in needed):
+                raise DlmError(f"{path}: {key}[{i}] lacks one of {', '.join(needed)} (see docs/COMPARE.md)")
     return results
 
 
