@@ -125,6 +125,9 @@ def test_formal_corpus_ter_ser_and_missing_figures_said(tmp_path: Path) -> None:
     assert 'id="fig-genppl_steps"' in text and "Gen PPL against sampling steps: not drawn" in text
     # one seed: a mean without ± std; TER of mdlm at S=4 by hand: 1.2 + 8/4 + 0.1 = 3.3
     assert tables["quality"]["quality-mdlm-ddpm_cache-4"][-2] == "3.3000"
+    # speed–quality on a formal corpus: TER against seconds per sequence (table and Pareto figure)
+    assert tables["speed-quality"]["sq-mdlm-ddpm_cache-4"][3:5] == ["TER", "3.3000"]
+    assert (paths["figures"] / "speed_quality.png").exists()
     assert "not drawn" in paths["md"].read_text()
 
 
