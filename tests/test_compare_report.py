@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from dlm.compare.figures import pareto_front
-from dlm.compare.report import build_report, load_results, mean_std, summary_lines, trajectory_frames, visible
+from dlm.compare.report import (
+    build_report,
+    load_results,
+    mean_std,
+    quality_table,
+    summary_lines,
+    trajectory_frames,
+    visible,
+)
 from dlm.errors import DlmError
 from tests.compare_fixture import SAMPLE_LEN, STEPS, likelihood_nll, make_compare_dir, parse_html
 
@@ -129,6 +137,17 @@ def test_formal_corpus_ter_ser_and_missing_figures_said(tmp_path: Path) -> None:
     assert tables["speed-quality"]["sq-mdlm-ddpm_cache-4"][3:5] == ["TER", "3.3000"]
     assert (paths["figures"] / "speed_quality.png").exists()
     assert "not drawn" in paths["md"].read_text()
+
+
+def test_ser_without_ter_still_shown(tmp_path: Path) -> None:
+    """A formal corpus where no sample is all symbols: TER undefined (null) everywhere, SER still reported."""
+    results = load_results(make_compare_dir(tmp_path, seeds=(0,), formal=True))
+    for entry in [*results["rows"], *results["aggregate"]]:
+        entry.pop("ter", None)
+    table = quality_table(results)
+    assert table.header[-2:] == ["TER", "SER"]
+    assert table.rows[0][1][-2:] == ["–", "0.100"]
+    assert any(line.startswith("  ar S=–: TER –, SER 0.100") for line in summary_lines(results))
 
 
 def test_missing_or_corrupt_results_refused_and_nothing_written(tmp_path: Path) -> None:

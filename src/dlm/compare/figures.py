@@ -251,25 +251,34 @@ def _fig_ter_ser(results: Mapping[str, Any], metrics: Metrics) -> Any:
     fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.09, top=0.93, hspace=0.08)
     for ax, field, label in zip(axes, ("ter", "ser"), ("TER (true-language gen PPL)", "SER (share out of support)")):
-        curves: dict[tuple, list] = {}
-        for a in rows:
-            if stat(a, field) is None:
-                continue
-            if a.get("steps") is None:
-                ax.axhline(stat(a, field), color=colours.get(a["arm"]), ls="--", label=f"{a['arm']} (AR, no steps)")
-            else:
-                curves.setdefault((a["arm"], a.get("sampler")), []).append(a)
-        for (arm, sampler), pts in curves.items():
-            pts.sort(key=lambda a: a["steps"])
-            ax.errorbar([a["steps"] for a in pts], [stat(a, field) for a in pts], marker="o", capsize=3,
-                        yerr=[stat(a, field, "std") or 0.0 for a in pts], color=colours.get(arm),
-                        label=f"{arm} ({sampler})")  # fmt: skip
+        _ter_ser_panel(ax, rows, field, colours)
         ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("sampling steps S (log2); bars ± std over seeds")
     return fig
+
+
+def _ter_ser_panel(ax: Any, rows: Sequence[Mapping[str, Any]], field: str, colours: Mapping[str, str]) -> None:
+    """``field`` (ter or ser) against steps per (arm, sampler), ± std over seeds; samplers without steps as a
+    dashed line; said in the panel when no row has a value (TER is undefined when no sample is all symbols)."""
+    curves: dict[tuple, list] = {}
+    for a in rows:
+        if stat(a, field) is None:
+            continue
+        if a.get("steps") is None:
+            ax.axhline(stat(a, field), color=colours.get(a["arm"]), ls="--", label=f"{a['arm']} ({a.get('sampler')})")
+        else:
+            curves.setdefault((a["arm"], a.get("sampler")), []).append(a)
+    for (arm, sampler), pts in curves.items():
+        pts.sort(key=lambda a: a["steps"])
+        steps, values = [a["steps"] for a in pts], [stat(a, field) for a in pts]
+        yerr = [stat(a, field, "std") or 0.0 for a in pts]
+        ax.errorbar(steps, values, yerr=yerr, marker="o", capsize=3, color=colours.get(arm), label=f"{arm} ({sampler})")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, f"{field.upper()} undefined for every sample set", transform=ax.transAxes, ha="center")
 
 
 _FIGURES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
@@ -321,7 +330,7 @@ def draw_figures(results: Mapping[str, Any], metrics: Metrics, fig_dir: Path) ->
 
     matplotlib.use("Agg")
     figures = list(_FIGURES)
-    if any(r.get("kind") == "samples" and r.get("ter") is not None for r in results.get("rows", [])):
+    if any(r.get("kind") == "samples" and (r.get("ter"), r.get("ser")) != (None, None) for r in results["rows"]):
         figures.append(("ter_ser", "TER and SER against sampling steps", "AR as a dashed line", _fig_ter_ser))
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = []

@@ -161,7 +161,7 @@ def _sorted_rows(results: Mapping[str, Any], kind: str) -> list[Mapping[str, Any
 def quality_table(results: Mapping[str, Any]) -> Table:
     """Arm x sampler x steps: gen PPL both ways, entropy, distinct-1/2, repetition, NFE, s/sequence (mean ± std
     over seeds); TER/SER columns on a formal corpus."""
-    formal = any(stat(a, "ter") is not None for a in aggregates(results, "samples"))
+    formal = any((stat(a, "ter"), stat(a, "ser")) != (None, None) for a in aggregates(results, "samples"))
     table = Table(
         "quality",
         "quality",
@@ -493,7 +493,7 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         for s in (s for s in aggregates(results, "samples") if s["arm"] == arm):
             p = points[(arm, s.get("sampler"), s.get("steps"))]
             quality = f"gen PPL {mean_std(s, 'gen_ppl_seq_mean', 2)} (seq mean)"
-            if stat(s, "ter") is not None:
+            if (stat(s, "ter"), stat(s, "ser")) != (None, None):
                 quality = f"TER {mean_std(s, 'ter')}, SER {mean_std(s, 'ser', 3)}"
             entropy = mean_std(s, "entropy_mean", 3)
             sps = fmt(p["seconds_per_sequence"])
