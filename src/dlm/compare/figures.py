@@ -275,6 +275,8 @@ def _ter_ser_panel(ax: Any, rows: Sequence[Mapping[str, Any]], field: str, colou
         yerr = [stat(a, field, "std") or 0.0 for a in pts]
         ax.errorbar(steps, values, yerr=yerr, marker="o", capsize=3, color=colours.get(arm), label=f"{arm} ({sampler})")
     ax.grid(alpha=0.3)
+    if field == "ser":
+        ax.set_ylim(-0.03, 1.03)  # a share: the whole range, so that 0.10 and 0.12 do not look far apart
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     else:
