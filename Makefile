@@ -1,10 +1,11 @@
-# The two README commands: `make demo` (main job on the embedded corpus) and `make test`.
+# The two README commands: `make compare` (the main job, `dlm compare quickstart`, on the embedded corpus) and
+# `make test`; `make demo` trains and samples one small AR model.
 # Both create .venv and install what is missing; a second run skips finished set-up.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dlm-setup-done
 
-.PHONY: setup demo test lint constraints
+.PHONY: setup compare demo test lint constraints
 
 # constraints.txt pins every package to the version the tests passed with; a change to it or to
 # pyproject.toml re-runs the set-up.
@@ -16,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+compare: setup
+	$(VENV)/bin/dlm compare quickstart
 
 demo: setup
 	$(VENV)/bin/dlm demo

@@ -193,8 +193,12 @@ def find_chromium() -> tuple[str | None, str]:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return None, "chromium is not on PATH and it cannot be installed here (not root or no apt-get)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "chromium"], env=env, timeout=900, capture_output=True)
+        if subprocess.run(install, env=env, timeout=900, capture_output=True).returncode != 0:
+            # stale package lists on a fresh machine: refresh them once and retry
+            subprocess.run(["apt-get", "update", "-q"], env=env, timeout=300, capture_output=True)
+            subprocess.run(install, env=env, timeout=900, capture_output=True)
     except (subprocess.TimeoutExpired, OSError) as e:
         return None, f"installing chromium failed: {e}"
     path = shutil.which("chromium")

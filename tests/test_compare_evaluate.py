@@ -35,7 +35,7 @@ SAMPLES_FIELDS = {
     "kind", "settings", "family", "sampler", "steps", "temperature", "n", "length", "seed", "batch_size",
     "checkpoint_step", "nfe", "wall_s", "wall_s_per_sequence", "created", "samples",
 }  # fmt: skip
-SAMPLE_FIELDS = {"index", "batch", "ids", "text", "tokens", "nfe", "wall_s_batch", "stop", "reveal_step"}
+SAMPLE_FIELDS = {"index", "batch", "ids", "text", "tokens", "nfe", "wall_s_batch", "stop", "reveal_step", "pieces"}
 QUALITY_FIELDS = {
     "kind", "settings", "samples_file", "sampler", "steps", "nfe", "wall_s_per_sequence", "evaluator", "gen_ppl",
     "diversity", "formal", "per_sample", "created",
@@ -85,6 +85,7 @@ def test_ar_samples_equal_the_sampler_called_directly(ar_run: Path) -> None:
     assert rec["steps"] is None and rec["length"] == TINY_SEQ_LEN and rec["family"] == "ar"
     direct = _direct(ar_run, "ancestral", 4, 2, 7, temperature=1.0)
     eos = load_run(ar_run).process.specials.eos
+    tok = run_tokenizer(load_run(ar_run))
     assert rec["nfe"] == (direct[0].nfe + direct[1].nfe) / 2
     stops = set()
     for s in rec["samples"]:
@@ -92,6 +93,7 @@ def test_ar_samples_equal_the_sampler_called_directly(ar_run: Path) -> None:
         r, i = direct[s["index"] // 2], s["index"] % 2
         assert s["batch"] == s["index"] // 2 and s["nfe"] == r.nfe
         assert s["ids"] == r.ids_NL[i, r.prompt_len : int(r.lengths_N[i])].tolist() and s["tokens"] == len(s["ids"])
+        assert s["pieces"] == [tok.decode([t]) for t in s["ids"]]
         assert eos not in s["ids"][:-1]  # the boundary token is not in the ids; a row ends at its first EOS
         if s["stop"] == "eos":
             assert s["ids"][-1] == eos and s["tokens"] < TINY_SEQ_LEN - 1

@@ -16,6 +16,7 @@ Every check of the caller's input is made before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from abc import ABC, abstractmethod
@@ -239,6 +240,7 @@ def _sample_rows(
                 "batch": batch,
                 "ids": ids,
                 "text": decode(ids),
+                "pieces": [decode([t]) for t in ids],  # one string per id, for the report's trajectory view
                 "tokens": len(ids),
                 "nfe": int(result.nfe),
                 "wall_s_batch": wall_s,
@@ -274,7 +276,9 @@ class Evaluator(ABC):
     info: dict[str, Any]
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.info.items() if k != "likelihood"}
+        """What goes into a quality file's settings: ``info`` less the likelihood and the absolute paths (a
+        comparison directory that is moved or copied keeps its quality files)."""
+        return {k: v for k, v in self.info.items() if k not in ("likelihood", "run_dir", "path")}
 
     def check(self, run_dir: Path) -> None:  # noqa: B027 - the default evaluator accepts every run
         """Refuse (DlmError, one line) the samples of a run this evaluator cannot score."""
@@ -344,6 +348,8 @@ def judge_from_run(judge_run_dir: str | Path, device: str = "cpu", batch_size: i
         "retokenisation": "none: the judge shares the arms' tokenizer",
         "likelihood": found[-1][1] if found else None,
         "run_dir": str(path),
+        # which trained judge, wherever its directory is: run.json holds its config, data and creation time
+        "run_fingerprint": hashlib.sha256((path / "run.json").read_bytes()).hexdigest()[:16],
         "checkpoint_step": run.step,
         "ema": run.ema,
     }

@@ -60,6 +60,8 @@ DEFINITIONS: dict[str, str] = {
     "tokens_per_s": "generated tokens / median_s (speed) or / total seconds (speed_protocol)",
     "peak_memory_bytes": "peak device memory of the timed calls (CUDA) or peak RSS growth (CPU); see the file",
     "batches_per_s": "thesis protocol: batches of 4 until the token target, batches / total seconds",
+    "matched": "formal corpora: per seed, the smallest step count S of a diffusion arm whose TER (SER) is within "
+    "2 sqrt(se_AR^2 + se_S^2) of AR's, and speedup = AR wall_s_per_sequence / the arm's at S (null: none matches)",
     "mean": "mean over the seeds with a value",
     "std": "sample standard deviation over seeds (n - 1); null for one seed",
     "n": "seeds with a value (null values, e.g. an overflowing PPL, are left out)",
@@ -208,6 +210,27 @@ def overlaps(agg: list[dict[str, Any]]) -> list[str]:
     return notes
 
 
+def matched(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Formal corpora (samples rows with TER): per seed, each diffusion arm x sampler against each AR arm, the
+    smallest step count whose TER (and SER) matches AR's and the wall-time speedup there
+    (``dlm.eval.formal.matched_speedup``: within ``MATCH_K`` standard errors of the difference)."""
+    from dlm.eval.formal import matched_speedup
+
+    samples = [r for r in rows if r["kind"] == "samples" and (r.get("ter") is not None or r.get("ser") is not None)]
+    out = []
+    for ar in (r for r in samples if r["family"] == "ar"):
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in samples:
+            if r["family"] != "ar" and r["seed"] == ar["seed"] and r["steps"] is not None:
+                groups.setdefault((r["arm"], r["sampler"]), []).append(r)
+        for (arm, sampler), group in groups.items():
+            out.append({
+                "arm": arm, "sampler": sampler, "seed": ar["seed"], "ar_arm": ar["arm"],
+                "matched_ter": matched_speedup(ar, group, "ter"), "matched_ser": matched_speedup(ar, group, "ser"),
+            })  # fmt: skip
+    return out
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -334,6 +357,7 @@ def write_results(
         "aggregate": agg,
         "judge": judge,
         "overlaps": overlaps(agg),
+        "matched": matched(rows),
         "definitions": dict(DEFINITIONS),
     }
     write_json_atomic(root / RESULTS_FILE, results)

@@ -111,6 +111,10 @@ def _retire(cdir: CompareDir, path: Path, why: str, log: Log) -> None:
     """Move ``path`` to DIR/replaced/{name}-{time} (nothing is deleted)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = cdir.root / REPLACED_DIR / f"{path.name}-{stamp}"
+    k = 1
+    while target.exists():
+        k += 1
+        target = cdir.root / REPLACED_DIR / f"{path.name}-{stamp}.{k}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(path), str(target))
     log(f"moved {path} to {target}: {why}")
@@ -166,9 +170,25 @@ def _stale(run_dir: Path, cfg: RunConfig, data_dir: Path) -> str | None:
     return None
 
 
+def _remaining_minutes(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """A minutes budget spans every session of a run: a resumed run gets the budget less the wall time its last
+    checkpoint records (``elapsed``, over all sessions), so an interruption never buys it extra time."""
+    from dlm.rundir import list_checkpoints, read_info
+
+    ckpts = list_checkpoints(run_dir)
+    if cfg.train.time_limit_min is None or not ckpts:
+        return cfg
+    spent = float(read_info(ckpts[-1][1]).get("elapsed") or 0.0) / 60
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))
+    cfg.train.time_limit_min = max(cfg.train.time_limit_min - spent, 1e-3)
+    return cfg
+
+
 def _train_one(cfg: RunConfig, run_dir: Path, state: RunState, clock: _Clock, log: Log) -> None:
     from dlm.train import TrainingInterrupted, train
 
+    if state.status == "partial":
+        cfg = _remaining_minutes(cfg, run_dir)
     t0 = time.perf_counter()
     try:
         summary = train(cfg, run_dir, resume=state.status == "partial")
@@ -255,7 +275,38 @@ def _device(spec: CompareSpec) -> str:
     return d
 
 
-def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, data_dir: Path, device: str) -> Callable[[Path], Any]:
+def _hf_judge(spec: CompareSpec, out: Path, device: str) -> Any:
+    """evaluator hf:DIR: the judge loaded before DIR is touched (not a causal LM, no tokenizer: one line, nothing
+    written), and probed on the corpus when its data directory already exists (``_probe_hf``)."""
+    from dlm.eval.hfjudge import HFJudge
+
+    judge = HFJudge.from_dir(Path(spec.evaluation.evaluator[3:]), None, device=device,
+                             batch_size=spec.evaluation.judge.batch_size)  # fmt: skip
+    data = Path(spec.corpus.data_dir) if spec.corpus.data_dir else out / "data"
+    if (data / "meta.json").is_file():
+        _probe_hf(judge, data)
+    return judge
+
+
+def _probe_hf(judge: Any, data_dir: Path) -> None:
+    """Give the HF judge the arms' tokenizer and check that it can represent the corpus: the text of the first
+    validation rows must survive its retokenisation (else one line: the judge cannot decode the arms' text)."""
+    from dlm.data.shards import open_split, read_meta
+    from dlm.data.tokenizers import load_tokenizer
+
+    meta = read_meta(data_dir)
+    judge.arm_tokenizer = load_tokenizer(meta["tokenizer"]["name"], data_dir)
+    split = "validation" if "validation" in meta["splits"] else next(iter(meta["splits"]))
+    rows = open_split(data_dir, split)
+    for i in range(min(4, len(rows))):
+        ids = [int(t) for t in rows.ids[i, : int(rows.lengths[i])]]
+        try:
+            judge.retokenise(i, ids)
+        except DlmError as e:
+            raise DlmError(f"evaluation.evaluator: {e} (corpus {split} row {i})") from None
+
+
+def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, hf_judge: Any, device: str) -> Callable[[Path], Any]:
     """run_dir -> the evaluator of its samples (built once for a judge, per run for the true language)."""
     from dlm.compare import evaluate
 
@@ -266,13 +317,7 @@ def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, data_dir: Path,
         assert judge_dir is not None
         judge = evaluate.judge_from_run(judge_dir, device=device, batch_size=j.batch_size)
     else:
-        from dlm.data.shards import read_meta
-        from dlm.data.tokenizers import load_tokenizer
-        from dlm.eval.hfjudge import HFJudge
-
-        arm_tok = load_tokenizer(read_meta(data_dir)["tokenizer"]["name"], data_dir)
-        hf = HFJudge.from_dir(Path(ev[3:]), arm_tok, device=device, batch_size=j.batch_size)
-        judge = evaluate.JudgeEvaluator(hf, hf.info())
+        judge = evaluate.JudgeEvaluator(hf_judge, hf_judge.info())
     return lambda run_dir: judge
 
 
@@ -349,10 +394,13 @@ def run_compare(
 
     clock = _Clock()
     wall: dict[str, float] = {}
+    device = _device(spec)
+    hf_judge = _hf_judge(spec, Path(out), device) if spec.evaluation.evaluator.startswith("hf:") else None
     with open_compare_dir(out, spec, force=force) as cdir:
-        device = _device(spec)
         t = time.perf_counter()
         data_dir = _prepare_data(cdir, force, log)
+        if hf_judge is not None and hf_judge.arm_tokenizer is None:
+            _probe_hf(hf_judge, data_dir)
         wall["data"] = time.perf_counter() - t
         t = time.perf_counter()
         judge_dir = None
@@ -367,7 +415,7 @@ def run_compare(
 
             log("== judge likelihood")
             judge_likelihood = evaluate_run(judge_dir, device=device, log=log)
-        evaluator = _evaluator_factory(cdir, judge_dir, data_dir, device)
+        evaluator = _evaluator_factory(cdir, judge_dir, hf_judge, device)
         records = _evaluate_all(cdir, plan, evaluator, device, clock, log)
         wall["evaluate"] = time.perf_counter() - t
         wall["total"] = time.perf_counter() - clock.start

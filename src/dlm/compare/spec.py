@@ -123,7 +123,8 @@ class Budget:
 
     steps:   optimizer steps (train.max_steps).
     tokens:  token positions processed (train.max_tokens; the step count follows from the batch).
-    minutes: wall time per run (train.time_limit_min); the LR schedule keeps the base config's max_steps.
+    minutes: wall time per run over all its sessions (train.time_limit_min; a resumed run gets what is left); the
+             LR schedule keeps the base config's max_steps.
     """
 
     steps: int | None = None

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,12 @@ from dlm.rundir import LoadedRun, load_run
 
 __all__ = [
     "GENERATION_DEFINITIONS",
+    "MATCH_K",
     "ar_symbol_nll",
     "evaluate_generation",
     "formal_generation_metrics",
     "generation_settings",
+    "matched_speedup",
     "run_language",
     "sample_symbols",
     "symbol_table",
@@ -437,3 +439,49 @@ def _generation_record(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "settings": settings,
     }
+
+
+#: ``matched_speedup``: a step count matches AR when within this many standard errors of the difference.
+MATCH_K = 2.0
+
+
+def matched_speedup(
+    ar: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], metric: str = "ter", k: float = MATCH_K
+) -> dict[str, Any]:
+    """The smallest step count whose ``metric`` (``ter`` or ``ser``, lower is better) matches AR's, and the
+    speedup there.
+
+    Matched: m_S <= m_AR + k sqrt(se_AR^2 + se_S^2) (se = ``{metric}_se``, None counts as 0; a None metric
+    never matches). speedup = AR ``wall_s_per_sequence`` / MDLM ``wall_s_per_sequence`` at S, nfe_ratio =
+    AR ``nfe`` / MDLM ``nfe``; both None (and steps None) when no row matches.
+    """
+    m_ar = ar.get(metric)
+    se_ar = ar.get(f"{metric}_se") or 0.0
+    out: dict[str, Any] = {
+        "metric": metric,
+        "rule": f"smallest steps S with {metric}_S <= {metric}_AR + {k:g} sqrt(se_AR^2 + se_S^2)",
+        "ar_value": m_ar,
+        "steps": None,
+        "value": None,
+        "threshold": None,
+        "speedup": None,
+        "nfe_ratio": None,
+    }
+    if m_ar is None:
+        return out
+    for row in sorted(rows, key=lambda r: r["steps"]):
+        m = row.get(metric)
+        if m is None:
+            continue
+        threshold = m_ar + k * math.hypot(se_ar, row.get(f"{metric}_se") or 0.0)
+        if m <= threshold:
+            wall_ar, wall = ar.get("wall_s_per_sequence"), row.get("wall_s_per_sequence")
+            out.update(
+                steps=row["steps"],
+                value=m,
+                threshold=threshold,
+                speedup=wall_ar / wall if wall_ar and wall else None,
+                nfe_ratio=ar["nfe"] / row["nfe"] if ar.get("nfe") and row.get("nfe") else None,
+            )
+            return out
+    return out

@@ -103,12 +103,19 @@ def _load(where: Path, device: str) -> tuple[Any, Any, int]:
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     except Exception as err:
         raise DlmError(f"HF judge {where}: cannot load the tokenizer: {_one_line(err)}") from err
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would break the one-line error rule on stderr
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             where, local_files_only=True, dtype=torch.float32, output_loading_info=True
         )
     except Exception as err:
         raise DlmError(f"HF judge {where}: cannot load the model: {_one_line(err)}") from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(loading.get("missing_keys", []))
     if missing:
         raise DlmError(f"HF judge {where}: the checkpoint lacks {len(missing)} causal-LM weights, e.g. {missing[0]}")

@@ -36,10 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import platform
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,8 +54,9 @@ from dlm.data.loader import Loader
 from dlm.data.shards import ShardSplit, inputs_hash, open_split, prepare, read_meta
 from dlm.data.sources import get_source
 from dlm.errors import DlmError
-from dlm.eval.formal import GENERATION_DEFINITIONS, evaluate_generation
+from dlm.eval.formal import GENERATION_DEFINITIONS, MATCH_K, evaluate_generation, matched_speedup
 from dlm.eval.likelihood import sequence_nll
+from dlm.eval.speed import machine_info
 from dlm.io import write_json_atomic
 from dlm.rundir import CONFIG_FILE, list_checkpoints, load_run, read_info, read_run_config, read_run_info
 from dlm.train import train
@@ -73,7 +73,6 @@ __all__ = [
 
 RESULT_FILE = "experiment.json"
 FIGURE_FILE = "ter_ser_vs_steps.png"
-MATCH_K = 2.0
 TEMP_MODE_DECISION = (
     "multiply: rows are softmax(g * temp). With the SPEC's softmax(g / temp) the paper's thresholds prune no "
     "entry of a vocabulary-8 row (2gram: p < 0.008 needs g < -5.3), so every sequence is in the support and "
@@ -203,48 +202,6 @@ def default_config(language: str = "2gram-cpu", **overrides: Any) -> FormalExper
 
 # --------------------------------------------------------------------------------------------------
 # Matched TER / SER
-
-
-def matched_speedup(
-    ar: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], metric: str = "ter", k: float = MATCH_K
-) -> dict[str, Any]:
-    """The smallest step count whose ``metric`` (``ter`` or ``ser``, lower is better) matches AR's, and the
-    speedup there.
-
-    Matched: m_S <= m_AR + k sqrt(se_AR^2 + se_S^2) (se = ``{metric}_se``, None counts as 0; a None metric
-    never matches). speedup = AR ``wall_s_per_sequence`` / MDLM ``wall_s_per_sequence`` at S, nfe_ratio =
-    AR ``nfe`` / MDLM ``nfe``; both None (and steps None) when no row matches.
-    """
-    m_ar = ar.get(metric)
-    se_ar = ar.get(f"{metric}_se") or 0.0
-    out: dict[str, Any] = {
-        "metric": metric,
-        "rule": f"smallest steps S with {metric}_S <= {metric}_AR + {k:g} sqrt(se_AR^2 + se_S^2)",
-        "ar_value": m_ar,
-        "steps": None,
-        "value": None,
-        "threshold": None,
-        "speedup": None,
-        "nfe_ratio": None,
-    }
-    if m_ar is None:
-        return out
-    for row in sorted(rows, key=lambda r: r["steps"]):
-        m = row.get(metric)
-        if m is None:
-            continue
-        threshold = m_ar + k * math.hypot(se_ar, row.get(f"{metric}_se") or 0.0)
-        if m <= threshold:
-            wall_ar, wall = ar.get("wall_s_per_sequence"), row.get("wall_s_per_sequence")
-            out.update(
-                steps=row["steps"],
-                value=m,
-                threshold=threshold,
-                speedup=wall_ar / wall if wall_ar and wall else None,
-                nfe_ratio=ar["nfe"] / row["nfe"] if ar.get("nfe") and row.get("nfe") else None,
-            )
-            return out
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,22 +402,10 @@ def _load_avg() -> float | None:
 
 
 def _machine(device: str) -> dict[str, Any]:
-    cpu = platform.processor() or None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "device": device,
-        "cuda": torch.cuda.get_device_name(0) if device == "cuda" else None,
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+    m = machine_info(device)  # the one description of a machine (dlm.eval.speed), under this file's keys
+    cuda = m["device_name"] if device == "cuda" else None
+    return {"device": device, "cuda": cuda, "cpu": m["cpu_model"], "torch": m["torch"],
+            "torch_threads": m["torch_threads"], "python": m["python"]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""``dlm compare`` end to end on the ``smoke`` spec: files, aggregation, rerun, resume, refusals (issue 12).
+
+One smoke comparison (4 arms x 2 seeds, 20 steps each) is run once per module; the other tests copy it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dlm.cli import main
+from tests.helpers import assert_refused, tree_state
+
+# the smoke spec, a little smaller still: one speed batch size, two sampling step counts
+FAST = ["--evaluation.speed.batch_sizes", "1", "--evaluation.samples.steps", "4,8"]
+
+
+def _compare(out: Path, *extra: str) -> int:
+    return main(["compare", "smoke", "--out", str(out), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(DIR, stdout) of one finished smoke comparison."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("smoke") / "cmp"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert _compare(out) == 0
+    return out, buf.getvalue()
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _eval_files(out: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/eval/*.json"))}
+
+
+def test_smoke_writes_every_file_and_row(smoke: tuple[Path, str]) -> None:
+    out, log = smoke
+    for name in ("spec.yaml", "compare.json", "results.json", "results.csv", "report.md", "report.html"):
+        assert (out / name).is_file(), name
+    assert (out / "judge" / "config.json").is_file()
+    r = _results(out)
+    arms = [a["name"] for a in r["spec"]["arms"]]
+    assert arms == ["ar", "mdlm", "d3pm", "sedd"]
+    assert sorted((x["arm"], x["seed"]) for x in r["runs"]) == sorted((a, s) for a in arms for s in (0, 1))
+    assert all(x["step"] == 20 for x in r["runs"])
+    like = [x for x in r["rows"] if x["kind"] == "likelihood"]
+    assert len(like) == 8
+    assert {x["arm"]: x["relation"] for x in like} == {"ar": "=", "mdlm": "≤", "d3pm": "≤", "sedd": "≤"}
+    samples = [x for x in r["rows"] if x["kind"] == "samples"]
+    # AR: one sampler without steps; every diffusion arm: its default sampler at 4 and 8 steps
+    assert len(samples) == 2 * (1 + 3 * 2)
+    assert {x["steps"] for x in samples if x["arm"] == "ar"} == {None}
+    assert {x["steps"] for x in samples if x["arm"] == "mdlm"} == {4, 8}
+    assert all(x["gen_ppl_seq_mean"] > 1 and x["entropy_mean"] > 0 and x["n"] == 2 for x in samples)
+    speed = [x for x in r["rows"] if x["kind"] == "speed"]
+    assert {x["seed"] for x in speed} == {0} and {x["batch_size"] for x in speed} == {1}
+    assert r["judge"]["likelihood"]["relation"] == "="
+    assert "arm ar seed 0: train from scratch" in log and "ETA" in log
+    assert "report:" in log
+
+
+def test_aggregate_is_the_mean_and_std_of_the_seed_rows(smoke: tuple[Path, str]) -> None:
+    r = _results(smoke[0])
+    for agg in r["aggregate"]:
+        if agg["kind"] != "likelihood":
+            continue
+        values = [x["nll"] for x in r["rows"] if x["kind"] == "likelihood" and x["arm"] == agg["arm"]]
+        mean = sum(values) / 2
+        assert agg["nll"]["mean"] == pytest.approx(mean, rel=1e-12)
+        assert agg["nll"]["std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values)), rel=1e-9)
+        assert agg["nll"]["n"] == 2 and agg["seeds"] == [0, 1]
+    csv_text = (smoke[0] / "results.csv").read_text().splitlines()
+    assert csv_text[0].startswith("row_type,") and sum(line.startswith("aggregate,") for line in csv_text) == len(
+        r["aggregate"]
+    )
+
+
+def test_rerun_reuses_everything(smoke: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    before = _eval_files(out)
+    capsys.readouterr()
+    assert _compare(out, "--no-report") == 0
+    log = capsys.readouterr().out
+    assert "train from scratch" not in log and "resume" not in log
+    assert log.count("finished (step 20)") == 8
+    assert _eval_files(out) == before  # nothing re-evaluated
+    old, new = _results(smoke[0]), _results(out)
+    assert [x for x in new["rows"] if x["kind"] != "speed"] == [x for x in old["rows"] if x["kind"] != "speed"]
+
+
+def test_a_cut_run_is_resumed_to_the_same_result(smoke: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """Remove the last checkpoint of one run (as if the process had been killed after step 10): the rerun resumes
+    that run only, and exact resumption gives the same likelihood as the uninterrupted run."""
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    run = out / "runs" / "mdlm-seed1"
+    last = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())[-1]
+    shutil.rmtree(last)
+    shutil.rmtree(run / "eval")
+    capsys.readouterr()
+    assert _compare(out, "--no-report") == 0
+    log = capsys.readouterr().out
+    assert "arm mdlm seed 1: resume from step 10" in log
+    assert log.count("train from scratch") == 0 and log.count("finished (step 20)") == 7
+
+    def nll(path: Path) -> float:
+        return next(x["nll"] for x in _results(path)["rows"] if x["kind"] == "likelihood" and x["arm"] == "mdlm"
+                    and x["seed"] == 1)  # fmt: skip
+
+    assert nll(out) == nll(smoke[0])
+
+
+def test_a_changed_spec_is_refused_then_forced(smoke: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    argv = ["compare", "smoke", "--out", str(out), *FAST, "--evaluation.samples.n", "3"]
+    assert_refused(capsys, argv, "fields that differ: evaluation.samples.n", out)
+    assert main([*argv, "--force", "--no-report"]) == 0
+    log = capsys.readouterr().out
+    assert "train from scratch" not in log  # the runs still match their arms: kept
+    r = _results(out)
+    assert {x["n"] for x in r["rows"] if x["kind"] == "samples"} == {3}
+    assert json.loads((out / "compare.json").read_text())["previous_spec_hashes"] == [_results(smoke[0])["spec_hash"]]
+
+
+def test_a_budget_shortened_by_force_moves_the_longer_runs_aside(smoke: tuple[Path, str], tmp_path: Path, capsys):
+    """--force with a smaller steps budget: a run that trained past it cannot stand for the new budget; it is moved to
+    DIR/replaced/ (kept, never deleted) and trained again. A spec with the ar arm only keeps the test short."""
+    import yaml
+
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    d = yaml.safe_load((out / "spec.yaml").read_text())
+    d["arms"] = [a for a in d["arms"] if a["family"] == "ar"]
+    d["budget"] = {"steps": 10}
+    spec = tmp_path / "ar-only.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    argv = ["compare", str(spec), "--out", str(out), "--no-report"]
+    assert_refused(capsys, argv, "fields that differ: arms, budget.steps", out)
+    assert main([*argv, "--force"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("trained 20 steps, past the budget of 10") == 3  # the judge and two ar runs
+    moved = sorted(p.name.rsplit("-", 2)[0] for p in (out / "replaced").iterdir())
+    assert moved == ["ar-seed0", "ar-seed1", "judge"]
+    assert all((p / "checkpoints").is_dir() for p in (out / "replaced").iterdir())
+    assert {(x["arm"], x["step"]) for x in _results(out)["runs"]} == {("ar", 10)}
+    assert (out / "runs" / "mdlm-seed0" / "config.json").is_file()  # runs of arms the spec left are not touched
+
+
+def test_a_locked_dir_is_refused(smoke: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    with open(out / ".lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_refused(capsys, ["compare", "smoke", "--out", str(out), *FAST], "in use", out)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--arms.ar.family", "nope"], "unknown family 'nope'"),
+        (["--seeds", "0,0"], "duplicated seed"),
+        (["--budget.steps", "0"], "budget.steps must be > 0"),
+        (["--evaluation.samples.n", "0"], "evaluation.samples.n must be >= 1"),
+    ],
+)
+def test_bad_specs_are_refused_before_any_work(tmp_path: Path, capsys, extra: list[str], match: str) -> None:
+    out = tmp_path / "cmp"
+    assert_refused(capsys, ["compare", "smoke", "--out", str(out), *extra], match, tmp_path)
+    assert not out.exists()
+
+
+def test_empty_arm_list_refused(tmp_path: Path, capsys) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\narms: []\nbudget: {steps: 5}\n")
+    assert_refused(capsys, ["compare", str(spec), "--out", str(tmp_path / "cmp")], "arm list is empty", tmp_path)
+
+
+def test_hf_evaluators_that_cannot_judge_are_refused(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    """hf:DIR that is not a causal LM, and one whose tokenizer cannot write the corpus (it lower-cases): one line,
+    exit 2, nothing written in DIR (the corpus is a prepared directory, so the probe runs before DIR is opened)."""
+    from tests.test_hfjudge import _bert_dir
+
+    not_lm = tmp_path / "vit"
+    not_lm.mkdir()
+    (not_lm / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    out = tmp_path / "cmp"
+    base = ["compare", "smoke", "--out", str(out), "--corpus.data_dir", str(tiny_data)]
+    assert_refused(capsys, [*base, "--evaluation.evaluator", f"hf:{not_lm}"], "causal", tmp_path)
+    lower = _bert_dir(tmp_path / "bert", is_decoder=True, bos="[CLS]")
+    state = tree_state(tmp_path)
+    assert_refused(capsys, [*base, "--evaluation.evaluator", f"hf:{lower}"], "cannot represent", tmp_path)
+    assert tree_state(tmp_path) == state and not out.exists()
+
+
+def test_report_rebuilds_from_files_and_refuses_a_dir_without_results(smoke, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_text() == (smoke[0] / "report.html").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_refused(capsys, ["report", str(empty)], "results.json", empty)
+
+
+def test_a_minutes_budget_spans_the_sessions_of_a_run(tiny_ar_run: Path) -> None:
+    """A resumed run under a minutes budget gets the budget less the wall time its last checkpoint records."""
+    from dlm.compare.runner import _remaining_minutes
+    from dlm.rundir import list_checkpoints, read_info, read_run_config
+
+    cfg = read_run_config(tiny_ar_run)
+    elapsed = read_info(list_checkpoints(tiny_ar_run)[-1][1])["elapsed"]
+    assert elapsed > 0
+    cfg.train.time_limit_min = 10.0
+    left = _remaining_minutes(cfg, tiny_ar_run)
+    assert left.train.time_limit_min == pytest.approx(10.0 - elapsed / 60, abs=1e-12)
+    assert cfg.train.time_limit_min == 10.0  # the caller's config is not changed
+    cfg.train.time_limit_min = elapsed / 120  # already spent: a minimal positive limit, the run stops at once
+    assert _remaining_minutes(cfg, tiny_ar_run).train.time_limit_min == 1e-3
+    cfg.train.time_limit_min = None
+    assert _remaining_minutes(cfg, tiny_ar_run).train.time_limit_min is None
