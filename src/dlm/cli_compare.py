@@ -1,4 +1,5 @@
-"""The comparison commands of ``dlm``: compare, report and experiment (registered by ``dlm.cli.build_parser``).
+"""The comparison commands of ``dlm``: compare, report, experiment and variance (registered by
+``dlm.cli.build_parser``).
 
 Parsing imports nothing heavy: the comparison modules (torch, matplotlib) are imported when a command runs.
 """
@@ -164,7 +165,70 @@ def _add_experiment(sub: Any) -> None:
     pf.set_defaults(func=cmd_experiment_formal)
 
 
+# ----------------------------------------------------------------------------- variance
+
+
+def _checkpoint_arg(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
+
+
+def cmd_variance(args: argparse.Namespace) -> int:
+    """Variance of the likelihood estimator and of the training gradient (eq. 9) of a run."""
+    from dlm.eval.variance import variance_run
+
+    record, path = variance_run(
+        args.run,
+        batches=args.batches,
+        split=args.split,
+        t_samples=args.t_samples,
+        seed=args.seed,
+        device=args.device,
+        force=args.force,
+        log=print,
+        which=_checkpoint_arg(args.checkpoint),
+        ema=not args.no_ema,
+    )
+
+    def num(x: float | None) -> str:
+        return "undefined" if x is None else f"{x:.6g}"
+
+    print(f"{record['family']} ({record['likelihood']}), split {record['split']}, step {record['checkpoint_step']}: "
+          f"{record['batches']} batches of {record['batch_size']}, {record['sequences']} sequences, "
+          f"K = {record['t_samples']} time samples, seed {record['seed']}")  # fmt: skip
+    print(f"  NLL per token:                           {num(record['nll_per_token'])} nats")
+    print(f"  per-sequence bound variance:             {num(record['seq_var'])} nats^2")
+    print(f"  per-sequence variance, per-token:        {num(record['seq_var_per_token'])} (nats/token)^2 "
+          f"(sd {num(record['seq_sd_per_token'])})")  # fmt: skip
+    print(f"  per-batch ELBO variance (batches x t):   {num(record['batch_elbo_var'])} (nats/token)^2")
+    print(f"  per-batch ELBO variance (t alone):       {num(record['batch_elbo_var_t'])} (nats/token)^2")
+    print(f"  gradient variance (eq. 9):               {num(record['grad_var'])}")
+    print(f"  squared norm of the mean gradient:       {num(record['grad_mean_sq_norm'])}")
+    print(f"  gradient variance / squared mean norm:   {num(record['grad_noise_ratio'])}")
+    print(f"  result file: {path}")
+    return 0
+
+
+def _add_variance(sub: Any) -> None:
+    pv = sub.add_parser(
+        "variance",
+        help="variance of the likelihood estimator and of the training gradient (eq. 9) -> RUN/eval/variance-*.json",
+        description="On the first M batches of a split: the variance of the single-time-sample bound per sequence "
+        "(K draws; 0 for an exact likelihood, AR), of the per-batch ELBO estimate, and the gradient variance of the "
+        "BD3-LM paper's eq. 9, (1/(M-1)) sum_m ||g_m - g_bar||^2. Every figure is defined in the JSON file.",
+    )
+    pv.add_argument("run", type=Path, help="run directory")
+    pv.add_argument("--batches", type=int, default=16, help="M, batches from the start of the split (>= 2; 16)")
+    pv.add_argument("--split", default=None, help="split (default: the run's eval.split)")
+    pv.add_argument("--t-samples", type=int, default=8, help="K, time samples per sequence of a bound (>= 2; 8)")
+    pv.add_argument("--seed", type=int, default=0, help="seed of the time and noise draws (0)")
+    pv.add_argument("--force", action="store_true", help="recompute a result RUN/eval already holds")
+    pv.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")
+    pv.add_argument("--no-ema", action="store_true", help="use the trained weights even if an EMA exists")
+    pv.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    pv.set_defaults(func=cmd_variance)
+
+
 def add_commands(sub: Any) -> None:
-    """Register compare, report and experiment on the ``dlm`` subparsers."""
-    for add in (_add_compare, _add_report, _add_experiment):
+    """Register compare, report, experiment and variance on the ``dlm`` subparsers."""
+    for add in (_add_compare, _add_report, _add_experiment, _add_variance):
         add(sub)
