@@ -259,3 +259,15 @@ def test_dlm_variance_refuses_bad_input(tiny_mdlm_run, tmp_path, capsys):
     assert_refused(capsys, ["variance", str(run), "--t-samples", "1"], "the mdlm bound", run)
     assert_refused(capsys, ["variance", str(run), "--split", "nope"], "no split 'nope'", run)
     assert_refused(capsys, ["variance", str(run), "--batches", "100000"], "fewer than 100000", run)
+
+
+def test_variance_run_on_a_sedd_run(tiny_data, tmp_path):
+    from dlm.config import load_config
+    from dlm.train import train
+    from tests.conftest import tiny_run_args
+
+    args = [a for a in tiny_run_args(tiny_data, "sedd") if not a.startswith("--train.max_steps")]
+    train(load_config(None, [*args, "--train.max_steps=2", "--train.warmup_steps=1"]), tmp_path / "run")
+    record, path = variance_run(tmp_path / "run", batches=2, split="validation", t_samples=2, seed=0)
+    assert record["family"] == "sedd" and record["likelihood"] == "upper bound (NELBO)" and path.exists()
+    assert record["seq_var"] > 0 and record["grad_var"] > 0 and record["batch_elbo_var"] > 0
