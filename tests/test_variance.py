@@ -244,12 +244,16 @@ def test_variance_run_writes_reuses_and_forces(tiny_mdlm_run, tmp_path):
 
 def test_dlm_variance_on_an_ar_run(tiny_ar_run, tmp_path, capsys):
     run = _copy(tiny_ar_run, tmp_path)
-    assert main(["variance", str(run), "--batches", "2", "--t-samples", "1", "--split", "validation"]) == 0
+    assert (
+        main(["variance", str(run), "--batches", "2", "--t-samples", "1", "--split", "validation", "--batch-size", "4"])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "ar (exact)" in out and "per-sequence bound variance:             0 nats^2" in out
+    assert "ar (exact)" in out and "per-sequence estimator variance:         0 nats^2" in out
     path = Path(out.strip().splitlines()[-1].split("result file: ")[1])
     record = json.loads(path.read_text())
     assert record["seq_var"] == 0.0 and record["t_samples"] == 1 and record["split"] == "validation"
+    assert record["batch_size"] == 4 and record["sequences"] == 8
     assert record["grad_var"] > 0 and record["batch_elbo_var"] > 0
 
 
@@ -257,6 +261,7 @@ def test_dlm_variance_refuses_bad_input(tiny_mdlm_run, tmp_path, capsys):
     run = _copy(tiny_mdlm_run, tmp_path)
     assert_refused(capsys, ["variance", str(run), "--batches", "1"], "--batches must be an integer >= 2", run)
     assert_refused(capsys, ["variance", str(run), "--t-samples", "1"], "the mdlm bound", run)
+    assert_refused(capsys, ["variance", str(run), "--batch-size", "0"], "--batch-size must be an integer >= 1", run)
     assert_refused(capsys, ["variance", str(run), "--split", "nope"], "no split 'nope'", run)
     assert_refused(capsys, ["variance", str(run), "--batches", "100000"], "fewer than 100000", run)
 

@@ -187,6 +187,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
         log=print,
         which=_checkpoint_arg(args.checkpoint),
         ema=not args.no_ema,
+        batch_size=args.batch_size,
     )
 
     def num(x: float | None) -> str:
@@ -196,7 +197,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
           f"{record['batches']} batches of {record['batch_size']}, {record['sequences']} sequences, "
           f"K = {record['t_samples']} time samples, seed {record['seed']}")  # fmt: skip
     print(f"  NLL per token:                           {num(record['nll_per_token'])} nats")
-    print(f"  per-sequence bound variance:             {num(record['seq_var'])} nats^2")
+    print(f"  per-sequence estimator variance:         {num(record['seq_var'])} nats^2")
     print(f"  per-sequence variance, per-token:        {num(record['seq_var_per_token'])} (nats/token)^2 "
           f"(sd {num(record['seq_sd_per_token'])})")  # fmt: skip
     print(f"  per-batch ELBO variance (batches x t):   {num(record['batch_elbo_var'])} (nats/token)^2")
@@ -220,6 +221,8 @@ def _add_variance(sub: Any) -> None:
     pv.add_argument("--batches", type=int, default=16, help="M, batches from the start of the split (>= 2; 16)")
     pv.add_argument("--split", default=None, help="split (default: the run's eval.split)")
     pv.add_argument("--t-samples", type=int, default=8, help="K, time samples per sequence of a bound (>= 2; 8)")
+    pv.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: eval.batch_size, else "
+                    "train.batch_size)")  # fmt: skip
     pv.add_argument("--seed", type=int, default=0, help="seed of the time and noise draws (0)")
     pv.add_argument("--force", action="store_true", help="recompute a result RUN/eval already holds")
     pv.add_argument("--checkpoint", default="last", help="last (default), best, or a step number")

@@ -33,7 +33,7 @@ from dlm.eval.results import check_device, check_writable, result_path, reusable
 from dlm.eval.run import check_tokenizer
 from dlm.io import write_json_atomic
 from dlm.process.base import Process, get_process, model_device
-from dlm.rundir import load_run
+from dlm.rundir import LoadedRun, load_run
 
 #: Version of the variance protocol, part of every result's settings (bump it when old files become incomparable).
 VARIANCE_PROTOCOL = 1
@@ -298,7 +298,7 @@ def pick_window(table: Mapping[tuple[float, float], float]) -> tuple[float, floa
 # ------------------------------------------------------------------------------------------------ a run
 
 
-def variance_settings(run: Any, meta: Mapping[str, Any], **chosen: Any) -> dict[str, Any]:
+def variance_settings(run: LoadedRun, meta: Mapping[str, Any], **chosen: Any) -> dict[str, Any]:
     """Every setting that changes a variance figure (its hash names the file, :mod:`dlm.eval.results`)."""
     return {
         "protocol": VARIANCE_PROTOCOL,
@@ -337,10 +337,12 @@ def variance_run(
     log: Callable[[str], None] | None = None,
     which: str | int = "last",
     ema: bool = True,
+    batch_size: int | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """:func:`likelihood_variance` and :func:`gradient_variance` of a run's checkpoint on the first ``batches``
-    batches of a split (default: the run's eval.split; rows per batch: eval.batch_size, else
-    train.batch_size); returns (record, path of RUN/eval/variance-{split}-step{N}-{hash}.json).
+    batches of a split (default: the run's eval.split); rows per batch: ``batch_size``, else eval.batch_size,
+    else train.batch_size (eq. 9 falls roughly as 1 / rows per batch). Returns (record, path of
+    RUN/eval/variance-{split}-step{N}-{hash}.json).
 
     A file with the same settings is reused unless ``force``. Checked before any work, nothing written when
     refused (one-line ``DlmError``): batches >= 2, t_samples >= 2 for a bound family (>= 1 for an exact one),
@@ -348,6 +350,8 @@ def variance_run(
     """
     _check_count("--batches", batches, 2)
     _check_count("--t-samples", t_samples, 1)
+    if batch_size is not None:
+        _check_count("--batch-size", batch_size, 1)
     check_device(device)
     run = load_run(run_dir, which=which, ema=ema, device=device)
     if not run.process.exact_likelihood:
@@ -355,7 +359,7 @@ def variance_run(
     split = split or run.cfg.eval.split
     s = open_split(Path(run.cfg.data.dir), split)
     check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"])
-    bs = run.cfg.eval.batch_size or run.cfg.train.batch_size
+    bs = batch_size or run.cfg.eval.batch_size or run.cfg.train.batch_size
     loader = Loader(s, bs, seed=seed, shuffle=False, infinite=False)
     if len(loader) < batches:
         raise DlmError(f"split {split!r} holds {len(s)} rows: {len(loader)} batches of {bs}, fewer than {batches}")
