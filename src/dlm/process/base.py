@@ -47,6 +47,9 @@ class ProcessConfig:
     T:              D3PM: number of discrete diffusion steps (the thesis used 1000).
     hybrid_lambda:  D3PM: weight of the auxiliary cross-entropy in L_vb + lambda CE (Austin et al.: 0.01).
     eval_t_samples: K, time samples per sequence when nll() estimates a diffusion bound.
+    block_size:     BD3-LM: L', tokens per block (must divide the row length); 1 = AR-like, L = MDLM.
+    clip_beta:      BD3-LM: lower end beta of the training mask rate 1 - alpha_t ~ U[beta, omega] (0 = no clip).
+    clip_omega:     BD3-LM: upper end omega of that window (1 = no clip); evaluation always uses the full bound.
     """
 
     name: str = "ar"
@@ -60,6 +63,9 @@ class ProcessConfig:
     T: int = 1000
     hybrid_lambda: float = 0.0
     eval_t_samples: int = 1
+    block_size: int = 4
+    clip_beta: float = 0.0
+    clip_omega: float = 1.0
 
 
 @dataclass

@@ -1,0 +1,366 @@
+"""BD3-LM: block diffusion (Arriola et al. 2025, SPEC §3.6), between AR and masked diffusion.
+
+A row of L tokens is cut into B = L / L' blocks x^1..x^B of L' = ``process.block_size`` tokens and
+
+    log p(x) = sum_b log p(x^b | x^{<b}),
+
+each factor a masked diffusion (MDLM's continuous-time NELBO, SUBS parameterisation, the same schedule) over the
+L' tokens of block b, conditioned on the clean earlier blocks. One network serves every block:
+
+    NELBO(x) = sum_b E_{t_b ~ U[0,1]} E_{z^b ~ q(.|x^b)} [ w(t_b) sum_{l in S ∩ b, z^l = m} -log p(x^l | z^b, x^{<b}) ]
+    w(t) = -alpha'_t / (1 - alpha_t)            (= 1/t for the linear and loglinear schedules)
+
+with one time t_b per block. S = the scored positions (``base.scored_positions``): position 0 is context only
+(never masked, always clean; it lies in block 0) and padding is never masked or scored, as in every family.
+
+Training runs ONE forward over z_t ⊕ x (length 2L) with the mask [[M_BD, M_OBC], [0, M_BC]]
+(``masks.block_diffusion_train``): a noisy block sees itself (M_BD) and the clean earlier blocks (M_OBC), a clean
+block sees the clean blocks up to itself (M_BC). Both halves take rotary positions 0..L-1 (the ``pos``
+override), so a noisy token and its clean twin share a position; the loss reads the noisy half only. Sampling
+runs block by block with the block-causal mask (``masks.block_causal``): the same attention pattern, since a
+block being denoised sees its own noisy tokens and the finished (clean) blocks before it.
+
+The network is never time-conditioned (one t per block; the backbone takes one t per row), so p_theta does not
+depend on t and ``ddpm_cache`` is exact. Clipped schedules (``clip_beta``, ``clip_omega``): during training the
+mask rate 1 - alpha_t is drawn from U[beta, omega] instead of t from U[0, 1] (paper §5.3; a lower-variance,
+biased training objective); ``nll`` always estimates the full bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from dlm.data.batch import Batch
+from dlm.errors import DlmError
+from dlm.model.masks import MaskFn, block_causal, block_diffusion_train
+from dlm.process import absorbing
+from dlm.process.base import (
+    CONTINUOUS_TIME_FIELDS,
+    AttnSpec,
+    NLLResult,
+    Process,
+    ProcessConfig,
+    SampleResult,
+    SamplerFn,
+    SamplerOptions,
+    SamplerSpec,
+    SampleStart,
+    check_eval_t_samples,
+    full_length_result,
+    model_device,
+    register_process,
+    scored_positions,
+    token_logprobs,
+)
+from dlm.process.mdlm import T_MIN, masked_cross_entropy
+from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
+from dlm.process.transitions import AbsorbingTransition, Transition
+
+BD3LM_FIELDS = frozenset({"block_size", "clip_beta", "clip_omega"})
+
+
+@lru_cache(maxsize=64)
+def _train_mask(seq_len: int, block_size: int) -> MaskFn:
+    """The 2L training mask of (L, L'), built once per pair."""
+    return block_diffusion_train(seq_len, block_size)
+
+
+def check_block_size(block_size: Any) -> int:
+    """``process.block_size`` as an integer >= 1 (one-line ``DlmError`` otherwise)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise DlmError(f"process.block_size (L') must be an integer >= 1, got {block_size!r}")
+    return block_size
+
+
+def check_clip_window(beta: Any, omega: Any) -> tuple[float, float]:
+    """The clipped mask-rate window: 0 <= beta < omega <= 1 (one-line ``DlmError`` otherwise)."""
+    try:
+        b, w = float(beta), float(omega)
+    except (TypeError, ValueError):
+        raise DlmError(f"process.clip_beta / clip_omega must be numbers, got {beta!r}, {omega!r}") from None
+    if not (math.isfinite(b) and math.isfinite(w) and 0.0 <= b < w <= 1.0):
+        raise DlmError(f"the clipped window needs 0 <= clip_beta < clip_omega <= 1, got [{beta!r}, {omega!r}]")
+    return b, w
+
+
+@register_process
+class BD3LMProcess(Process):
+    """Block diffusion: per-block masked-diffusion NELBO (one 2L forward), its K-sample bound, block samplers."""
+
+    name: ClassVar[str] = "bd3lm"
+    exact_likelihood: ClassVar[bool] = False
+    default_sampler: ClassVar[str] = "ddpm"
+
+    def __init__(self, cfg: Any, specials: Any) -> None:
+        super().__init__(cfg, specials)
+        self.schedule = build_schedule(cfg)
+        self.transition: Transition = AbsorbingTransition(specials)
+        self.block_size: int = cfg.block_size
+        self._attention = block_causal(cfg.block_size)
+
+    @classmethod
+    def check_config(cls, cfg: ProcessConfig) -> None:
+        super().check_config(cfg)
+        build_schedule(cfg)  # an unknown schedule or bad parameters raise here
+        check_eval_t_samples(cfg)
+        check_block_size(cfg.block_size)
+        check_clip_window(cfg.clip_beta, cfg.clip_omega)
+        if cfg.time_cond:
+            raise DlmError(
+                "bd3lm has no time conditioning (one t per block, the backbone takes one per row): "
+                "leave process.time_cond unset or false"
+            )
+
+    @classmethod
+    def config_fields(cls, cfg: ProcessConfig) -> frozenset[str]:
+        return CONTINUOUS_TIME_FIELDS | BD3LM_FIELDS | frozenset(SCHEDULE_PARAMS.get(cfg.schedule, ()))
+
+    @property
+    def attention(self) -> AttnSpec:
+        """Block-causal attention of L' (sampling; training uses the 2L mask of ``noisy_logits``)."""
+        return self._attention
+
+    @property
+    def mask_id(self) -> int:
+        return self.specials.mask
+
+    def sampler_specs(self) -> Mapping[str, SamplerSpec]:
+        return _SAMPLERS
+
+    def default_steps(self, length: int) -> int:
+        """One denoising step per position (the total over all blocks, as for MDLM)."""
+        return length
+
+    def n_blocks(self, length: int) -> int:
+        """B = L / L'; a length that L' does not divide raises a one-line ``DlmError`` naming both."""
+        if length % self.block_size:
+            raise DlmError(f"process.block_size (L' = {self.block_size}) must divide the sequence length ({length})")
+        return length // self.block_size
+
+    # ------------------------------------------------------------------------------------------- network
+
+    def noisy_logits(self, model: torch.nn.Module, z_BL: Tensor, x_BL: Tensor) -> Tensor:
+        """The one-pass forward: logits [B, L, V] of p_theta(x^l | z^b, x^{<b}) at every position of z.
+
+            logits = f_theta(z ⊕ x; mask [[M_BD, M_OBC], [0, M_BC]], positions (0..L-1, 0..L-1))[:, :L]
+
+        Only the noisy half is returned; the clean half serves as keys/values of the earlier blocks.
+        """
+        L = x_BL.shape[1]
+        self.n_blocks(L)
+        pos_2L = torch.arange(L, device=x_BL.device).repeat(2)
+        logits = model(torch.cat([z_BL, x_BL], dim=1), attn=_train_mask(L, self.block_size), pos=pos_2L)
+        return logits[:, :L]
+
+    def block_times(
+        self, n: int, generator: torch.Generator | None, device: torch.device, clipped: bool = False
+    ) -> Tensor:
+        """n block times, float64 [n] (antithetic over the n = batch x blocks draws when ``process.antithetic``).
+
+        clipped = False (the bound): t ~ U[0, 1].  clipped = True (training) with a window other than [0, 1]:
+        the mask rate p = 1 - alpha_t ~ U[beta, omega] and t = alpha^{-1}(1 - p). t is clamped to >= T_MIN.
+        """
+        beta, omega = self.cfg.clip_beta, self.cfg.clip_omega
+        if not clipped or (beta, omega) == (0.0, 1.0):
+            t = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device)
+        else:
+            p = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device, t_min=beta, t_max=omega)
+            t = absorbing.inverse_alpha(self.schedule, 1.0 - p)
+        return t.clamp(min=T_MIN)
+
+    def corrupt(self, batch: Batch, t_BN: Tensor, generator: torch.Generator | None) -> Tensor:
+        """z ~ q(z | x) with alpha_{t_b} in block b (padding and position 0 kept clean): one float64 uniform per
+        position, masked iff u < 1 - alpha (``absorbing.mask_tokens``)."""
+        alpha_BL = self.schedule.alpha(t_BN).repeat_interleave(self.block_size, dim=1)
+        return absorbing.mask_tokens(batch.ids_BL, alpha_BL, self.mask_id, generator, keep_BL=~scored_positions(batch))
+
+    def draw(self, batch: Batch, generator: torch.Generator | None, clipped: bool) -> tuple[Tensor, Tensor]:
+        """(t_BN, z_BL): one time per block (B x N drawn at once, row-major) and the corrupted batch."""
+        B, L = batch.ids_BL.shape
+        n = self.n_blocks(L)
+        t_BN = self.block_times(B * n, generator, batch.ids_BL.device, clipped).view(B, n)
+        return t_BN, self.corrupt(batch, t_BN, generator)
+
+    # ------------------------------------------------------------------------------------------- loss
+
+    def loss(
+        self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """One-sample NELBO per token (nats/token), one forward over z ⊕ x:
+
+            t_bn ~ U[0, 1] per row b and block n (antithetic over the B N draws; clipped: 1 - alpha_t ~ U[beta, omega])
+            loss = sum_b sum_n w(t_bn) sum_{l in S_b, l in block n, z_b^l = m} -log p_theta(x_b^l | z_b^n, x_b^{<n})
+                   / sum_b |S_b|
+
+        p_theta is the SUBS distribution (MASK logit -inf) read from the noisy half of ``noisy_logits``. With the
+        full window its expectation is the mean NELBO per scored token. Stats: ``nll`` and ``tokens``.
+        """
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
+        t_BN, z_BL = self.draw(batch, generator, clipped=True)
+        scored_BL = (z_BL == self.mask_id) & real_BL
+        logits = self.noisy_logits(model, z_BL, x_BL)
+        ce_N = masked_cross_entropy(logits, scored_BL, x_BL, self.mask_id)
+        w_BL = self.schedule.mdlm_weight(t_BN).repeat_interleave(self.block_size, dim=1)
+        tokens = real_BL.sum()
+        loss = (w_BL[scored_BL].to(ce_N.dtype) * ce_N).sum() / tokens.clamp(min=1)
+        return loss, {"nll": float(loss.detach()), "tokens": float(tokens)}
+
+    # ------------------------------------------------------------------------------------------- bound
+
+    @torch.no_grad()
+    def nelbo_terms(
+        self, model: torch.nn.Module, batch: Batch, t_BN: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """The bound's integrand at given block times, float64 [B]:
+
+            sum_n w(t_bn) sum_{l in S_b, l in block n, z^l = m} -log p_theta(x^l | z^n, x^{<n}),  z ~ q(. | x)
+
+        (-log p_theta in float64 from the float32 logits).
+        """
+        x_BL = batch.ids_BL
+        z_BL = self.corrupt(batch, t_BN, generator)
+        masked_BL = (z_BL == self.mask_id) & scored_positions(batch)
+        sel = self.noisy_logits(model, z_BL, x_BL)[masked_BL].to(torch.float64)
+        sel[:, self.mask_id] = float("-inf")
+        nats_BL = torch.zeros(x_BL.shape, dtype=torch.float64, device=x_BL.device)
+        nats_BL[masked_BL] = -token_logprobs(sel, x_BL[masked_BL])
+        w_BL = self.schedule.mdlm_weight(t_BN).repeat_interleave(self.block_size, dim=1)
+        return (torch.where(masked_BL, w_BL, 0.0) * nats_BL).sum(1)
+
+    @torch.no_grad()
+    def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
+        """Unbiased estimate of the NELBO per sequence, an upper bound: -log p(x_b) <= NELBO(x_b) ≈ nats_b.
+
+            nats_b = (1/K) sum_{k=1..K} nelbo_terms(t_k)_b,   t_k: one time per block, t ~ U[0, 1] (never clipped)
+
+        K = ``process.eval_t_samples``; the K B N times are drawn at once (antithetic: evenly spaced over them),
+        then K forwards of the batch. tokens_b = |S_b|; exact = False. With L' = L this is MDLM's estimate for
+        the same random stream.
+        """
+        x_BL, K = batch.ids_BL, self.cfg.eval_t_samples
+        B, L = x_BL.shape
+        n = self.n_blocks(L)
+        t_KBN = self.block_times(K * B * n, generator, x_BL.device).view(K, B, n)
+        nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
+        for k in range(K):
+            nats_B += self.nelbo_terms(model, batch, t_KBN[k], generator)
+        return NLLResult(nats_B=nats_B / K, tokens_B=scored_positions(batch).sum(1).to(torch.int64), exact=False)
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+class BlockDenoiser:
+    """The network as the denoiser of one block at a time, given the finished blocks before it.
+
+    Uncached: every call runs f_theta(x^{<b} ⊕ z^b) with the block-causal mask and returns the logits of z^b
+    (the prefix is recomputed each call). Cached: the keys/values of finished blocks live in a KV cache;
+    finished blocks wait in ``pending`` and are committed by the next network call, which runs
+    f_theta(pending ⊕ z^b) with commit (the pending blocks see the cache and themselves, block-causally, never
+    z^b) and then drops z^b from the cache again, so committing costs no extra call. Both compute the same
+    attention pattern; ``nfe`` counts every forward.
+    """
+
+    def __init__(self, process: BD3LMProcess, model: torch.nn.Module, n: int, length: int, cached: bool) -> None:
+        self.process, self.model, self.cached = process, model, cached
+        self.cache = model.init_cache(n, length, device=model_device(model)) if cached else None
+        self.done: list[Tensor] = []  # finished blocks, in order
+        self.pending: list[Tensor] = []  # finished blocks not yet in the cache
+        self.nfe = 0
+
+    def finish(self, block_NB: Tensor) -> None:
+        """Block b is final: later blocks condition on it."""
+        self.done.append(block_NB)
+        self.pending.append(block_NB)
+
+    def __call__(self, z_NB: Tensor, t_N: Tensor) -> Tensor:
+        del t_N  # the network is time-independent
+        self.nfe += 1
+        attn, Lb = self.process.attention, z_NB.shape[1]
+        if self.cache is None:
+            return self.model(torch.cat([*self.done, z_NB], dim=1), attn=attn)[:, -Lb:]
+        if not self.pending:
+            return self.model(z_NB, attn=attn, cache=self.cache, commit=False)
+        logits = self.model(torch.cat([*self.pending, z_NB], dim=1), attn=attn, cache=self.cache, commit=True)
+        self.cache.truncate(self.cache.length - Lb)
+        self.pending.clear()
+        return logits[:, -Lb:]
+
+
+def _split_steps(steps: int, blocks: int) -> list[int]:
+    """``steps`` spread over ``blocks`` blocks as evenly as possible (earlier blocks take the remainder)."""
+    if steps < blocks:
+        raise DlmError(f"steps ({steps}) must be at least the number of blocks to generate ({blocks})")
+    return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+
+
+def sample_blocks(
+    process: BD3LMProcess,
+    model: torch.nn.Module,
+    start: SampleStart,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+    inner: absorbing.AbsorbingSampler,
+    uses_steps: bool,
+) -> SampleResult:
+    """Semi-autoregressive sampling (SPEC §3.6): blocks b = 0..B-1 in order, each drawn from all-MASK by the
+    absorbing sampler ``inner`` (ddpm, ddpm_cache, first_hitting) with p_theta(x^b | z^b, x^{<b}) from
+    ``BlockDenoiser``; fixed positions (prompt, fixed ids) stay as given and blocks without a free position
+    are skipped. ``steps`` is the total over the blocks to generate, split evenly (``_split_steps``; every
+    such block needs one); first_hitting takes one call per free position instead. The trajectory counts
+    steps across blocks (block b's steps follow those of earlier blocks). nfe = the number of forwards.
+    """
+    fixed_NL = start.fixed_NL
+    n, length = fixed_NL.shape
+    Lb = process.block_size
+    n_blocks = process.n_blocks(length)
+    is_fixed_NL = fixed_NL >= 0
+    z_NL = process.transition.start(fixed_NL)
+    todo = [b for b in range(n_blocks) if not bool(is_fixed_NL[:, b * Lb : (b + 1) * Lb].all())]
+    steps = dict(zip(todo, _split_steps(o.steps, len(todo)) if uses_steps else [0] * len(todo), strict=True))
+    traj_NL = torch.full_like(fixed_NL, -1) if o.return_trajectory else None
+    denoiser = BlockDenoiser(process, model, n, length, cached=o.use_cache)
+    offset = 0
+    for b in range(n_blocks):
+        cols = slice(b * Lb, (b + 1) * Lb)
+        if b in steps:
+            out = inner(
+                denoiser, z_NL[:, cols], process.schedule, steps[b], generator, is_fixed_NL[:, cols],
+                mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+                return_trajectory=o.return_trajectory,
+            )  # fmt: skip
+            z_NL[:, cols] = out.ids_BL
+            if traj_NL is not None and out.trajectory_BL is not None:
+                traj_NL[:, cols] = torch.where(out.trajectory_BL >= 0, out.trajectory_BL + offset, -1)
+            offset += steps[b] if uses_steps else out.nfe
+        denoiser.finish(z_NL[:, cols])
+    return full_length_result(z_NL, denoiser.nfe, start.prompt_len, traj_NL)
+
+
+def _block_sampler(inner: absorbing.AbsorbingSampler, uses_steps: bool = True) -> SamplerFn:
+    def run(
+        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+    ) -> SampleResult:
+        assert isinstance(process, BD3LMProcess) and o.steps is not None
+        return sample_blocks(process, model, start, o, gen, inner, uses_steps)
+
+    return run
+
+
+# The inner sampler of every block. The network is never time-conditioned (check_config), so ddpm_cache is exact
+# here and is not marked time_independent (that flag refuses time-conditioned networks, which bd3lm never has).
+_SAMPLERS: Mapping[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(_block_sampler(absorbing.ddpm), extra_options=("use_cache",)),
+    "ddpm_cache": SamplerSpec(_block_sampler(absorbing.ddpm_cache), extra_options=("use_cache",)),
+    "first_hitting": SamplerSpec(
+        _block_sampler(absorbing.first_hitting, uses_steps=False), nfe_within_steps=False, extra_options=("use_cache",)
+    ),
+}
+
+__all__ = ["BD3LMProcess", "BlockDenoiser", "check_block_size", "check_clip_window", "sample_blocks"]
