@@ -25,7 +25,7 @@ from dlm.eval.variance import (
     variance_run,
 )
 from dlm.model import ModelConfig, build_model
-from dlm.process import Process, ProcessConfig, get_process
+from dlm.process import Process, ProcessConfig, available_processes, get_process
 from dlm.process.base import scored_positions
 from tests.helpers import assert_refused
 
@@ -37,6 +37,7 @@ FAMILIES = [
     ProcessConfig(name="d3pm", T=8),
     ProcessConfig(name="sedd"),
     ProcessConfig(name="sedd", transition="uniform"),
+    ProcessConfig(name="bd3lm", block_size=4),
 ]
 
 
@@ -170,6 +171,7 @@ def test_gradient_variance_is_eq9_computed_directly(cfg):
 
 
 def test_every_family_gives_finite_likelihood_figures():
+    assert {cfg.name for cfg in FAMILIES} == set(available_processes())  # a new family joins these checks
     for cfg in FAMILIES:
         proc = get_process(cfg, SPECIALS)
         out = likelihood_variance(proc, _model(proc), _batches(m=2), t_samples=2, generator=_gen(0))
