@@ -269,6 +269,10 @@ def test_train_eval_and_sample_from_the_cli(tiny_data, tmp_path, capsys) -> None
         "--train.val_every", "3", "--train.val_batches", "1", "--train.ckpt_every", "3",
     ]  # fmt: skip
     argv = ["train", "--data.dir", str(tiny_data), "--run-dir", str(run), "--process.name", "bd3lm"]
+    bad = ["train", "--data.dir", str(tiny_data), "--run-dir", str(tmp_path / "bad"), "--process.name", "bd3lm"]
+    assert main([*bad, "--process.block_size", "5", *tiny]) == 2  # 5 does not divide the rows of 32
+    assert "(L' = 5) must divide the sequence length (32)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before the run directory is written
     assert main([*argv, "--process.block_size", "4", *tiny]) == 0
     assert json.loads((run / "config.json").read_text())["process"]["block_size"] == 4
     capsys.readouterr()
