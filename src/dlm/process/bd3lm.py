@@ -53,6 +53,7 @@ from dlm.process.base import (
     SampleStart,
     check_eval_t_samples,
     full_length_result,
+    model_context,
     model_device,
     register_process,
     scored_positions,
@@ -259,32 +260,54 @@ class BD3LMProcess(Process):
 class BlockDenoiser:
     """The network as the denoiser of one block at a time, given the finished blocks before it.
 
-    Uncached: every call runs f_theta(x^{<b} ⊕ z^b) with the block-causal mask and returns the logits of z^b
-    (the prefix is recomputed each call). Cached: the keys/values of finished blocks live in a KV cache;
-    finished blocks wait in ``pending`` and are committed by the next network call, which runs
-    f_theta(pending ⊕ z^b) with commit (the pending blocks see the cache and themselves, block-causally, never
-    z^b) and then drops z^b from the cache again, so committing costs no extra call. Both compute the same
-    attention pattern; ``nfe`` counts every forward.
+    Uncached: every call runs f_theta(window ⊕ z^b) with the block-causal mask and returns the logits of z^b
+    (the prefix is recomputed each call). Cached: the keys/values of the window live in a KV cache; finished
+    blocks wait in ``pending`` and are committed by the next network call, which runs f_theta(pending ⊕ z^b)
+    with commit (the pending blocks see the cache and themselves, block-causally, never z^b) and then drops z^b
+    from the cache again, so committing costs no extra call. Both compute the same attention pattern; ``nfe``
+    counts every forward.
+
+    The window is every finished block while the next block fits in the model context C (rotary positions
+    0, 1, ... from the start of the row). A longer generation slides: when the next block would end past C, the
+    window keeps its last ``keep`` blocks, keep = min(max(1, floor(C / 2 / L')), floor((C - L') / L')), and
+    positions start again at 0 with the oldest kept token (the cached variant re-encodes the kept blocks on its
+    next call, again without an extra forward). So every block sees between keep L' and C - L' clean tokens
+    once the row is longer than C, each window reads as a training row (which also starts mid-stream), and
+    ``slides`` counts the restarts.
     """
 
     def __init__(self, process: BD3LMProcess, model: torch.nn.Module, n: int, length: int, cached: bool) -> None:
-        self.process, self.model, self.cached = process, model, cached
-        self.cache = model.init_cache(n, length, device=model_device(model)) if cached else None
-        self.done: list[Tensor] = []  # finished blocks, in order
-        self.pending: list[Tensor] = []  # finished blocks not yet in the cache
+        self.process, self.model = process, model
+        self.block = process.block_size
+        self.context = model_context(model) or length
+        if self.context < self.block:
+            raise DlmError(f"the model context ({self.context}) is shorter than one block (L' = {self.block})")
+        fit = (self.context - self.block) // self.block  # finished blocks that fit beside the next one
+        self.keep = min(max(1, self.context // 2 // self.block), fit)
+        capacity = min(length, self.context)
+        self.cache = model.init_cache(n, capacity, device=model_device(model)) if cached else None
+        self.window: list[Tensor] = []  # the finished blocks the next block sees, in order
+        self.pending: list[Tensor] = []  # those not yet in the cache
         self.nfe = 0
+        self.slides = 0
 
     def finish(self, block_NB: Tensor) -> None:
-        """Block b is final: later blocks condition on it."""
-        self.done.append(block_NB)
+        """Block b is final: later blocks condition on it (within the window)."""
+        self.window.append(block_NB)
         self.pending.append(block_NB)
+        if (len(self.window) + 1) * self.block > self.context:
+            self.window = self.window[len(self.window) - self.keep :]
+            self.slides += 1
+            if self.cache is not None:
+                self.cache.reset()
+                self.pending = list(self.window)
 
     def __call__(self, z_NB: Tensor, t_N: Tensor) -> Tensor:
         del t_N  # the network is time-independent
         self.nfe += 1
         attn, Lb = self.process.attention, z_NB.shape[1]
         if self.cache is None:
-            return self.model(torch.cat([*self.done, z_NB], dim=1), attn=attn)[:, -Lb:]
+            return self.model(torch.cat([*self.window, z_NB], dim=1), attn=attn)[:, -Lb:]
         if not self.pending:
             return self.model(z_NB, attn=attn, cache=self.cache, commit=False)
         logits = self.model(torch.cat([*self.pending, z_NB], dim=1), attn=attn, cache=self.cache, commit=True)
