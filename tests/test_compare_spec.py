@@ -233,3 +233,30 @@ def test_every_field_has_help() -> None:
         assert set(field_help(cls)) == {f.name for f in dataclasses.fields(cls)}, cls
     for cls in (spec_module.Evaluation, spec_module.LikelihoodEval, spec_module.SampleEval, spec_module.SpeedEval):
         assert set(field_help(cls)) == {f.name for f in dataclasses.fields(cls)}, cls
+
+
+def test_block_diffusion_arms_name_their_block_size(tmp_path: Path) -> None:
+    d = _smoke_dict()
+    d["arms"] = [{"family": "ar"}, {"family": "bd3lm:4"}, {"family": "bd3lm:16", "name": "wide"}]
+    spec = load_compare_spec(_write(tmp_path, d))
+    assert [a.name for a in spec.arms] == ["ar", "bd3lm-4", "wide"]
+    cfgs = [arm_run_config(spec, a, 0) for a in spec.arms[1:]]
+    assert [(c.process.name, c.process.block_size) for c in cfgs] == [("bd3lm", 4), ("bd3lm", 16)]
+    for bad in ("bd3lm:0", "bd3lm:", "bd3lm:x", "bd3lm:-2"):
+        d["arms"] = [{"family": bad, "name": "b"}]
+        _refused(tmp_path, d, "unknown family", "bd3lm:L'")
+
+
+@pytest.mark.parametrize("name", ["formal-2gram-cpu", "thesis-wikitext103", "lm1b", "owt"])
+def test_the_other_presets_build_every_run_config(name: str) -> None:
+    """The formal and paper-scale presets are specs that validate: every arm x seed has a run config on the one
+    budget (they are run on a formal corpus or GPUs, not in the tests)."""
+    spec = load_compare_spec(name)
+    assert name in available_compare_presets()
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            cfg = arm_run_config(spec, arm, seed, data_dir="/data/x")
+            assert cfg.train.seed == seed and cfg.train.max_steps == spec.budget.steps
+    if name == "thesis-wikitext103":
+        assert list(spec.seeds) == [1000, 2000, 3000] and spec.corpus.seq_len == 512
+        assert arm_run_config(spec, spec.arm("d3pm"), 1000).process.T == 1000

@@ -102,8 +102,9 @@ class Arm:
     """One trained model family of the comparison.
 
     name:      the arm's name, unique, used for its run directories (letters, digits, ., _, -); "" = the family.
-    family:    a registered process (ar, d3pm, mdlm, sedd), gpt2 (the gpt2-hf backbone with the AR process),
-               d3pm-uniform or sedd-uniform (process.transition uniform).
+    family:    a registered process (ar, d3pm, mdlm, sedd, bd3lm), gpt2 (the gpt2-hf backbone with the AR process),
+               d3pm-uniform or sedd-uniform (process.transition uniform), or bd3lm:L' (block diffusion, blocks of
+               L' tokens: process.block_size L'; its default name is bd3lm-L').
     overrides: run-config overrides of this arm only, nested or dotted (``{process: {T: 100}}`` or
                ``{process.T: 100}``; kept dotted and typed); applied after the shared ones.
     samplers:  samplers evaluated for this arm; empty = the family's default sampler.
@@ -257,7 +258,7 @@ class CompareSpec:
             raise DlmError("arms: the arm list is empty; give at least one arm (e.g. family: ar)")
         seen: set[str] = set()
         for i, arm in enumerate(self.arms):
-            if arm.family not in known_families():
+            if family_settings(arm.family) is None:
                 raise DlmError(f"arms.{i}.family: unknown family {arm.family!r} (known: {', '.join(known_families())})")
             if not _ARM_NAME.fullmatch(arm.name):
                 raise DlmError(f"arms.{i}.name: {arm.name!r} must be letters, digits, '.', '_' or '-'")
@@ -295,11 +296,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_BLOCK_FAMILY = re.compile(r"bd3lm:([1-9][0-9]*)")
+
+
+def family_settings(family: str) -> dict[str, str] | None:
+    """The run-config settings of an arm family: a registered process, a shorthand (``SHORTHANDS``), or
+    ``bd3lm:L'`` (block diffusion with blocks of L' tokens); None for an unknown family."""
+    if family in SHORTHANDS:
+        return SHORTHANDS[family]
+    if m := _BLOCK_FAMILY.fullmatch(family):
+        return {"process.name": "bd3lm", "process.block_size": m.group(1)}
+    import dlm.process  # registers every process
+
+    return {"process.name": family} if family in dlm.process.available_processes() else None
+
+
 def known_families() -> list[str]:
     """Every valid ``arm.family``: the registered processes, then the shorthands."""
     import dlm.process  # registers every process
 
-    return [*dlm.process.available_processes(), *SHORTHANDS]
+    return [*dlm.process.available_processes(), *SHORTHANDS, "bd3lm:L'"]
 
 
 def _validate_corpus(c: Corpus) -> None:
@@ -407,9 +423,9 @@ def arm_run_config(spec: CompareSpec, arm: Arm, seed: int, data_dir: str | None 
     """The validated run config of ``arm`` at ``seed``, in this order (later wins): ``spec.base``, ``spec.shared``,
     the family's settings, the arm's overrides, then what the spec fixes for every arm (seed, budget, likelihood
     evaluation, data directory: ``data_dir``, else ``corpus.data_dir``, else "" for the caller to fill)."""
-    if arm.family not in known_families():
+    family = family_settings(arm.family)
+    if family is None:
         raise DlmError(f"arm {arm.name!r}: unknown family {arm.family!r} (known: {', '.join(known_families())})")
-    family = SHORTHANDS.get(arm.family, {"process.name": arm.family})
     b, lk = spec.budget, spec.evaluation.likelihood
     fixed: dict[str, Any] = {
         "train.seed": seed,
@@ -505,7 +521,7 @@ def spec_from_dict(d: dict[str, Any]) -> CompareSpec:
     Not validated (``validate``)."""
     spec = _build(CompareSpec, {} if d is None else d, "")
     for arm in spec.arms:
-        arm.name = arm.name or arm.family
+        arm.name = arm.name or arm.family.replace(":", "-")  # bd3lm:4 -> bd3lm-4
     return spec
 
 
