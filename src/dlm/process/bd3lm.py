@@ -338,6 +338,8 @@ def sample_blocks(
     are skipped. ``steps`` is the total over the blocks to generate, split evenly (``_split_steps``; every
     such block needs one); first_hitting takes one call per free position instead. The trajectory counts
     steps across blocks (block b's steps follow those of earlier blocks). nfe = the number of forwards.
+    Fixed ids inside a later block (infilling) are kept and seen by their own block and the blocks after it,
+    never by earlier blocks (left-to-right conditioning). Rows are always full length (no EOS stop yet).
     """
     fixed_NL = start.fixed_NL
     n, length = fixed_NL.shape
