@@ -236,7 +236,7 @@ def test_every_field_has_help() -> None:
 
 
 def test_block_diffusion_arms_name_their_block_size(tmp_path: Path) -> None:
-    d = _smoke_dict()
+    d = _eval(_smoke_dict(), "samples", {"steps": [8, 16]})
     d["arms"] = [{"family": "ar"}, {"family": "bd3lm:4"}, {"family": "bd3lm:16", "name": "wide"}]
     spec = load_compare_spec(_write(tmp_path, d))
     assert [a.name for a in spec.arms] == ["ar", "bd3lm-4", "wide"]
@@ -260,3 +260,13 @@ def test_the_other_presets_build_every_run_config(name: str) -> None:
     if name == "thesis-wikitext103":
         assert list(spec.seeds) == [1000, 2000, 3000] and spec.corpus.seq_len == 512
         assert arm_run_config(spec, spec.arm("d3pm"), 1000).process.T == 1000
+
+
+def test_block_arms_need_a_dividing_block_size_and_a_step_per_block(tmp_path: Path) -> None:
+    d = _smoke_dict()  # rows of 32, samples at 4 and 16 steps
+    d["arms"] = [{"family": "bd3lm:4"}]  # 8 blocks: 4 steps cannot cover them
+    _refused(tmp_path, d, "evaluation.samples.steps (arm 'bd3lm-4')", "4 steps cannot cover the 8 blocks")
+    d["arms"] = [{"family": "bd3lm:5"}]
+    _refused(tmp_path, d, "block size L' = 5 does not divide corpus.seq_len 32")
+    d["arms"] = [{"family": "bd3lm:8", "steps": [4, 8]}]  # 4 blocks
+    assert load_compare_spec(_write(tmp_path, d)).arms[0].name == "bd3lm-8"

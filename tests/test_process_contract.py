@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dlm.process  # noqa: F401  (registers every family)
+from dlm.config import config_hash, load_config
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
@@ -197,7 +198,7 @@ def test_a_family_refuses_its_bad_options_when_the_config_is_validated(overrides
 
 
 def test_every_family_accepts_its_defaults_and_fields_it_does_not_read_leave_the_hash() -> None:
-    from dlm.config import OPERATIONAL_KEYS, config_diff, config_hash, load_config
+    from dlm.config import HASHED_WHEN_SET, OPERATIONAL_KEYS, config_diff, config_hash, load_config
 
     for name in available_processes():
         load_config(None, ["--process.name", name])
@@ -214,8 +215,25 @@ def test_every_family_accepts_its_defaults_and_fields_it_does_not_read_leave_the
     # a configuration whose unused fields are at their defaults hashes as before (existing run directories)
     for cfg in (ar, mdlm, d3pm):
         flat = {f"{s}.{k}": v for s, vals in cfg.to_dict().items() for k, v in vals.items()}
-        flat = {k: v for k, v in flat.items() if k not in OPERATIONAL_KEYS}
+        flat = {k: v for k, v in flat.items() if k not in OPERATIONAL_KEYS and k not in HASHED_WHEN_SET}
         assert config_hash(cfg) == hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("family", "pinned"),
+    [
+        ("ar", "0bd6338797252fef3fa310699c68aa637f4e3880992ed623ed3af5f0fb882fff"),
+        ("mdlm", "388941328c920197f9dcedd2d840c96f653239b575a8fc5172bbb0a0e6ae329e"),
+        ("d3pm", "0ccfc4efaffba732f693426fd752f08ea3ae71c15a8793a8d0df55b9f0f5bbd6"),
+        ("sedd", "8fef9f183645e760932d8576b3a04393db4fd6ac86be062feb65d31c619a7ada"),
+    ],
+)
+def test_config_hashes_of_existing_runs_never_change(family: str, pinned: str) -> None:
+    """The tiny-cpu config hashes computed by the code before the BD3-LM fields were added (commit babd50d^): a new
+    config key must not invalidate the resumption of every existing run (config.HASHED_WHEN_SET)."""
+    assert config_hash(load_config("tiny-cpu", ["--process.name", family])) == pinned
+    bd3 = load_config("tiny-cpu", ["--process.name", "bd3lm", "--process.block_size", "8"])
+    assert config_hash(bd3) != config_hash(load_config("tiny-cpu", ["--process.name", "bd3lm"]))
 
 
 # ------------------------------------------------------------------------------------------------------ transitions

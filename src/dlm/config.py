@@ -177,6 +177,10 @@ OPERATIONAL_KEYS = (
     | frozenset(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig))
 )
 
+# Keys added to the configuration after run directories existed: hashed only when they differ from their default,
+# so the hash of every earlier run (which could only have had the default) stays valid. A new key goes here.
+HASHED_WHEN_SET = frozenset({"process.block_size", "process.clip_beta", "process.clip_omega"})
+
 # Keys a resumed run may raise (or lower) to extend a finished run: they change the LR schedule's length,
 # which the trainer states when it resumes (the cosine decay is recomputed over the new total).
 EXTENDABLE_KEYS = frozenset({"train.max_steps", "train.max_tokens"})
@@ -511,12 +515,14 @@ def _canonical(cfg: RunConfig) -> RunConfig:
 
 def config_hash(cfg: RunConfig, exclude: frozenset[str] = OPERATIONAL_KEYS) -> str:
     """sha256 of the configuration minus ``exclude``d keys (those that do not change the computation); process
-    fields the family does not read count as their defaults (``dlm.process.base.canonical_config``)."""
+    fields the family does not read count as their defaults (``dlm.process.base.canonical_config``); keys of
+    ``HASHED_WHEN_SET`` count only when they differ from their default (earlier runs keep their hash)."""
+    defaults = RunConfig().to_dict()
     flat = {
         f"{s}.{k}": v
         for s, values in _canonical(cfg).to_dict().items()
         for k, v in values.items()
-        if f"{s}.{k}" not in exclude
+        if f"{s}.{k}" not in exclude and not (f"{s}.{k}" in HASHED_WHEN_SET and v == defaults[s][k])
     }
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 

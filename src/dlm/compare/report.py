@@ -219,6 +219,26 @@ def speed_quality_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
+def variance_items(results: Mapping[str, Any]) -> list[Item]:
+    """The estimator-variance section (results.json rows of kind ``variance``), or nothing when not measured."""
+    aggs = aggregates(results, "variance")
+    if not aggs:
+        return []
+    head = ["arm", "likelihood", "var of per-token estimate (nats/token)^2", "var of batch estimate", "K"]
+    head += ["gradient var (eq. 9)", "||mean gradient||^2", "ratio", "batches", "seeds"]
+    table = Table("variance", "variance", head)
+    for a in aggs:
+        cells = [a["arm"], _relation(results, a["arm"]), mean_std(a, "seq_var_per_token", 6)]
+        cells += [mean_std(a, "batch_elbo_var", 6), mean_std(a, "t_samples", 0), mean_std(a, "grad_var", 4)]
+        cells += [mean_std(a, "grad_mean_sq_norm", 4), mean_std(a, "grad_noise_ratio", 3), mean_std(a, "batches", 0)]
+        table.rows.append((f"variance-{a['arm']}", [*cells, str(a["n_seeds"])]))
+    note = (
+        "the likelihood estimator's variance over K single-time-sample draws per sequence (0 for AR: exact) and "
+        "the gradient variance of the training loss over M batches (BD3-LM paper, eq. 9); mean ± std over seeds."
+    )
+    return [Block("h2", "Estimator variance"), Block("note", note), table]
+
+
 def matched_table(results: Mapping[str, Any]) -> Table | None:
     """Formal corpora: per seed and diffusion arm, the smallest step count matching AR's TER (SER) and the
     speedup there (results.json ``matched``); None when there is nothing to match."""
@@ -376,6 +396,7 @@ def _document(
             f"diffusion bounds, at most {lik.get('max_batches')} batches; scored: {lik.get('scored')}.",
         ),
         *likelihood_tables(results),
+        *variance_items(results),
         Block("h2", "Sample quality"),
         Block(
             "note",

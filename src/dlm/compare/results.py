@@ -29,11 +29,19 @@ __all__ = ["DEFINITIONS", "aggregate", "overlaps", "write_results"]
 
 RESULTS_FILE = "results.json"
 CSV_FILE = "results.csv"
+VARIANCE_FIELDS = ("t_samples", "batches", "nll_per_token", "seq_var_per_token", "batch_elbo_var", "grad_var",
+                   "grad_mean_sq_norm", "grad_noise_ratio")  # fmt: skip
 GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "batch_size")
 _ROW_IDENTITY = {"kind", "arm", "family", "seed", "sampler", "steps", "batch_size", "split", "file", "relation"}
 
 DEFINITIONS: dict[str, str] = {
-    "kind": "likelihood | samples | speed | speed_protocol",
+    "kind": "likelihood | samples | speed | speed_protocol | variance",
+    "seq_var_per_token": "variance: mean over sequences of the variance of the per-token likelihood estimate over "
+    "K single-time-sample draws, (nats/token)^2; 0 for AR (exact)",
+    "batch_elbo_var": "variance: variance of the per-batch mean NLL estimate over batches and time draws",
+    "grad_var": "variance: the BD3-LM paper's eq. 9, (1/(M-1)) sum_m ||g_m - g_bar||^2 over M batches",
+    "grad_mean_sq_norm": "variance: ||g_bar||^2, the squared norm of the mean gradient",
+    "grad_noise_ratio": "variance: grad_var / grad_mean_sq_norm",
     "relation": "'=' exact likelihood (AR), '≤' an upper bound on the NLL (diffusion: NELBO, K time samples)",
     "nll": "NLL in nats per scored token on the split (exact or the bound); scored tokens: protocol.likelihood",
     "nll_se": "standard error of nll over sequences (delta method; includes the time-sampling noise of a bound)",
@@ -144,6 +152,10 @@ def build_rows(records: Iterable[Any], root: Path) -> list[dict[str, Any]]:
             rows.append(_samples_row(base, srec, spath, qrec, root))
         if r.speed is not None:
             rows += _speed_rows(base, *r.speed, root)
+        if getattr(r, "variance", None) is not None:
+            vrec, vpath = r.variance
+            rows.append({**base, "kind": "variance", **{k: vrec.get(k) for k in VARIANCE_FIELDS},
+                         "file": _rel(vpath, root)})  # fmt: skip
     return rows
 
 

@@ -6,7 +6,8 @@ Stages, each reading what the one before wrote (docs/COMPARE.md has the files):
     2. judge     evaluator judge-ar: one AR run DIR/judge (``evaluation.judge``), trained once, its likelihood
     3. train     every (arm, seed) in spec order: missing = train, partial = ``train --resume``, finished = skip
     4. evaluate  per run: likelihood (exact / bound), samples per sampler x step count, their quality (gen PPL
-                 by the evaluator, diversity; TER/SER on a formal corpus), sampling speed (the first seed's run)
+                 by the evaluator, diversity; TER/SER on a formal corpus), estimator variances (when
+                 evaluation.variance.batches > 0), sampling speed (the first seed's run)
     5. results   DIR/results.json and DIR/results.csv (``dlm.compare.results``)
     6. report    DIR/report.md, DIR/report.html, DIR/figures/ (``dlm.compare.report``)
 
@@ -63,6 +64,7 @@ class RunRecord:
     likelihood: tuple[dict[str, Any], Path] | None = None
     samples: list[tuple[dict[str, Any], Path, dict[str, Any], Path]] = dataclasses.field(default_factory=list)
     speed: tuple[dict[str, Any], Path] | None = None
+    variance: tuple[dict[str, Any], Path] | None = None
 
 
 @dataclasses.dataclass
@@ -346,6 +348,15 @@ def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any
         qrec, qpath = quality_set(spath, evaluator=evaluator(run_dir))
         rec.samples.append((srec, spath, qrec, qpath))
         log("  " + _quality_line(sampler, steps, srec, qrec))
+    if ev.variance.batches:
+        from dlm.eval.variance import variance_run
+
+        v = ev.variance
+        rec.variance = variance_run(run_dir, batches=v.batches, split=ev.likelihood.split, t_samples=v.t_samples,
+                                    seed=0, device=device)  # fmt: skip
+        vr = rec.variance[0]
+        log(f"  variance: likelihood estimator {vr['seq_var_per_token']:.4g} (nats/token)^2 per sequence, "
+            f"gradient (eq. 9) {vr['grad_var']:.4g} over {v.batches} batches")  # fmt: skip
     if s.seed == spec.seeds[0]:
         sp = ev.speed
         rec.speed = speed_set(

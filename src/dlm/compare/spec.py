@@ -41,6 +41,7 @@ __all__ = [
     "LikelihoodEval",
     "SampleEval",
     "SpeedEval",
+    "VarianceEval",
     "arm_run_config",
     "available_compare_presets",
     "dump_spec",
@@ -180,6 +181,19 @@ class SpeedEval:
 
 
 @dataclass
+class VarianceEval:
+    """Estimator variances of every run (``dlm.eval.variance.variance_run``, the BD3-LM paper's table 1 and eq. 9):
+    the likelihood estimator's variance over time samples (0 for AR: exact) and the gradient variance over batches.
+
+    batches:   M, batches from the start of the likelihood split; 0 = skip this evaluation.
+    t_samples: K, single-time-sample estimates per sequence of a diffusion bound (>= 2).
+    """
+
+    batches: int = 0
+    t_samples: int = 4
+
+
+@dataclass
 class JudgeSpec:
     """The judge of evaluator judge-ar: an AR model trained once per comparison on the same corpus (DIR/judge).
 
@@ -206,6 +220,7 @@ class Evaluation:
                 local causal LM directory) or true-language (a formal corpus only).
     judge:      the judge-ar model's size and training.
     speed:      speed settings.
+    variance:   estimator variances (likelihood over time samples, gradient over batches); off by default.
     device:     where evaluation runs: auto (CUDA when available), cpu or cuda.
     """
 
@@ -214,6 +229,7 @@ class Evaluation:
     evaluator: str = "judge-ar"
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     speed: SpeedEval = field(default_factory=SpeedEval)
+    variance: VarianceEval = field(default_factory=VarianceEval)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -275,6 +291,7 @@ class CompareSpec:
         for i, arm in enumerate(self.arms):
             cfg = arm_run_config(self, arm, self.seeds[0])
             _check_samplers(cfg, arm, i, self.evaluation.samples.steps)
+            _check_blocks(cfg, arm, i, self.evaluation.samples.steps, self.corpus)
         if self.evaluation.evaluator == "judge-ar":
             try:
                 judge_run_config(self)
@@ -359,6 +376,9 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
     _require("evaluation.samples.temperature", s.temperature, s.temperature >= 0, "must be >= 0")
     _require("evaluation.samples.batch_size", s.batch_size, s.batch_size >= 1, "must be >= 1")
     _require("evaluation.judge.steps", e.judge.steps, e.judge.steps >= 0, "must be >= 0")
+    v = e.variance
+    _require("evaluation.variance.batches", v.batches, v.batches == 0 or v.batches >= 2, "must be 0 (off) or >= 2")
+    _require("evaluation.variance.t_samples", v.t_samples, v.t_samples >= 2, "must be >= 2")
     _require("evaluation.judge.batch_size", e.judge.batch_size, e.judge.batch_size >= 1, "must be >= 1")
     _require("evaluation.speed.batch_sizes", sp.batch_sizes, all(v >= 1 for v in sp.batch_sizes), "must be >= 1")
     _require("evaluation.speed.repeats", sp.repeats, sp.repeats >= 1, "must be >= 1")
@@ -459,6 +479,20 @@ def judge_run_config(spec: CompareSpec, data_dir: str | None = None) -> RunConfi
     if j.steps:
         cfg.train.max_steps, cfg.train.max_tokens, cfg.train.time_limit_min = j.steps, 0, None
     return cfg.validate()
+
+
+def _check_blocks(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...], corpus: Corpus) -> None:
+    """A block-diffusion arm: L' divides the row length, and every step count covers each block at least once
+    (its sampler spreads the steps over the L / L' blocks)."""
+    if cfg.process.name != "bd3lm" or corpus.data_dir is not None:
+        return
+    size, length = cfg.process.block_size, corpus.seq_len
+    if length % size:
+        raise DlmError(f"arms.{i} ({arm.name}): block size L' = {size} does not divide corpus.seq_len {length}")
+    steps = arm.steps or default_steps
+    if min(steps) < length // size:
+        where = f"arms.{i}.steps" if arm.steps else f"evaluation.samples.steps (arm {arm.name!r})"
+        raise DlmError(f"{where}: {min(steps)} steps cannot cover the {length // size} blocks of L' = {size}")
 
 
 def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...]) -> None:
