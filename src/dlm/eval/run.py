@@ -255,12 +255,14 @@ def sample_run(
     progress: Callable[[int, int | None], None] | None = None,
     **opts: Any,
 ) -> tuple[list[dict[str, Any]], Path]:
-    """Draw ``n`` samples of up to ``length`` tokens (default: the data's row length) from a run.
+    """Draw ``n`` samples of up to ``length`` tokens (default: the data's row length) from a run. A length above
+    the model context is refused unless the family generates past it (``Process.beyond_context``: BD3-LM).
 
     ``opts`` go to the process's sampler (temperature, top_k, top_p, ...). The rows are drawn ``batch_size``
     at a time from one generator seeded with ``seed`` (so the samples depend on ``batch_size`` when n exceeds
     it); ``progress(done, n)`` is called after each batch. Returns the records written to the JSONL file and
-    its path.
+    its path. A record carries ``stop`` (what ended the row: "eos", "entropy" or "length") when the family
+    records it (``SampleResult.stop_N``).
     """
     if n < 1:
         raise DlmError(f"number of samples must be >= 1, got {n}")
@@ -297,6 +299,7 @@ def sample_run(
         result = run.process.sample(run.model, b, length, sampler=sampler, prompt_ids=prompt_ids, generator=gen, **opts)
         wall = time.perf_counter() - t0
         trajectory = getattr(result, "trajectory_NL", None)
+        stop = getattr(result, "stop_N", None)
         for i in range(b):
             ids = result.ids_NL[i, : int(result.lengths_N[i])].tolist()
             gen_ids = ids[result.prompt_len :]
@@ -311,6 +314,8 @@ def sample_run(
                 "wall_s_batch": wall,
                 **settings,
             }
+            if stop is not None:  # what ended the row (BD3-LM's stop rules)
+                record["stop"] = stop[i]
             if trajectory is not None:  # step at which each position was revealed (-1: fixed / prompt)
                 record["reveal_step"] = trajectory[i, : len(ids)].tolist()
             records.append(record)

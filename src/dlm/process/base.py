@@ -9,10 +9,11 @@ Processes register themselves by name (``@register_process``) and are built with
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -111,6 +112,10 @@ class SampleResult:
     trajectory_NL: int64 [N, L] or None: per position, the sampler step (0-based) at which its final token
                 appeared (absorbing: when it was revealed; uniform-state: its last change); -1 for fixed
                 positions. Only when the caller asked for it (``return_trajectory``).
+    stop_N:     per row, what ended it (``STOP_REASONS``), or None when the family does not record it:
+                "eos" (a generated EOS; the row is cut after it), "entropy" (the low-entropy rule,
+                ``SamplerOptions.stop_entropy``; the row ends with the block that met it), "length" (the row
+                reached the requested length). Set by BD3-LM; AR and the full-length families leave None.
     """
 
     ids_NL: Tensor
@@ -118,6 +123,11 @@ class SampleResult:
     nfe: int
     prompt_len: int
     trajectory_NL: Tensor | None = None
+    stop_N: list[str] | None = None
+
+
+#: What may end a sampled row (``SampleResult.stop_N``).
+STOP_REASONS = ("eos", "entropy", "length")
 
 
 @dataclass(frozen=True)
@@ -128,8 +138,15 @@ class SamplerOptions:
     temperature:       softmax temperature of the per-position token distribution; 0 = argmax.
     top_k, top_p:      keep the k most likely tokens / the smallest set of mass >= p (None: off).
     return_trajectory: also return, per position, the step at which its final token appeared.
-    use_cache:         AR: decode against the KV cache (False: recompute the prefix; the same draws).
-    stop_at_eos:       AR: a row stops after its EOS (later positions hold the pad id).
+    use_cache:         AR, BD3-LM: decode against the KV cache (False: recompute the prefix; the same draws).
+    stop_at_eos:       a row stops after its first generated EOS (later positions hold the pad id). AR: on by
+                       default, checked after every token. BD3-LM: off by default (``SamplerSpec.option_defaults``),
+                       checked after every finished block.
+    stop_entropy:      BD3-LM: the low-entropy rule, a threshold in nats (None: off): a row stops after a finished
+                       block whose mean per-token entropy of p_theta falls below it (``dlm.process.bd3lm``).
+    The stop rules apply to unconditional and prefix sampling only: a request that sets one together with
+    fixed positions after the prompt (infilling, whose rows are full length) is refused. A stopped row is
+    never rejected or resampled; what stopped it is recorded (``SampleResult.stop_N``).
     """
 
     steps: int | None = None
@@ -139,6 +156,7 @@ class SamplerOptions:
     return_trajectory: bool = False
     use_cache: bool = True
     stop_at_eos: bool = True
+    stop_entropy: float | None = None
 
 
 @dataclass(frozen=True)
@@ -168,6 +186,8 @@ class SamplerSpec:
     nfe_within_steps: its number of network calls never exceeds ``steps`` (False e.g. for first-hitting, whose
                       calls follow from the positions to reveal).
     extra_options:    further ``SamplerOptions`` fields it reads (e.g. AR's ``use_cache``, ``stop_at_eos``).
+    option_defaults:  the family's own defaults of options it accepts, where they differ from ``SamplerOptions``'s
+                      (e.g. BD3-LM: ``stop_at_eos`` False, its rows are full length unless asked).
     """
 
     run: SamplerFn
@@ -176,6 +196,7 @@ class SamplerSpec:
     trajectory: bool = True
     nfe_within_steps: bool = True
     extra_options: tuple[str, ...] = ()
+    option_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def accepted(self) -> tuple[str, ...]:
         """The option names this sampler accepts."""
@@ -192,7 +213,25 @@ class SamplerSpec:
                 f"(accepted: {', '.join(self.accepted())})"
             )
         assert set(self.accepted()) <= {f.name for f in fields(SamplerOptions)}
-        return SamplerOptions(**opts)
+        assert set(self.option_defaults) <= set(self.accepted())
+        return SamplerOptions(**{**self.option_defaults, **opts})
+
+
+def check_stop_options(options: SamplerOptions, given: Mapping[str, Any], start: SampleStart) -> None:
+    """The stop rules' options: ``stop_at_eos`` a bool, ``stop_entropy`` None or a finite number of nats > 0, and
+    neither asked for (``given``: the caller's own options) together with fixed positions after the prompt
+    (infilling keeps its rows full length). One-line ``DlmError`` otherwise."""
+    if not isinstance(options.stop_at_eos, bool):
+        raise DlmError(f"stop_at_eos must be true or false, got {options.stop_at_eos!r}")
+    h = options.stop_entropy
+    if h is not None and (isinstance(h, bool) or not isinstance(h, int | float) or not math.isfinite(h) or h <= 0):
+        raise DlmError(f"stop_entropy (the low-entropy stop threshold) must be a positive number of nats, got {h!r}")
+    asked = bool(given.get("stop_at_eos")) or given.get("stop_entropy") is not None
+    if asked and bool((start.fixed_NL[:, start.prompt_len :] >= 0).any()):
+        raise DlmError(
+            "the stop rules (stop_at_eos, stop_entropy) apply to unconditional and prefix sampling only; "
+            "with fixed_ids (infilling) every row is full length"
+        )
 
 
 # The fields a continuous-time family (MDLM; SEDD adds the transition) reads besides its schedule's parameters.
@@ -265,6 +304,9 @@ class Process(ABC):
                         length, e.g. the diffusion families). Callers ask this, never the family's name.
       step_sampler:     True when samplers take a number of denoising steps (``steps``), False when the number
                         of network calls follows from the length (AR).
+      beyond_context:   True when the samplers draw rows longer than the model context (BD3-LM: block by block,
+                        the finished blocks seen through a sliding window); False: ``sample`` refuses a length
+                        above the context. Callers ask this, never the family's name.
       transitions:      the values ``process.transition`` may take (empty: the family has one fixed forward
                         process and ignores the field).
       sampler_table:    the family's samplers by name (``SamplerSpec``); a family whose samplers depend on its
@@ -276,6 +318,7 @@ class Process(ABC):
     exact_likelihood: ClassVar[bool]
     conditioning: ClassVar[str] = "any"
     step_sampler: ClassVar[bool] = True
+    beyond_context: ClassVar[bool] = False
     transitions: ClassVar[tuple[str, ...]] = ()
     sampler_table: ClassVar[Mapping[str, SamplerSpec]] = {}
     default_sampler: ClassVar[str]
@@ -368,7 +411,8 @@ class Process(ABC):
 
         Every check is made here, once, before any network call: the sampler name, the options (one
         ``SamplerOptions``; an unknown one is refused), n, length, steps in [1, ``max_steps()``] (default
-        ``default_steps(length)``), temperature / top-k / top-p, the model's context, the conditioning
+        ``default_steps(length)``), temperature / top-k / top-p, the stop rules (``check_stop_options``), the
+        model's context (a length above it only for a family with ``beyond_context``), the conditioning
         (``conditioning == "prefix"``: a prompt only, default [BOS]; ``"any"``: a prompt and/or ``fixed_ids``,
         ``fixed_positions``) and a time-independent model for a sampler that reuses p_theta across steps. The
         sampler then runs in eval mode (the previous train/eval mode is restored) without gradients.
@@ -392,8 +436,9 @@ class Process(ABC):
                 n, length, prompt_ids, fixed_ids, self.specials.vocab_size, self.specials.mask, device
             )
             start = SampleStart(fixed_NL, P)
+        check_stop_options(options, opts, start)
         context = model_context(model)
-        if context is not None and length > context:
+        if context is not None and length > context and not self.beyond_context:
             raise DlmError(f"length {length} exceeds the model context of {context} tokens")
         with eval_mode(model):
             return spec.run(self, model, start, options, generator)

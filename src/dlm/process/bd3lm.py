@@ -52,7 +52,6 @@ from dlm.process.base import (
     SamplerSpec,
     SampleStart,
     check_eval_t_samples,
-    full_length_result,
     model_context,
     model_device,
     register_process,
@@ -96,6 +95,7 @@ class BD3LMProcess(Process):
 
     name: ClassVar[str] = "bd3lm"
     exact_likelihood: ClassVar[bool] = False
+    beyond_context: ClassVar[bool] = True  # blocks past the context: sliding window (``BlockDenoiser``)
     default_sampler: ClassVar[str] = "ddpm"
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -274,9 +274,23 @@ class BlockDenoiser:
     next call, again without an extra forward). So every block sees between keep L' and C - L' clean tokens
     once the row is longer than C, each window reads as a training row (which also starts mid-stream), and
     ``slides`` counts the restarts.
+
+    track_entropy: also record, per position of the current block, the entropy of the SUBS distribution
+    p_theta(x^l | z^b, window) (MASK excluded, temperature 1, no top-k/top-p) at every call where l is still
+    masked: H_l = -sum_v p_v log p_v in float64 nats. The last record of a position is the call whose
+    distribution its token was drawn from (every inner sampler draws a revealed token from the latest call;
+    ``ddpm_cache`` reuses exactly that call). ``start_block`` clears the record.
     """
 
-    def __init__(self, process: BD3LMProcess, model: torch.nn.Module, n: int, length: int, cached: bool) -> None:
+    def __init__(
+        self,
+        process: BD3LMProcess,
+        model: torch.nn.Module,
+        n: int,
+        length: int,
+        cached: bool,
+        track_entropy: bool = False,
+    ) -> None:
         self.process, self.model = process, model
         self.block = process.block_size
         self.context = model_context(model) or length
@@ -290,6 +304,13 @@ class BlockDenoiser:
         self.pending: list[Tensor] = []  # those not yet in the cache
         self.nfe = 0
         self.slides = 0
+        self.track_entropy = track_entropy
+        self.entropy_NB: Tensor | None = None  # H_l of the current block (track_entropy), float64
+
+    def start_block(self, n: int) -> None:
+        """A new block begins: its entropy record starts at 0 (``track_entropy``)."""
+        if self.track_entropy:
+            self.entropy_NB = torch.zeros(n, self.block, dtype=torch.float64, device=model_device(self.model))
 
     def finish(self, block_NB: Tensor) -> None:
         """Block b is final: later blocks condition on it (within the window)."""
@@ -304,6 +325,16 @@ class BlockDenoiser:
 
     def __call__(self, z_NB: Tensor, t_N: Tensor) -> Tensor:
         del t_N  # the network is time-independent
+        logits_NBV = self._forward(z_NB)
+        if self.track_entropy:
+            assert self.entropy_NB is not None, "start_block before the first call of a block"
+            col_V = torch.arange(logits_NBV.shape[-1], device=logits_NBV.device) == self.process.mask_id
+            p_NBV = torch.softmax(logits_NBV.to(torch.float64).masked_fill(col_V, float("-inf")), dim=-1)
+            h_NB = torch.special.entr(p_NBV).sum(-1)
+            self.entropy_NB = torch.where(z_NB == self.process.mask_id, h_NB, self.entropy_NB)
+        return logits_NBV
+
+    def _forward(self, z_NB: Tensor) -> Tensor:
         self.nfe += 1
         attn, Lb = self.process.attention, z_NB.shape[1]
         if self.cache is None:
@@ -316,11 +347,81 @@ class BlockDenoiser:
         return logits[:, -Lb:]
 
 
+class StopRules:
+    """The stop rules of unconditional and prefix sampling, applied after each finished block b (columns
+    c_b .. c_b + L' - 1) to the rows still running, in this order:
+
+        eos:     stop_at_eos and a generated (free) position of block b holds EOS: the row ends after the first
+                 such position p, length = p + 1
+        entropy: stop_entropy = h and (1/|F_b|) sum_{l in F_b} H_l < h, F_b the free positions of block b and H_l
+                 the entropy of the distribution x^l was drawn from (``BlockDenoiser`` track_entropy): the row
+                 ends with block b, length = c_b + L'
+        length:  a row that no rule stopped has the requested length
+
+    A stopped row keeps its tokens up to its length (later positions get the pad id); it is never rejected or
+    redrawn. Rows run on with the batch (their later draws discarded), so every row's random stream, and hence
+    the tokens it keeps, are those of the same call without the rules. Blocks without a free position are not
+    checked.
+    """
+
+    def __init__(self, n: int, length: int, eos: int | None, threshold: float | None, device: torch.device) -> None:
+        self.eos, self.threshold = eos, threshold
+        self.lengths_N = torch.full((n,), length, dtype=torch.int64, device=device)
+        self.running_N = torch.ones(n, dtype=torch.bool, device=device)
+        self.reasons = ["length"] * n
+
+    @property
+    def active(self) -> bool:
+        return self.eos is not None or self.threshold is not None
+
+    @property
+    def all_stopped(self) -> bool:
+        return not bool(self.running_N.any())
+
+    def after_block(self, block_NB: Tensor, free_NB: Tensor, first_col: int, entropy_NB: Tensor | None) -> None:
+        """Apply the rules to the rows still running after a finished block starting at column ``first_col``."""
+        if not bool(free_NB.any()):
+            return
+        if self.eos is not None:
+            hit_NB = (block_NB == self.eos) & free_NB
+            first_N = torch.where(hit_NB.any(1), hit_NB.to(torch.int64).argmax(1), -1)
+            self._stop((first_N >= 0) & self.running_N, first_col + first_N + 1, "eos")
+        if self.threshold is not None:
+            assert entropy_NB is not None
+            count_N = free_NB.sum(1)
+            mean_N = torch.where(free_NB, entropy_NB, 0.0).sum(1) / count_N.clamp(min=1)
+            low_N = (count_N > 0) & (mean_N < self.threshold) & self.running_N
+            self._stop(low_N, torch.full_like(self.lengths_N, first_col + block_NB.shape[1]), "entropy")
+
+    def _stop(self, rows_N: Tensor, lengths_N: Tensor, reason: str) -> None:
+        self.lengths_N = torch.where(rows_N, lengths_N, self.lengths_N)
+        self.running_N &= ~rows_N
+        for i in rows_N.nonzero(as_tuple=True)[0].tolist():
+            self.reasons[i] = reason
+
+    def cut(self, ids_NL: Tensor, pad: int) -> Tensor:
+        """``ids_NL`` with every position at or after a row's length set to the pad id."""
+        col_L = torch.arange(ids_NL.shape[1], device=ids_NL.device)
+        return torch.where(col_L[None] >= self.lengths_N[:, None], pad, ids_NL)
+
+
 def _split_steps(steps: int, blocks: int) -> list[int]:
     """``steps`` spread over ``blocks`` blocks as evenly as possible (earlier blocks take the remainder)."""
     if steps < blocks:
         raise DlmError(f"steps ({steps}) must be at least the number of blocks to generate ({blocks})")
     return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+
+
+def check_sample_length(length: int, block_size: int, context: int | None) -> int:
+    """The number of blocks of a sample of ``length`` tokens: L' must divide it (blocks are drawn whole), within
+    the model context and past it (one-line ``DlmError`` otherwise)."""
+    if length % block_size:
+        where = "" if context is None else f", within the model context ({context}) and past it"
+        raise DlmError(
+            f"process.block_size (L' = {block_size}) must divide the sample length ({length}): "
+            f"blocks are drawn whole{where}"
+        )
+    return length // block_size
 
 
 def sample_blocks(
@@ -338,23 +439,35 @@ def sample_blocks(
     are skipped. ``steps`` is the total over the blocks to generate, split evenly (``_split_steps``; every
     such block needs one); first_hitting takes one call per free position instead. The trajectory counts
     steps across blocks (block b's steps follow those of earlier blocks). nfe = the number of forwards.
+
+    Any length that L' divides, also past the model context C: the finished blocks are then seen through the
+    sliding window of ``BlockDenoiser`` (positions restart at 0 with the oldest kept block), the KV cache holds
+    at most C tokens.
+
+    Unconditional and prefix sampling apply the stop rules of ``StopRules`` between blocks (``stop_at_eos``,
+    ``stop_entropy``); generation ends once every row has stopped, and ``stop_N`` records what ended each row.
     Fixed ids inside a later block (infilling) are kept and seen by their own block and the blocks after it,
-    never by earlier blocks (left-to-right conditioning). Rows are always full length (no EOS stop yet).
+    never by earlier blocks (left-to-right conditioning); infill rows are full length (``Process.sample`` refuses
+    a stop rule with them; here a start with fixed ids after the prompt runs without the rules).
     """
     fixed_NL = start.fixed_NL
     n, length = fixed_NL.shape
     Lb = process.block_size
-    n_blocks = process.n_blocks(length)
+    n_blocks = check_sample_length(length, Lb, model_context(model))
     is_fixed_NL = fixed_NL >= 0
     z_NL = process.transition.start(fixed_NL)
     todo = [b for b in range(n_blocks) if not bool(is_fixed_NL[:, b * Lb : (b + 1) * Lb].all())]
     steps = dict(zip(todo, _split_steps(o.steps, len(todo)) if uses_steps else [0] * len(todo), strict=True))
     traj_NL = torch.full_like(fixed_NL, -1) if o.return_trajectory else None
-    denoiser = BlockDenoiser(process, model, n, length, cached=o.use_cache)
+    infill = bool(is_fixed_NL[:, start.prompt_len :].any())
+    eos = process.specials.eos if o.stop_at_eos and not infill else None
+    stops = StopRules(n, length, eos, None if infill else o.stop_entropy, fixed_NL.device)
+    denoiser = BlockDenoiser(process, model, n, length, cached=o.use_cache, track_entropy=stops.threshold is not None)
     offset = 0
     for b in range(n_blocks):
         cols = slice(b * Lb, (b + 1) * Lb)
         if b in steps:
+            denoiser.start_block(n)
             out = inner(
                 denoiser, z_NL[:, cols], process.schedule, steps[b], generator, is_fixed_NL[:, cols],
                 mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
@@ -364,8 +477,15 @@ def sample_blocks(
             if traj_NL is not None and out.trajectory_BL is not None:
                 traj_NL[:, cols] = torch.where(out.trajectory_BL >= 0, out.trajectory_BL + offset, -1)
             offset += steps[b] if uses_steps else out.nfe
+            stops.after_block(z_NL[:, cols], ~is_fixed_NL[:, cols], b * Lb, denoiser.entropy_NB)
+            if stops.all_stopped:
+                break
         denoiser.finish(z_NL[:, cols])
-    return full_length_result(z_NL, denoiser.nfe, start.prompt_len, traj_NL)
+    ids_NL = stops.cut(z_NL, process.specials.pad)
+    assert not bool((ids_NL == process.mask_id).any()), "every position is drawn or cut"
+    if traj_NL is not None:
+        traj_NL = stops.cut(traj_NL, -1)
+    return SampleResult(ids_NL, stops.lengths_N, denoiser.nfe, start.prompt_len, traj_NL, list(stops.reasons))
 
 
 def _block_sampler(inner: absorbing.AbsorbingSampler, uses_steps: bool = True) -> SamplerFn:
@@ -380,12 +500,27 @@ def _block_sampler(inner: absorbing.AbsorbingSampler, uses_steps: bool = True) -
 
 # The inner sampler of every block. The network is never time-conditioned (check_config), so ddpm_cache is exact
 # here and is not marked time_independent (that flag refuses time-conditioned networks, which bd3lm never has).
+# Stop rules are opt-in (stop_at_eos off by default): rows are full length unless asked, like the other diffusion
+# families.
+_EXTRA = ("use_cache", "stop_at_eos", "stop_entropy")
+_DEFAULTS = {"stop_at_eos": False}
 _SAMPLERS: Mapping[str, SamplerSpec] = {
-    "ddpm": SamplerSpec(_block_sampler(absorbing.ddpm), extra_options=("use_cache",)),
-    "ddpm_cache": SamplerSpec(_block_sampler(absorbing.ddpm_cache), extra_options=("use_cache",)),
+    "ddpm": SamplerSpec(_block_sampler(absorbing.ddpm), extra_options=_EXTRA, option_defaults=_DEFAULTS),
+    "ddpm_cache": SamplerSpec(_block_sampler(absorbing.ddpm_cache), extra_options=_EXTRA, option_defaults=_DEFAULTS),
     "first_hitting": SamplerSpec(
-        _block_sampler(absorbing.first_hitting, uses_steps=False), nfe_within_steps=False, extra_options=("use_cache",)
+        _block_sampler(absorbing.first_hitting, uses_steps=False),
+        nfe_within_steps=False,
+        extra_options=_EXTRA,
+        option_defaults=_DEFAULTS,
     ),
 }
 
-__all__ = ["BD3LMProcess", "BlockDenoiser", "check_block_size", "check_clip_window", "sample_blocks"]
+__all__ = [
+    "BD3LMProcess",
+    "BlockDenoiser",
+    "StopRules",
+    "check_block_size",
+    "check_clip_window",
+    "check_sample_length",
+    "sample_blocks",
+]
