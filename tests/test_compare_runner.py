@@ -9,6 +9,7 @@ import fcntl
 import json
 import math
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,23 @@ def test_a_minutes_budget_spans_the_sessions_of_a_run(tiny_ar_run: Path) -> None
     assert _remaining_minutes(cfg, tiny_ar_run).train.time_limit_min == 1e-3
     cfg.train.time_limit_min = None
     assert _remaining_minutes(cfg, tiny_ar_run).train.time_limit_min is None
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_comparison_with_a_checkpoint_and_the_lock_released(tmp_path: Path) -> None:
+    """SIGTERM while the judge trains: exit 143, one line saying how to resume, the run checkpointed (partial), and
+    DIR's lock free again (the same spec opens at once)."""
+    from dlm.compare.spec import judge_run_config, load_compare_spec
+    from dlm.compare.state import open_compare_dir, run_state
+    from tests.test_run_safety import run_cli, signal_after_first_step
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "smoke", "--out", str(out), *FAST, "--budget.steps", "500"]
+    err = signal_after_first_step(run_cli(argv), out / "judge", signal.SIGTERM)
+    assert err.splitlines()[-1].startswith("dlm: SIGTERM stopped the comparison at step ")
+    assert "rerun the same dlm compare command to resume" in err
+    spec = load_compare_spec("smoke", [*FAST, "--budget.steps", "500"])
+    with open_compare_dir(out, spec) as cdir:  # not refused: the lock was released
+        state = run_state(out / "judge", judge_run_config(spec), "judge")
+        assert state.status == "partial" and 0 < state.step < 500
+        assert cdir.root == out

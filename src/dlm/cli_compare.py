@@ -7,6 +7,8 @@ Parsing imports nothing heavy: the comparison modules (torch, matplotlib) are im
 from __future__ import annotations
 
 import argparse
+import signal
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -48,7 +50,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / f"compare-{spec.name}"
     print(f"comparison {spec.name!r}: arms {', '.join(a.name for a in spec.arms)} x seeds "
           f"{', '.join(map(str, spec.seeds))} -> {out}")  # fmt: skip
-    run_compare(spec, out, force=args.force, report=not args.no_report)
+    from dlm.train import TrainingInterrupted
+
+    try:
+        run_compare(spec, out, force=args.force, report=not args.no_report)
+    except TrainingInterrupted as e:  # a checkpoint of the current step was written
+        name = signal.Signals(e.signum).name
+        print(f"dlm: {name} stopped the comparison at step {e.step} of a run (a checkpoint was written); rerun "
+              f"the same dlm compare command to resume", file=sys.stderr)  # fmt: skip
+        return e.exit_status
     return 0
 
 

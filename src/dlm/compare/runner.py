@@ -187,18 +187,14 @@ def _remaining_minutes(cfg: RunConfig, run_dir: Path) -> RunConfig:
 
 
 def _train_one(cfg: RunConfig, run_dir: Path, state: RunState, clock: _Clock, log: Log) -> None:
-    from dlm.train import TrainingInterrupted, train
+    from dlm.train import train
 
     if state.status == "partial":
         cfg = _remaining_minutes(cfg, run_dir)
     t0 = time.perf_counter()
-    try:
-        summary = train(cfg, run_dir, resume=state.status == "partial")
-    except TrainingInterrupted as e:
-        raise DlmError(
-            f"interrupted by {e} while training {run_dir} (a checkpoint was written); rerun the same "
-            "dlm compare command to resume"
-        ) from None
+    # SIGINT / SIGTERM: train checkpoints the current step and raises TrainingInterrupted, which ends the
+    # comparison (the lock is released on the way out); `dlm compare` says how to resume and exits 128 + signal
+    summary = train(cfg, run_dir, resume=state.status == "partial")
     clock.train_s += time.perf_counter() - t0
     clock.train_steps += max(0, int(summary["step"]) - state.step)
     if summary.get("stopped") == "time_limit":
