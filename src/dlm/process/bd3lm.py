@@ -327,12 +327,19 @@ class BlockDenoiser:
         del t_N  # the network is time-independent
         logits_NBV = self._forward(z_NB)
         if self.track_entropy:
-            assert self.entropy_NB is not None, "start_block before the first call of a block"
-            col_V = torch.arange(logits_NBV.shape[-1], device=logits_NBV.device) == self.process.mask_id
-            p_NBV = torch.softmax(logits_NBV.to(torch.float64).masked_fill(col_V, float("-inf")), dim=-1)
-            h_NB = torch.special.entr(p_NBV).sum(-1)
-            self.entropy_NB = torch.where(z_NB == self.process.mask_id, h_NB, self.entropy_NB)
+            self._record_entropy(z_NB, logits_NBV)
         return logits_NBV
+
+    def _record_entropy(self, z_NB: Tensor, logits_NBV: Tensor) -> None:
+        """H_l = sum_v entr(p_v), p = softmax of the float64 logits with the MASK logit at -inf, at the masked
+        positions of this call only (the others keep their record)."""
+        assert self.entropy_NB is not None, "start_block before the first call of a block"
+        masked_NB = z_NB == self.process.mask_id
+        if not bool(masked_NB.any()):
+            return
+        rows_MV = logits_NBV[masked_NB].to(torch.float64)
+        rows_MV[:, self.process.mask_id] = float("-inf")
+        self.entropy_NB[masked_NB] = torch.special.entr(torch.softmax(rows_MV, dim=-1)).sum(-1)
 
     def _forward(self, z_NB: Tensor) -> Tensor:
         self.nfe += 1
