@@ -3,7 +3,8 @@
 Cost (issue 13): one optimizer step (loss forward + backward + AdamW) of each arm on the same backbone, the same
 batch and the same precision (fp32), timed side by side in one process with interleaved repeats (A B C ... A B C
 ...) and reported as the median ms/step, ms per training token (B x L data tokens per step for every arm) and the
-ratio to MDLM:
+ratio to MDLM (of the medians, and "paired": the median over rounds of the arm's time / MDLM's in the same round,
+less sensitive to the load changing between rounds):
 
     mdlm             MDLM's loss: one bidirectional forward over z_t (L tokens)
     bd3lm-L'         BD3-LM's one-pass loss (``BD3LMProcess.loss``): one forward over z_t ⊕ x (2L tokens) with
@@ -23,10 +24,11 @@ Window variance (``--windows RUN``): for a trained bd3lm run, the per-batch trai
 1 - alpha_t ~ U[beta, omega] (``BD3LMProcess.loss`` with clip_beta, clip_omega; U[0, 1] is the NELBO estimate,
 a clipped window a biased objective), evaluated on M held-out batches x R draws each; its sample variance over
 the M R values (``dlm.eval.variance.batch_elbo_variance``) per window, and the window ``pick_window`` selects.
+Every window restarts the same generator: the same uniforms, mapped into each window (common random numbers).
 
     python benchmarks/bd3lm_cost.py                                  # cost, shapes attn + tiny (CPU, 1 thread)
     python benchmarks/bd3lm_cost.py --shapes tiny --repeats 3
-    python benchmarks/bd3lm_cost.py --windows /tmp/bd3lm-ordering/runs/bd3lm-4-seed0 --split validation
+    python benchmarks/bd3lm_cost.py --windows /tmp/bd3lm-ordering/runs/bd3lm-4-seed{0,1} --split validation
 
 Prints tables and writes benchmarks/results/bd3lm_cost.json (or bd3lm_windows.json).
 """
@@ -249,6 +251,7 @@ def cost_rows(shape: str, blocks: tuple[int, ...], variants: tuple[str, ...], re
                 "ms_step": 1e3 * step_s,
                 "us_token": 1e6 * step_s / (batch_size * seq_len),
                 "ratio_mdlm": step_s / med["mdlm"],
+                "ratio_mdlm_paired": statistics.median(a / b for a, b in zip(times[name], times["mdlm"], strict=True)),
                 "attn_core_ms": 1e3 * attn_s,
                 "rest_ms": 1e3 * (step_s - attn_s),
                 "ms_step_all": [1e3 * t for t in times[name]],
@@ -276,10 +279,10 @@ def print_cost(res: dict) -> None:
         f"\n{res['shape']}: batch {res['batch']} x L {res['seq_len']}, {res['model']}, fp32, median of "
         f"{res['repeats']} interleaved repeats; load {res['load_avg_before']} -> {res['load_avg_after']}"
     )
-    print(f"{'arm':<18}{'ms/step':>9}{'us/token':>10}{'x mdlm':>8}{'attn ms':>9}{'rest ms':>9}")
+    print(f"{'arm':<18}{'ms/step':>9}{'us/token':>10}{'x mdlm':>8}{'paired':>8}{'attn ms':>9}{'rest ms':>9}")
     for r in res["rows"]:
         print(
-            f"{r['arm']:<18}{r['ms_step']:>9.1f}{r['us_token']:>10.2f}{r['ratio_mdlm']:>8.2f}"
+            f"{r['arm']:<18}{r['ms_step']:>9.1f}{r['us_token']:>10.2f}{r['ratio_mdlm']:>8.2f}{r['ratio_mdlm_paired']:>8.2f}"
             f"{r['attn_core_ms']:>9.1f}{r['rest_ms']:>9.1f}"
         )
 
@@ -360,7 +363,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a shared 2-core machine: 1)")
-    p.add_argument("--windows", type=Path, help="a bd3lm run directory: the window-variance table instead")
+    p.add_argument("--windows", type=Path, nargs="+", help="bd3lm run directories: the window-variance tables instead")
     p.add_argument("--split", default="validation")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--draws", type=int, default=4, help="loss draws per batch (window variance)")
@@ -370,10 +373,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     results = Path(__file__).parent / "results"
-    if a.windows is not None:
-        res = window_variance(a.windows, a.split, a.batches, a.draws, a.seed, a.batch_size)
-        print_windows(res)
-        out = {"benchmark": "bd3lm_windows", "machine": machine_info(torch.device("cpu")), **res}
+    if a.windows:
+        runs = [window_variance(run, a.split, a.batches, a.draws, a.seed, a.batch_size) for run in a.windows]
+        for res in runs:
+            print_windows(res)
+        out = {"benchmark": "bd3lm_windows", "machine": machine_info(torch.device("cpu")), "runs": runs}
         write_result(a.out or results / "bd3lm_windows.json", out)
         return
     shapes = []
