@@ -17,7 +17,7 @@ from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.model import ModelConfig, build_model
 from dlm.process import ProcessConfig, available_processes, get_process
-from dlm.process.absorbing import ddpm
+from dlm.process.absorbing import ddpm, ddpm_cache, first_hitting
 from dlm.process.base import _REGISTRY, STOP_REASONS
 from dlm.process.bd3lm import BD3LMProcess, BlockDenoiser
 
@@ -174,6 +174,32 @@ def test_a_block_records_the_entropy_of_the_call_each_token_was_drawn_from() -> 
             logp = torch.log_softmax(logits, -1)[:MASK]
             h = float(-(logp.exp() * logp).sum())
             assert float(den.entropy_NB[row, col]) == pytest.approx(h, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("inner", [ddpm, ddpm_cache, first_hitting], ids=["ddpm", "ddpm_cache", "first_hitting"])
+def test_every_inner_sampler_records_the_entropy_of_the_call_a_token_came_from(inner) -> None:
+    """Call c (0-based) puts uniform mass on its own set of c + 1 tokens (entropy ln(c + 1)), disjoint from the
+    other calls' sets, so the token at a position names the call it was drawn from: H_l = ln |set of x^l|."""
+    V = 16
+    proc = get_process(ProcessConfig(name="bd3lm", block_size=LB), SpecialIds(0, 1, 2, V, V))
+    calls = [0]
+    first = [3 + c * (c + 1) // 2 for c in range(5)]  # call c: tokens first[c] .. first[c] + c
+
+    def rule(b: int, n: int) -> Tensor:
+        c = calls[0]
+        calls[0] += 1
+        logits = torch.full((n, V + 1), -1e4)
+        logits[:, first[c] : first[c] + c + 1] = 0.0
+        return logits
+
+    den = BlockDenoiser(proc, Stub(rule), 3, 8, cached=False, track_entropy=True)
+    den.start_block(3)
+    res = inner(den, torch.full((3, LB), V), proc.schedule, 4, gen(6), torch.zeros(3, LB, dtype=torch.bool), mask_id=V)
+    assert calls[0] >= 2
+    size = {first[c] + j: c + 1 for c in range(5) for j in range(c + 1)}
+    ref = torch.tensor([[math.log(size[int(t)]) for t in row] for row in res.ids_BL], dtype=torch.float64)
+    assert torch.allclose(den.entropy_NB, ref, rtol=0, atol=1e-12)
+    assert len(set(ref.flatten().tolist())) >= 2  # tokens from different calls
 
 
 # ------------------------------------------------------------------------------------- past the model context
