@@ -272,6 +272,11 @@ def test_dlm_sample_draws_past_the_context_and_records_what_stopped_each_row(tin
     assert all(r["length"] == 64 and 60 <= r["generated_tokens"] < 64 for r in records)
     records, _ = sample_run(run, n=2, length=64, steps=16, stop_entropy=100.0)  # above ln V: the first block stops
     assert [r["stop"] for r in records] == ["entropy"] * 2 and [len(r["ids"]) for r in records] == [4, 4]
+    assert main(["sample", str(run), "--n", "2", "--length", "64", "--steps", "16", "--stop-entropy", "100"]) == 0
+    newest = max((run / "samples").glob("*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    assert [json.loads(line)["stop"] for line in newest.read_text().splitlines()] == ["entropy"] * 2
+    assert main(["sample", str(run), "--n", "1", "--stop-entropy", "0"]) == 2  # a threshold must be > 0
+    assert main(["sample", str(run), "--n", "1", "--stop-at-eos"]) == 0  # bd3lm accepts the EOS rule
     capsys.readouterr()
     assert main(["sample", str(run), "--n", "1", "--length", "66"]) == 2  # 4 does not divide 66
     assert "must divide the sample length (66)" in capsys.readouterr().err

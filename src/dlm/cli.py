@@ -248,6 +248,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         progress=Progress("sampling", "sequences"),
         **_sampler_opts(args),
         **({"return_trajectory": True} if args.trajectory else {}),
+        **({"stop_at_eos": True} if args.stop_at_eos else {}),
+        **({"stop_entropy": args.stop_entropy} if args.stop_entropy is not None else {}),
     )
     print_samples(records, path)
     return 0
@@ -481,6 +483,10 @@ def _add_sample(sub: Any) -> None:
     ps.add_argument(
         "--trajectory", action="store_true", help="save the step at which each position was revealed (diffusion)"
     )
+    ps.add_argument("--stop-at-eos", action="store_true", help="bd3lm: end a row after its first generated EOS "
+                    "(AR always does); what stopped each row is saved as 'stop'")  # fmt: skip
+    ps.add_argument("--stop-entropy", type=float, default=None, help="bd3lm: end a row after a block whose mean "
+                    "per-token entropy is below this many nats (default off)")  # fmt: skip
     ps.set_defaults(func=cmd_sample)
 
 
