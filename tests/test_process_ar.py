@@ -225,10 +225,11 @@ def test_eos_stops_a_row_and_pads_the_rest():
     out = proc.sample(model, 64, length, generator=torch.Generator().manual_seed(0))
     ids, lengths = out.ids_NL, out.lengths_N
     assert (ids[:, 0] == 0).all() and out.prompt_len == P
-    for row, n in zip(ids.tolist(), lengths.tolist()):
+    for row, n, stop in zip(ids.tolist(), lengths.tolist(), out.stop_N):
         eos_at = [i for i in range(P, length) if row[i] == 1]
         assert n == (eos_at[0] + 1 if eos_at else length)
         assert all(t == 2 for t in row[n:])
+        assert stop == ("eos" if eos_at else "length")  # what ended the row is recorded
     assert (lengths < length).any() and (lengths == length).any()
     # one forward per sampled position: the prefill, then one per token until every row stopped
     assert out.nfe == int(lengths.max()) - P == model.calls

@@ -49,7 +49,7 @@ def ancestral(
     drawing identical tokens from the same random stream). Every step draws one float64 uniform per
     row (``sampling.sample_categorical``: temperature, top_k, top_p). A row stops after emitting EOS
     (kept) when ``stop_at_eos``; later positions hold the pad id. Generation ends when every row has
-    stopped or ``length`` tokens (prompt included) are reached.
+    stopped or ``length`` tokens (prompt included) are reached; ``stop_N`` says which ("eos" or "length").
 
     nfe counts forward calls: one per generated position before the loop ends, i.e. with G sampled
     positions nfe = G in both modes (cached: 1 prefill + G - 1 single-token steps; uncached: G full
@@ -83,7 +83,8 @@ def ancestral(
         else:
             logits_NLV = model(ids_NL[:, : pos + 1], attn=attn)
         nfe += 1
-    return SampleResult(ids_NL=ids_NL, lengths_N=lengths_N, nfe=nfe, prompt_len=P)
+    stop_N = ["eos" if bool(d) else "length" for d in done_N.tolist()]  # what ended each row (base.STOP_REASONS)
+    return SampleResult(ids_NL=ids_NL, lengths_N=lengths_N, nfe=nfe, prompt_len=P, stop_N=stop_N)
 
 
 @register_process

@@ -115,7 +115,7 @@ class SampleResult:
     stop_N:     per row, what ended it (``STOP_REASONS``), or None when the family does not record it:
                 "eos" (a generated EOS; the row is cut after it), "entropy" (the low-entropy rule,
                 ``SamplerOptions.stop_entropy``; the row ends with the block that met it), "length" (the row
-                reached the requested length). Set by BD3-LM; AR and the full-length families leave None.
+                reached the requested length). Set by AR and BD3-LM; the full-length families leave None.
     """
 
     ids_NL: Tensor
