@@ -157,7 +157,11 @@ def test_bad_options_are_refused_in_one_line(cfg: ProcessConfig, sampler: str) -
     _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, top_p=0.0, **opts), "top_p")
     _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, temperature=-1.0, **opts), "temperature")
     _one_line_error(lambda: proc.sample(model, 0, L, sampler=sampler, **opts), "n must be")
-    _one_line_error(lambda: proc.sample(model, 1, L + 1, sampler=sampler, **opts), "context")
+    if proc.beyond_context:  # block by block past the context (BD3-LM): 2L is drawn, a length off the blocks is not
+        assert proc.sample(model, 1, 2 * L, sampler=sampler, **opts).ids_NL.shape == (1, 2 * L)
+        _one_line_error(lambda: proc.sample(model, 1, L + 1, sampler=sampler, **opts), "must divide the sample length")
+    else:
+        _one_line_error(lambda: proc.sample(model, 1, L + 1, sampler=sampler, **opts), "exceeds the model context")
     _one_line_error(lambda: proc.sample(model, 1, L, sampler="no-such-sampler"), "unknown sampler")
     if spec.takes_steps:
         _one_line_error(lambda: proc.sample(model, 1, L, sampler=sampler, steps=0), "steps")
