@@ -187,3 +187,29 @@ def test_statuses_of_a_real_run(tmp_path: Path, smoke: CompareSpec, tiny_ar_run:
             shutil.copytree(tiny_ar_run, cdir.run_dir("ar", 0))
             state = cdir.state("ar", 0)
             assert (state.status, state.step, state.tokens) == (expected, 20, 5120), budget
+
+
+def test_a_spec_written_before_a_field_existed_is_the_same_spec(tmp_path: Path, smoke: CompareSpec) -> None:
+    """A DIR made by an older dlm whose spec lacked a field (here evaluation.variance, at its default now) reopens
+    as the same comparison: its spec.yaml and compare.json are rewritten with today's hash; a real change is
+    still refused."""
+    import yaml
+
+    from dlm.compare.spec import VarianceEval
+
+    spec = copy.deepcopy(smoke)
+    spec.evaluation.variance = VarianceEval()  # the defaults
+    with open_compare_dir(tmp_path, spec):
+        pass
+    old = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    del old["evaluation"]["variance"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    write_json_atomic(tmp_path / "compare.json", {"spec_hash": "0" * 64, "created": "then", "dlm_version": "0.0"})
+    with open_compare_dir(tmp_path, spec) as cdir:
+        assert cdir.previous_spec_hashes == []
+    assert json.loads((tmp_path / "compare.json").read_text())["spec_hash"] == spec_hash(spec)
+    assert "variance" in yaml.safe_load((tmp_path / "spec.yaml").read_text())["evaluation"]
+    other = copy.deepcopy(spec)
+    other.evaluation.variance.batches = 4
+    with pytest.raises(DlmError, match="evaluation.variance.batches"), open_compare_dir(tmp_path, other):
+        pass

@@ -193,6 +193,16 @@ def _stored_spec(out: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else None
 
 
+def _same_spec(stored: dict[str, Any], spec: CompareSpec) -> bool:
+    """The stored spec.yaml, read with today's defaults for the fields it lacks, equals ``spec``."""
+    from dlm.compare.spec import spec_from_dict
+
+    try:
+        return spec_from_dict(stored).to_dict() == spec.to_dict()
+    except DlmError:  # hand-edited or from a newer dlm
+        return False
+
+
 def _write(out: Path, spec: CompareSpec, previous: list[str]) -> None:
     """spec.yaml, then compare.json (its presence says the set-up is complete), each atomically."""
     write_text_atomic(out / SPEC_FILE, dump_spec(spec))
@@ -216,8 +226,12 @@ def _set_up(out: Path, spec: CompareSpec, force: bool) -> CompareDir:
     previous = [str(h) for h in info.get("previous_spec_hashes", [])]
     if old_hash == new_hash:
         return CompareDir(out, spec, previous_spec_hashes=previous)
+    stored = _stored_spec(out)
+    if stored is not None and _same_spec(stored, spec):
+        # written by an older dlm whose spec lacked fields that now exist: at their defaults it is the same spec
+        _write(out, spec, previous)
+        return CompareDir(out, spec, previous_spec_hashes=previous)
     if not force:
-        stored = _stored_spec(out)
         fields = spec_differences(stored, spec.to_dict()) if stored is not None else []
         names = ", ".join(fields) or f"unknown: {SPEC_FILE} unreadable or hand-edited"
         raise DlmError(
