@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dlm.cli_compare import add_commands
+from dlm.cli_compare import add_commands, checkpoint_arg
 from dlm.errors import DlmError
 
 _USER_TOKENIZERS_PARALLELISM = "TOKENIZERS_PARALLELISM" in os.environ
@@ -125,10 +125,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
-
-
 def _num(x: float | None) -> str:
     return "overflow" if x is None else f"{x:.2f}"
 
@@ -185,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             steps=args.steps,
             seed=0 if args.seed is None else args.seed,
             batch_size=16 if args.batch_size is None else args.batch_size,
-            which=_checkpoint(args.checkpoint),
+            which=checkpoint_arg(args.checkpoint),
             ema=not args.no_ema,
             device=args.device,
             force=args.force,
@@ -200,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     record, path = evaluate_run(
         args.run,
         split=args.split,
-        which=_checkpoint(args.checkpoint),
+        which=checkpoint_arg(args.checkpoint),
         ema=not args.no_ema,
         batch_size=args.batch_size,
         max_batches=args.max_batches,
@@ -241,7 +237,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         sampler=args.sampler,
         seed=args.seed,
-        which=_checkpoint(args.checkpoint),
+        which=checkpoint_arg(args.checkpoint),
         ema=not args.no_ema,
         device=args.device,
         batch_size=args.batch_size,
@@ -265,7 +261,7 @@ def cmd_infill(args: argparse.Namespace) -> int:
         span=args.span,
         sampler=args.sampler,
         seed=args.seed,
-        which=_checkpoint(args.checkpoint),
+        which=checkpoint_arg(args.checkpoint),
         ema=not args.no_ema,
         device=args.device,
         **_sampler_opts(args),

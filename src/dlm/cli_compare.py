@@ -178,7 +178,8 @@ def _add_experiment(sub: Any) -> None:
 # ----------------------------------------------------------------------------- variance
 
 
-def _checkpoint_arg(value: str) -> str | int:
+def checkpoint_arg(value: str) -> str | int:
+    """``--checkpoint``: a step number, or last / best (also used by dlm.cli)."""
     return int(value) if value.isdigit() else value
 
 
@@ -195,7 +196,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         log=print,
-        which=_checkpoint_arg(args.checkpoint),
+        which=checkpoint_arg(args.checkpoint),
         ema=not args.no_ema,
         batch_size=args.batch_size,
     )
