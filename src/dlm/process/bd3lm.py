@@ -22,8 +22,11 @@ block being denoised sees its own noisy tokens and the finished (clean) blocks b
 
 The network is never time-conditioned (one t per block; the backbone takes one t per row), so p_theta does not
 depend on t and ``ddpm_cache`` is exact. Clipped schedules (``clip_beta``, ``clip_omega``): during training the
-mask rate 1 - alpha_t is drawn from U[beta, omega] instead of t from U[0, 1] (paper §5.3; a lower-variance,
-biased training objective); ``nll`` always estimates the full bound.
+mask rate 1 - alpha_t is drawn from U[beta, omega] instead of t from U[0, 1] (paper §5.2; a lower-variance,
+biased training objective); ``nll`` always estimates the full bound. The window in use is
+``BD3LMProcess.clip_window`` (from the config at start); with ``process.clip_search`` (a grid of windows, paper
+§5.3) the trainer replaces it at every validation by the window of least per-batch loss variance
+(``dlm.train.loop.clip_search``) and checkpoints it.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from dlm.process.mdlm import T_MIN, masked_cross_entropy
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
 
-BD3LM_FIELDS = frozenset({"block_size", "clip_beta", "clip_omega"})
+BD3LM_FIELDS = frozenset({"block_size", "clip_beta", "clip_omega", "clip_search"})
 
 
 @lru_cache(maxsize=64)
@@ -89,6 +92,27 @@ def check_clip_window(beta: Any, omega: Any) -> tuple[float, float]:
     return b, w
 
 
+def check_clip_grid(values: Any) -> list[tuple[float, float]]:
+    """``process.clip_search`` as windows: a flat list beta_1, omega_1, beta_2, omega_2, ... of at least two
+    distinct windows, each 0 <= beta < omega <= 1; empty = no search. Anything else: one-line ``DlmError``."""
+    if values is None or len(values) == 0:
+        return []
+    if len(values) % 2 or len(values) < 4:
+        raise DlmError(
+            f"process.clip_search takes pairs beta,omega of at least two windows (e.g. 0,0.5,0.3,0.8,0.5,1), "
+            f"got {len(values)} number(s)"
+        )
+    grid = []
+    for beta, omega in zip(values[::2], values[1::2], strict=True):
+        try:
+            grid.append(check_clip_window(beta, omega))
+        except DlmError:
+            raise DlmError(f"process.clip_search: window [{beta!r}, {omega!r}] needs 0 <= beta < omega <= 1") from None
+    if len(set(grid)) < len(grid):
+        raise DlmError(f"process.clip_search lists a window twice: {[list(w) for w in grid]}")
+    return grid
+
+
 @register_process
 class BD3LMProcess(Process):
     """Block diffusion: per-block masked-diffusion NELBO (one 2L forward), its K-sample bound, block samplers."""
@@ -103,6 +127,8 @@ class BD3LMProcess(Process):
         self.schedule = build_schedule(cfg)
         self.transition: Transition = AbsorbingTransition(specials)
         self.block_size: int = cfg.block_size
+        # the training window [beta, omega] of mask rates; the clipped-schedule search replaces it
+        self.clip_window: tuple[float, float] = (float(cfg.clip_beta), float(cfg.clip_omega))
         self._attention = block_causal(cfg.block_size)
 
     @classmethod
@@ -112,6 +138,7 @@ class BD3LMProcess(Process):
         check_eval_t_samples(cfg)
         check_block_size(cfg.block_size)
         check_clip_window(cfg.clip_beta, cfg.clip_omega)
+        check_clip_grid(cfg.clip_search)
         if cfg.time_cond:
             raise DlmError(
                 "bd3lm has no time conditioning (one t per block, the backbone takes one per row): "
@@ -164,10 +191,11 @@ class BD3LMProcess(Process):
     ) -> Tensor:
         """n block times, float64 [n] (antithetic over the n = batch x blocks draws when ``process.antithetic``).
 
-        clipped = False (the bound): t ~ U[0, 1].  clipped = True (training) with a window other than [0, 1]:
-        the mask rate p = 1 - alpha_t ~ U[beta, omega] and t = alpha^{-1}(1 - p). t is clamped to >= T_MIN.
+        clipped = False (the bound): t ~ U[0, 1].  clipped = True (training) with a window [beta, omega] =
+        ``self.clip_window`` other than [0, 1]: the mask rate p = 1 - alpha_t ~ U[beta, omega] and
+        t = alpha^{-1}(1 - p). t is clamped to >= T_MIN.
         """
-        beta, omega = self.cfg.clip_beta, self.cfg.clip_omega
+        beta, omega = self.clip_window
         if not clipped or (beta, omega) == (0.0, 1.0):
             t = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device)
         else:

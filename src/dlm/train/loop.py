@@ -42,8 +42,10 @@ from dlm.data.batch import Batch
 from dlm.data.loader import Loader
 from dlm.errors import DlmError
 from dlm.eval.likelihood import sequence_nll
+from dlm.eval.variance import batch_elbo_variance, pick_window
 from dlm.io import finite_or_none, write_json_atomic
 from dlm.process import Process
+from dlm.process.bd3lm import check_clip_grid
 from dlm.train.checkpoint import (
     CONFIG_FILE,
     check_run_dir_free,
@@ -167,6 +169,50 @@ def validate(model: torch.nn.Module, process: Process, batches: list[Batch], rt:
         "val_tokens": int(tokens),
         "exact": bool(exact),
     }
+
+
+Window = tuple[float, float]
+
+
+@torch.no_grad()
+def clip_search(
+    process: Any, model: torch.nn.Module, batches: list[Batch], windows: list[Window], rt: Runtime, seed: int
+) -> dict[Window, float]:
+    """The variance of the per-batch training objective for each clipped window (paper §5.3, table 2):
+
+        L_m(beta, omega) = process.loss(model, X^m) with mask rates 1 - alpha_t ~ U[beta, omega]
+                         = sum_{b, n} w(t_bn) sum_{l in block n, z_b^l = m} -log p_theta(x_b^l | z_b^n, x_b^{<n})
+                           / sum_b |S_b|                                      (nats per scored token, eq. 8)
+        Var(beta, omega) = 1/(M-1) sum_m (L_m - Lbar)^2                       (``batch_elbo_variance``)
+
+    over the M fixed validation batches X^m. What is estimated is the objective as trained: the paper minimises
+    Var_{X,t}[L(theta, beta, omega; X)] of the batch estimator whose gradient the optimizer takes (eq. 8 with t
+    drawn from the clipped window; its U[0, 1] column is the unbiased NELBO estimate), as a cheap proxy for the
+    gradient variance of eq. 9; one time draw per row and block, so the variance is over batches and times
+    together. Batch m uses a generator seeded by (seed, "clip_search", m), the same for every window: the
+    (antithetic) uniforms are shared and mapped affinely into each window, and the masking uniforms are the same
+    (common random numbers). The model runs in eval mode (no dropout) with the global RNG streams untouched; every
+    rank computes every batch and the variances are averaged over ranks, so all ranks choose the same window.
+    ``process.clip_window`` is left as it was.
+    """
+    assert len(batches) >= 2 and windows, "the search needs two batches and a window"
+    before, was_training = process.clip_window, model.training
+    values_WM = torch.zeros(len(windows), len(batches), dtype=torch.float64)
+    model.eval()
+    try:
+        with preserved_rng(rt.device), rt.autocast():
+            for w, window in enumerate(windows):
+                process.clip_window = window
+                for m, batch in enumerate(batches):
+                    gen = torch.Generator(device=rt.device).manual_seed(derive_seed(seed, "clip_search", m))
+                    loss, _ = process.loss(model, batch.to(rt.device), generator=gen)
+                    values_WM[w, m] = float(loss)
+    finally:
+        process.clip_window = before
+        model.train(was_training)
+    var_W = torch.tensor([batch_elbo_variance(v.tolist()) for v in values_WM], dtype=torch.float64)
+    var_W = rt.all_reduce(var_W.to(rt.device), "mean").cpu()
+    return {window: float(v) for window, v in zip(windows, var_W, strict=True)}
 
 
 def _train_step(
@@ -304,6 +350,22 @@ def _validate_and_log(s: Session, rt: Runtime, logger: RunLogger | None, elapsed
     return nll
 
 
+def _clip_search_and_log(s: Session, rt: Runtime, logger: RunLogger | None) -> None:
+    """With ``process.clip_search``: the window of least variance (``clip_search``, ``pick_window``; the trained
+    weights, not the EMA's) becomes the training window from the next step on; one metrics line records it."""
+    windows = check_clip_grid(s.cfg.process.clip_search)
+    if not windows:
+        return
+    table = clip_search(s.process, s.model, s.val_batches, windows, rt, s.cfg.train.seed)
+    chosen = pick_window(table)
+    s.process.clip_window = chosen  # type: ignore[attr-defined]  # setup checked the family has one
+    if logger is not None:
+        step = s.prog.step
+        rows = [[b, w, v] for (b, w), v in table.items()]
+        logger.write({"step": step, "split": "clip_search", "windows": rows, "chosen": list(chosen)})
+        logger.note(f"step {step}: clipped window U[{chosen[0]:g}, {chosen[1]:g}] (variance {table[chosen]:.4g})")
+
+
 def _checkpoint(
     s: Session,
     run_dir: Path,
@@ -322,7 +384,7 @@ def _checkpoint(
         optimizer=s.optimizer,
         ema=s.ema,
         rt=rt,
-        state={"step": prog.step, "loader": s.loader.state_dict()},
+        state={"step": prog.step, "loader": s.loader.state_dict(), **_window_state(s)},
         rank_state={"rng": get_rng_state(), "generator": s.gen.get_state()},
         info={
             "step": prog.step,
@@ -338,6 +400,13 @@ def _checkpoint(
         },
         keep_last=s.cfg.train.keep_last,
     )
+
+
+def _window_state(s: Session) -> dict[str, Any]:
+    """The searched training window, checkpointed so that a resumed run trains on it (none without a search)."""
+    if not s.cfg.process.clip_search:
+        return {}
+    return {"clip_window": list(s.process.clip_window)}  # type: ignore[attr-defined]
 
 
 def _check_nonfinite(prog: Progress, max_nonfinite: int) -> None:
@@ -393,6 +462,7 @@ def _loop(s: Session, run_dir: Path, rt: Runtime, logger: RunLogger | None) -> d
             validated = None
             if ckpt_due or (t.val_every > 0 and step % t.val_every == 0):
                 val_nll = validated = _validate_and_log(s, rt, logger, prog.elapsed + now - start)
+                _clip_search_and_log(s, rt, logger)
             stopping = (out_of_time or interrupted) and step < total
             if stopping:
                 stopped = "time_limit" if out_of_time else "signal"

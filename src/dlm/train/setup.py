@@ -157,13 +157,15 @@ def _restore(
     path: Path,
     cfg: RunConfig,
     model: torch.nn.Module,
+    process: Any,
     optimizer: torch.optim.Optimizer,
     ema: EMA | None,
     loader: Loader,
     gen: torch.Generator,
     rt: Runtime,
 ) -> tuple[Progress, str | None]:
-    """Load checkpoint ``path`` into the training objects; returns its counters and a note, if any."""
+    """Load checkpoint ``path`` into the training objects (the searched clip window into ``process``); returns
+    its counters and a note, if any."""
     info = read_info(path)
     # checkpoints written before max_steps/max_tokens could change carry the hash of every key but the
     # operational ones: they resume with unchanged max_steps/max_tokens
@@ -176,6 +178,8 @@ def _restore(
     load_model_state(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"), rt)
     load_optimizer_state(model, optimizer, state["optimizer"], rt)
     loader.load_state_dict(state["loader"])
+    if "clip_window" in state:  # written with process.clip_search (``dlm.train.loop._window_state``)
+        process.clip_window = (float(state["clip_window"][0]), float(state["clip_window"][1]))
     note = None
     ranks = state["ranks"]
     if len(ranks) == rt.world_size:
@@ -279,11 +283,13 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         torch.manual_seed(derive_seed(t.seed, "torch", rt.rank))
     prog, note = Progress(), None
     if ckpts:
-        prog, note = _restore(ckpts[-1][1], cfg, model, optimizer, ema, loader, gen, rt)
+        prog, note = _restore(ckpts[-1][1], cfg, model, process, optimizer, ema, loader, gen, rt)
     extended = None
     if stored is not None and prog.step > 0:
         extended = _extension_note(stored, cfg, run_dir, prog.step, total_steps, tokens_per_step)
     val_loader = Loader(val_split, t.batch_size, seed=t.seed, shuffle=False, infinite=False)
+    val_batches = _take(val_loader, t.val_batches)
+    _check_clip_search(cfg, process, len(val_batches))
     return Session(
         cfg,
         process,
@@ -293,7 +299,7 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         ema,
         loader,
         gen,
-        val_batches=_take(val_loader, t.val_batches),
+        val_batches=val_batches,
         data_meta=train_split.meta,
         grad_accum=grad_accum,
         tokens_per_step=tokens_per_step,
@@ -304,6 +310,20 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         flops_per_token=flops_per_token(cfg.model, train_split.seq_len)["train"],
         peak_flops=peak_flops(rt.device),
     )
+
+
+def _check_clip_search(cfg: RunConfig, process: Process, n_val_batches: int) -> None:
+    """``process.clip_search`` needs a family that reads it (one with a clipped training window; every other one
+    refuses it, since the search would run and change nothing) and two validation batches for a variance."""
+    if not cfg.process.clip_search:
+        return
+    if "clip_search" not in process.config_fields(cfg.process):
+        raise DlmError(f"process.clip_search: the {process.name} process has no clipped training window (bd3lm has)")
+    if n_val_batches < 2:
+        raise DlmError(
+            f"process.clip_search needs at least 2 validation batches for a variance, got {n_val_batches} "
+            f"(train.val_batches {cfg.train.val_batches}, the {cfg.data.val_split!r} split)"
+        )
 
 
 def _take(loader: Loader, n: int) -> list[Batch]:
