@@ -11,6 +11,10 @@ far for a non-finite loss or gradient, and such a step's own line has ``"nonfini
 loss / grad_norm. Validation lines (NLL per token over the fixed validation batches, EMA weights when
 ``ema`` is true):
     {"step", "split": "validation", "val_nll", "val_bpt", "val_ppl", "val_tokens", "exact", "ema", "elapsed"}
+With ``process.clip_search`` (BD3-LM's data-driven clipped schedule) each validation is followed by one line
+    {"step", "split": "clip_search", "windows": [[beta, omega, variance], ...], "chosen": [beta, omega]}
+``variance`` is the variance over the validation batches of the training loss under mask rates U[beta, omega]
+(``dlm.train.loop.clip_search``); ``chosen`` (the least) is the training window from step ``step`` + 1 on.
 Non-finite floats are written as null, so every line is strict JSON (written with allow_nan=False).
 """
 

@@ -13,6 +13,10 @@ vocabulary, context, batch size against the data, one forward of the model and p
 run directory, the checkpoint to resume) before the first file is written, so a failed start leaves the
 directory as it was. Rank 0 holds RUN/.lock for the whole run: a second dlm process is refused.
 
+BD3-LM with ``process.clip_search``: after every validation, the grid of clipped windows is searched on the
+validation batches (``clip_search``) and the window of least variance is the training window until the next one;
+it is logged (a ``clip_search`` line) and checkpointed.
+
 Stopping early: at train.time_limit_min, or on SIGINT / SIGTERM, the current step is checkpointed and the
 run stops saying so ("stopped early at step N of M"; a signal raises TrainingInterrupted, exit 128 + signal);
 ``--resume`` continues it exactly. Resuming with a larger train.max_steps / max_tokens extends a finished
