@@ -185,8 +185,8 @@ def clip_search(
     """The variance of the per-batch training objective for each clipped window (paper §5.3, table 2):
 
         L_m(beta, omega) = process.loss(model, X^m) with mask rates 1 - alpha_t ~ U[beta, omega]
-                         = sum_{b, n} w(t_bn) sum_{l in block n, z_b^l = m} -log p_theta(x_b^l | z_b^n, x_b^{<n})
-                           / sum_b |S_b|                                      (nats per scored token, eq. 8)
+                         = sum_{r, n} w(t_rn) sum_{l in S_r ∩ n, z_r^l = MASK} -log p_theta(x_r^l | z_r^n, x_r^{<n})
+                           / sum_r |S_r|                      (rows r of X^m, blocks n; nats per scored token, eq. 8)
         Var(beta, omega) = 1/(M-1) sum_m (L_m - Lbar)^2                       (``batch_elbo_variance``)
 
     over the M fixed validation batches X^m. What is estimated is the objective as trained: the paper minimises
