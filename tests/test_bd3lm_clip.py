@@ -77,7 +77,18 @@ def test_the_option_is_hashed_only_when_set() -> None:
 # ----------------------------------------------------------------------------------------------- search
 
 
-def test_search_variances_equal_a_direct_computation(tiny_data: Path) -> None:
+def test_search_variances_equal_a_direct_computation(tiny_data: Path, monkeypatch) -> None:
+    import dlm.process.bd3lm as bd3lm_module
+
+    draws = []  # (window, the uniforms u in [0, 1) behind each batch's block times)
+    sample_times = bd3lm_module.sample_times
+
+    def recording_sample_times(n, generator, antithetic, device, t_min=0.0, t_max=1.0):
+        out = sample_times(n, generator, antithetic=antithetic, device=device, t_min=t_min, t_max=t_max)
+        draws.append(((t_min, t_max), (out - t_min) / (t_max - t_min)))
+        return out
+
+    monkeypatch.setattr(bd3lm_module, "sample_times", recording_sample_times)
     cfg = load_config(None, _args(tiny_data)).validate()
     _, val_split, process = resolve_data(cfg)
     assert isinstance(process, BD3LMProcess)
@@ -88,6 +99,13 @@ def test_search_variances_equal_a_direct_computation(tiny_data: Path) -> None:
     rt = setup_runtime(cfg.train)
     table = train_loop.clip_search(process, model, batches, WINDOWS, rt, seed=11)
     assert process.clip_window == (0.0, 1.0) and model.training  # left as it was
+    # common random numbers: batch m draws the same uniforms under every window, mapped into it
+    assert [w for w, _ in draws] == [w for w in WINDOWS for _ in batches]
+    for m in range(len(batches)):
+        u = [draws[k * len(batches) + m][1] for k in range(len(WINDOWS))]
+        assert all(torch.allclose(u[0], other, rtol=0, atol=1e-12) for other in u[1:])
+    assert not torch.allclose(draws[0][1], draws[1][1])  # and different ones for different batches
+    monkeypatch.undo()
 
     model.eval()
     direct = {}
