@@ -48,15 +48,17 @@ def _metrics(run: Path, split: str | None = None) -> list[dict]:
 
 
 def test_grid_parses_pairs_and_refuses_bad_ones() -> None:
-    assert check_clip_grid(()) == []
-    assert check_clip_grid((0.0, 0.5, 0.3, 0.8, 0.5, 1.0)) == WINDOWS
+    assert check_clip_grid("") == [] and check_clip_grid(" ") == []
+    assert check_clip_grid(GRID) == WINDOWS == check_clip_grid("[0 0.5, 0.3 0.8, 0.5 1]")
     for bad, says in [
-        ((0.0, 0.5), "at least two windows"),
-        ((0.0, 0.5, 0.3), "got 3 number(s)"),
-        ((0.0, 0.5, 0.6, 0.6), "window [0.6, 0.6]"),
-        ((0.0, 0.5, 0.3, 1.2), "window [0.3, 1.2]"),
-        ((-0.1, 0.5, 0.3, 0.8), "window [-0.1, 0.5]"),
-        ((0.0, 0.5, 0.0, 0.5), "lists a window twice"),
+        ("0,0.5", "at least two windows"),
+        ("0,0.5,0.3", "got 3 number(s)"),
+        ("0,0.5,0.6,0.6", "window [0.6, 0.6]"),
+        ("0,0.5,0.3,1.2", "window [0.3, 1.2]"),
+        ("-0.1,0.5,0.3,0.8", "window [-0.1, 0.5]"),
+        ("0,0.5,0,0.5", "lists a window twice"),
+        ("0,0.5,a,0.8", "must hold numbers"),
+        ((0.0, 0.5, 0.3, 0.8), "must be a string"),
     ]:
         with pytest.raises(DlmError) as e:
             check_clip_grid(bad)
@@ -65,7 +67,7 @@ def test_grid_parses_pairs_and_refuses_bad_ones() -> None:
 
 def test_the_option_is_hashed_only_when_set() -> None:
     plain = load_config(None, ["--process.name", "bd3lm"])
-    assert plain.process.clip_search == ()
+    assert plain.process.clip_search == ""
     assert config_hash(plain) == config_hash(load_config(None, ["--process.name", "bd3lm", "--process.clip_search="]))
     searched = load_config(None, ["--process.name", "bd3lm", "--process.clip_search", GRID])
     assert config_hash(plain) != config_hash(searched)

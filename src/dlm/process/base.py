@@ -51,7 +51,7 @@ class ProcessConfig:
     block_size:     BD3-LM: L', tokens per block (must divide the row length); 1 = AR-like, L = MDLM.
     clip_beta:      BD3-LM: lower end beta of the training mask rate 1 - alpha_t ~ U[beta, omega] (0 = no clip).
     clip_omega:     BD3-LM: upper end omega of that window (1 = no clip); evaluation always uses the full bound.
-    clip_search:    BD3-LM: a grid of windows beta_1,omega_1,beta_2,omega_2,... (empty = off); at every validation
+    clip_search:    BD3-LM: a grid of windows "beta_1,omega_1,beta_2,omega_2,..." ("" = off); at every validation
                     the trainer trains on with the one of least per-batch loss variance (paper §5.3); the window
                     above is the one used until the first validation.
     """
@@ -70,7 +70,7 @@ class ProcessConfig:
     block_size: int = 4
     clip_beta: float = 0.0
     clip_omega: float = 1.0
-    clip_search: tuple[float, ...] = ()
+    clip_search: str = ""
 
 
 @dataclass

@@ -32,6 +32,7 @@ biased training objective); ``nll`` always estimates the full bound. The window 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -92,11 +93,19 @@ def check_clip_window(beta: Any, omega: Any) -> tuple[float, float]:
     return b, w
 
 
-def check_clip_grid(values: Any) -> list[tuple[float, float]]:
-    """``process.clip_search`` as windows: a flat list beta_1, omega_1, beta_2, omega_2, ... of at least two
-    distinct windows, each 0 <= beta < omega <= 1; empty = no search. Anything else: one-line ``DlmError``."""
-    if values is None or len(values) == 0:
+def check_clip_grid(text: Any) -> list[tuple[float, float]]:
+    """``process.clip_search`` as windows: the string "beta_1,omega_1,beta_2,omega_2,..." (commas or spaces) of at
+    least two distinct windows, each 0 <= beta < omega <= 1; empty = no search. Anything else: one-line
+    ``DlmError``. (A string, not a tuple of floats: the config stays the same through JSON and ``asdict``.)"""
+    if not isinstance(text, str):
+        raise DlmError(f"process.clip_search must be a string like '0,0.5,0.3,0.8,0.5,1', got {text!r}")
+    words = [w for w in re.split(r"[,\s]+", text.strip().strip("[]()")) if w]
+    if not words:
         return []
+    try:
+        values = [float(w) for w in words]
+    except ValueError:
+        raise DlmError(f"process.clip_search must hold numbers beta,omega,..., got {text!r}") from None
     if len(values) % 2 or len(values) < 4:
         raise DlmError(
             f"process.clip_search takes pairs beta,omega of at least two windows (e.g. 0,0.5,0.3,0.8,0.5,1), "
