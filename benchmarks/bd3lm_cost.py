@@ -355,6 +355,33 @@ def print_windows(res: dict) -> None:
     print(f"picked: {res['picked']}")
 
 
+def test_nll(run_dir: Path, split: str, t_samples: int, seed: int, batch_size: int) -> dict:
+    """``dlm.eval.likelihood.evaluate_nll`` of a run's last checkpoint on the whole ``split`` with K = t_samples
+    time samples per sequence for a bound (``process.eval_t_samples``; AR: exact, K unused)."""
+    from dlm.data.loader import Loader
+    from dlm.data.shards import open_split
+    from dlm.eval.likelihood import evaluate_nll
+    from dlm.rundir import load_run
+
+    run = load_run(run_dir, which="last", ema=True, device="cpu")
+    proc = get_process(replace(run.process.cfg, eval_t_samples=t_samples), run.process.specials)
+    loader = Loader(open_split(Path(run.cfg.data.dir), split), batch_size, seed=seed, shuffle=False, infinite=False)
+    t0 = time.perf_counter()
+    res = evaluate_nll(proc, run.model, loader, generator=torch.Generator().manual_seed(seed))
+    keep = ("nll", "nll_se", "bound", "tokens", "sequences")
+    return {
+        "run": str(run_dir),
+        "family": run.process.name,
+        "block_size": getattr(run.process, "block_size", None),
+        "seed": run.cfg.train.seed,
+        "checkpoint_step": run.step,
+        "split": split,
+        "t_samples": None if run.process.exact_likelihood else t_samples,
+        **{k: res.get(k) for k in keep},
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -364,6 +391,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a shared 2-core machine: 1)")
     p.add_argument("--windows", type=Path, nargs="+", help="bd3lm run directories: the window-variance tables instead")
+    p.add_argument("--nll", type=Path, nargs="+", help="run directories: the NLL (bound) on the whole --split")
+    p.add_argument("--t-samples", type=int, default=4, help="--nll: time samples per sequence of a bound")
     p.add_argument("--split", default="validation")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--draws", type=int, default=4, help="loss draws per batch (window variance)")
@@ -373,6 +402,15 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     results = Path(__file__).parent / "results"
+    if a.nll:
+        rows = []
+        for run in a.nll:
+            rows.append(test_nll(run, a.split, a.t_samples, a.seed, a.batch_size))
+            r = rows[-1]
+            print(f"{r['run']}: NLL {r['bound']} {r['nll']:.4f} ± {r['nll_se']:.4f} ({r['sequences']} sequences)")
+        out = {"benchmark": "bd3lm_nll", "machine": machine_info(torch.device("cpu")), "rows": rows}
+        write_result(a.out or results / "bd3lm_nll.json", out)
+        return
     if a.windows:
         runs = [window_variance(run, a.split, a.batches, a.draws, a.seed, a.batch_size) for run in a.windows]
         for res in runs:
