@@ -28,9 +28,10 @@ Every window restarts the same generator: the same uniforms, mapped into each wi
 
     python benchmarks/bd3lm_cost.py                                  # cost, shapes attn + tiny (CPU, 1 thread)
     python benchmarks/bd3lm_cost.py --shapes tiny --repeats 3
+    python benchmarks/bd3lm_cost.py --nll RUNS... --split test --t-samples 4   # the ordering table
     python benchmarks/bd3lm_cost.py --windows /tmp/bd3lm-ordering/runs/bd3lm-4-seed{0,1} --split validation
 
-Prints tables and writes benchmarks/results/bd3lm_cost.json (or bd3lm_windows.json).
+Prints tables and writes benchmarks/results/bd3lm_cost.json (or bd3lm_nll.json, bd3lm_windows.json).
 """
 
 from __future__ import annotations
