@@ -254,3 +254,21 @@ def test_sigterm_ends_the_comparison_with_a_checkpoint_and_the_lock_released(tmp
         state = run_state(out / "judge", judge_run_config(spec), "judge")
         assert state.status == "partial" and 0 < state.step < 500
         assert cdir.root == out
+
+
+def test_likelihood_rows_state_k_and_the_report_the_batches(smoke: tuple[Path, str], tmp_path: Path) -> None:
+    """K in every likelihood row is the bound's time samples (1 for the exact AR), and the report says how much
+    of the split was scored (smoke: its first 2 batches; 0 would read 'the whole split')."""
+    from dlm.compare.report import _batches_text
+
+    r = _results(smoke[0])
+    k = {(x["arm"], x["seed"]): x["t_samples"] for x in r["rows"] if x["kind"] == "likelihood"}
+    assert set(k.values()) == {1} and r["spec"]["evaluation"]["likelihood"]["t_samples"] == 1
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    assert main(["compare", "smoke", "--out", str(out), *FAST, "--evaluation.likelihood.t_samples", "3",
+                 "--force", "--no-report"]) == 0  # fmt: skip
+    k = {x["arm"]: x["t_samples"] for x in _results(out)["rows"] if x["kind"] == "likelihood"}
+    assert k == {"ar": 1, "mdlm": 3, "d3pm": 3, "sedd": 3}
+    assert "its first 2 batches" in (smoke[0] / "report.md").read_text()
+    assert _batches_text(0) == "the whole split"

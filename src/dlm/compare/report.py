@@ -393,7 +393,7 @@ def _document(
         Block(
             "note",
             f"split {lik.get('split')}, K = {lik.get('t_samples')} time samples per sequence for the "
-            f"diffusion bounds, at most {lik.get('max_batches')} batches; scored: {lik.get('scored')}.",
+            f"diffusion bounds, {_batches_text(lik.get('max_batches'))}; scored: {lik.get('scored')}.",
         ),
         *likelihood_tables(results),
         *variance_items(results),
@@ -434,6 +434,11 @@ def _matched_items(results: Mapping[str, Any]) -> list[Item]:
         return []
     rule = (results.get("definitions") or {}).get("matched", "")
     return [Block("h2", "Matched quality: speedup over AR"), Block("note", rule), table]
+
+
+def _batches_text(max_batches: Any) -> str:
+    """``evaluation.likelihood.max_batches`` in words (0 = the whole split)."""
+    return "the whole split" if not max_batches else f"its first {max_batches} batches"
 
 
 def _md_cell(s: str) -> str:

@@ -84,6 +84,7 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def _likelihood_row(base: dict[str, Any], rec: dict[str, Any], path: Path, root: Path) -> dict[str, Any]:
+    process = rec.get("settings", {}).get("process") or {}
     return {
         **base,
         "kind": "likelihood",
@@ -93,7 +94,8 @@ def _likelihood_row(base: dict[str, Any], rec: dict[str, Any], path: Path, root:
         **{k: rec.get(k) for k in ("nll", "nll_se", "bpt", "ppl", "ppl_seq_mean", "bits_per_byte")},
         "tokens": rec["tokens"],
         "sequences": rec["sequences"],
-        "t_samples": rec.get("t_samples", rec.get("settings", {}).get("t_samples", 1)),
+        # K: the process's eval_t_samples for a bound, 1 for an exact likelihood
+        "t_samples": 1 if rec["exact"] else int(process.get("eval_t_samples", 1)),
         "file": _rel(path, root),
     }
 
