@@ -20,8 +20,8 @@ from dlm.compare.evaluate import (
     judge_from_run,
     quality_set,
     sample_set,
-    speed_set,
 )
+from dlm.compare.speedset import speed_set
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
 from dlm.eval.diversity import diversity_summary, unigram_entropy
@@ -122,7 +122,8 @@ def test_samples_reused_unless_forced_other_settings_another_file(mdlm_run: Path
     rec, path = sample_set(mdlm_run, **kw, log=lines.append)
     mtime = path.stat().st_mtime_ns
     again, path2 = sample_set(mdlm_run, **kw, log=lines.append)
-    assert path2 == path and again == rec and path.stat().st_mtime_ns == mtime and lines[-1] == f"reused {path}"
+    assert path2 == path and again == rec and path.stat().st_mtime_ns == mtime
+    assert lines[-1] == f"reused {path}: a result with the same settings (--force recomputes it)"
     forced, _ = sample_set(mdlm_run, **kw, force=True)
     assert path.stat().st_mtime_ns != mtime and forced["samples"][0]["ids"] == rec["samples"][0]["ids"]
     _, other = sample_set(mdlm_run, **{**kw, "seed": 1})

@@ -267,6 +267,6 @@ def test_block_arms_need_a_dividing_block_size_and_a_step_per_block(tmp_path: Pa
     d["arms"] = [{"family": "bd3lm:4"}]  # 8 blocks: 4 steps cannot cover them
     _refused(tmp_path, d, "evaluation.samples.steps (arm 'bd3lm-4')", "4 steps cannot cover the 8 blocks")
     d["arms"] = [{"family": "bd3lm:5"}]
-    _refused(tmp_path, d, "block size L' = 5 does not divide corpus.seq_len 32")
+    _refused(tmp_path, d, "arms.0 (bd3lm-5)", "process.block_size (L' = 5) must divide the sequence length (32)")
     d["arms"] = [{"family": "bd3lm:8", "steps": [4, 8]}]  # 4 blocks
     assert load_compare_spec(_write(tmp_path, d)).arms[0].name == "bd3lm-8"

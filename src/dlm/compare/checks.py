@@ -48,8 +48,7 @@ def validate_spec(spec: CompareSpec) -> CompareSpec:
     _validate_evaluation(spec.evaluation, spec.corpus)
     for i, arm in enumerate(spec.arms):
         cfg = arm_run_config(spec, arm, spec.seeds[0])
-        _check_samplers(cfg, arm, i, spec.evaluation.samples.steps)
-        _check_blocks(cfg, arm, i, spec.evaluation.samples.steps, spec.corpus)
+        _check_samplers(cfg, arm, i, spec.evaluation.samples.steps, spec.corpus)
     if spec.evaluation.evaluator == "judge-ar":
         try:
             judge_run_config(spec)
@@ -112,22 +111,9 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
         raise DlmError(f"evaluation.evaluator: expected judge-ar, hf:DIR or true-language, got {ev!r}")
 
 
-def _check_blocks(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...], corpus: Corpus) -> None:
-    """A block-diffusion arm: L' divides the row length, and every step count covers each block at least once
-    (its sampler spreads the steps over the L / L' blocks)."""
-    if cfg.process.name != "bd3lm" or corpus.data_dir is not None:
-        return
-    size, length = cfg.process.block_size, corpus.seq_len
-    if length % size:
-        raise DlmError(f"arms.{i} ({arm.name}): block size L' = {size} does not divide corpus.seq_len {length}")
-    steps = arm.steps or default_steps
-    if min(steps) < length // size:
-        where = f"arms.{i}.steps" if arm.steps else f"evaluation.samples.steps (arm {arm.name!r})"
-        raise DlmError(f"{where}: {min(steps)} steps cannot cover the {length // size} blocks of L' = {size}")
-
-
-def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...]) -> None:
-    """Every sampler of ``arm`` exists for its family, and every step count is within the family's limit."""
+def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...], corpus: Corpus) -> None:
+    """Every sampler of ``arm`` exists for its family, and every step count is within the family's limits for the
+    corpus's rows (``max_steps``, ``min_steps``: e.g. a block family needs one step per block)."""
     from dlm.data.specials import SpecialIds
     from dlm.process import get_process
 
@@ -143,3 +129,12 @@ def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, 
     if process.step_sampler and limit is not None and max(steps) > limit:
         where = f"arms.{i}.steps" if arm.steps else f"evaluation.samples.steps (arm {arm.name!r})"
         raise DlmError(f"{where}: step count {max(steps)} exceeds the family's limit {limit} (process.T)")
+    if not process.step_sampler or corpus.data_dir is not None:  # a prepared corpus: its row length is checked later
+        return
+    try:
+        floor = process.min_steps(corpus.seq_len)
+    except DlmError as e:
+        raise DlmError(f"arms.{i} ({arm.name}): {e}") from None
+    if min(steps) < floor:
+        where = f"arms.{i}.steps" if arm.steps else f"evaluation.samples.steps (arm {arm.name!r})"
+        raise DlmError(f"{where}: {min(steps)} steps cannot cover the {floor} blocks of a {corpus.seq_len}-token row")

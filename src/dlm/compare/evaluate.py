@@ -8,8 +8,8 @@ Each stage reads a run directory and writes one file into ``RUN/eval/`` named by
 - :func:`quality_set`: an :class:`Evaluator` scores a samples file (generative perplexity by a judge, or TER/SER
   under the true language of a ``formal:`` corpus) next to the samples' diversity;
   ``quality-{sampler}-steps{S|none}-step{N}-{hash}.json`` beside the samples file.
-- :func:`speed_set`: ``dlm.eval.speed.measure_sampling`` per (sampler, steps, batch size) and the thesis protocol
-  per (sampler, steps); ``speed-step{N}-{hash}.json``.
+- ``dlm.compare.speedset.speed_set`` (its own module): ``dlm.eval.speed.measure_sampling`` per (sampler, steps,
+  batch size) and the thesis protocol per (sampler, steps); ``speed-step{N}-{hash}.json``.
 
 Every check of the caller's input is made before anything is written.
 """
@@ -33,14 +33,14 @@ from dlm.errors import DlmError
 from dlm.eval.diversity import diversity_summary, repetition_rate, unigram_entropy
 from dlm.eval.formal import GENERATION_DEFINITIONS, formal_generation_metrics, run_language, symbol_table
 from dlm.eval.genppl import ARRunJudge, Judge, gen_ppl_summary
-from dlm.eval.results import check_device, check_writable, find_results, result_path, reusable, settings_hash
+from dlm.eval.results import check_device, check_writable, find_results, result_path, reuse, settings_hash
 from dlm.eval.run import run_tokenizer, start_ids
 from dlm.io import write_json_atomic
 from dlm.process.base import Process, SampleResult
 from dlm.rundir import LoadedRun, load_run, read_run_info
 
 __all__ = ["Evaluator", "JudgeEvaluator", "Scores", "TrueLanguageEvaluator", "judge_from_run", "quality_set"]
-__all__ += ["readable_name", "resolve_setting", "sample_set", "speed_set"]
+__all__ += ["readable_name", "resolve_setting", "sample_set"]
 
 #: Versions of the three protocols, part of each file's settings: bump one when a change makes old files
 #: incomparable, so they are recomputed rather than reused.
@@ -145,9 +145,7 @@ def sample_set(
         "data": _data_fingerprints(run),
     }
     path = result_path(run_dir, "samples", readable_name(name, steps, run.step), settings)
-    if not force and (old := reusable(path, settings)) is not None:
-        if log is not None:
-            log(f"reused {path}")
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     samples, nfes, wall = _draw(run, tok.decode, prompt, settings, dev, progress)
@@ -454,9 +452,7 @@ def quality_set(
     readable = readable_name(rec["sampler"], rec["steps"], rec["checkpoint_step"])
     path = result_path(run_dir, "quality", readable, settings)
     assert path.parent == samples_path.parent, (path, samples_path)
-    if not force and (old := reusable(path, settings)) is not None:
-        if log is not None:
-            log(f"reused {path}")
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     ids_list = [s["ids"] for s in rec["samples"]]
@@ -494,6 +490,3 @@ def quality_set(
         shown = f"gen PPL {g['gen_ppl_pooled']}" if g else f"TER {scores.formal and scores.formal.get('ter')}"
         log(f"quality {rec['sampler']} steps {rec['steps']} ({evaluator.info['kind']}): {shown} -> {path}")
     return record, path
-
-
-from dlm.compare.speedset import speed_set  # noqa: E402  (re-exported)

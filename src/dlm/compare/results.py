@@ -154,7 +154,7 @@ def build_rows(records: Iterable[Any], root: Path) -> list[dict[str, Any]]:
             rows.append(_samples_row(base, srec, spath, qrec, root))
         if r.speed is not None:
             rows += _speed_rows(base, *r.speed, root)
-        if getattr(r, "variance", None) is not None:
+        if r.variance is not None:
             vrec, vpath = r.variance
             rows.append({**base, "kind": "variance", **{k: vrec.get(k) for k in VARIANCE_FIELDS},
                          "file": _rel(vpath, root)})  # fmt: skip

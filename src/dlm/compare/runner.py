@@ -320,7 +320,8 @@ def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, hf_judge: Any, 
 
 
 def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any], device: str, log: Log) -> RunRecord:
-    from dlm.compare.evaluate import quality_set, sample_set, speed_set
+    from dlm.compare.evaluate import quality_set, sample_set
+    from dlm.compare.speedset import speed_set
     from dlm.eval.progress import Progress
     from dlm.eval.run import evaluate_run
 

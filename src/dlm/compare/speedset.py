@@ -18,7 +18,7 @@ import torch
 
 from dlm.compare.evaluate import Log, _check_int, _now, resolve_setting
 from dlm.errors import DlmError
-from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.eval.run import run_tokenizer, start_ids
 from dlm.eval.speed import machine_info, measure_sampling, thesis_protocol
 from dlm.io import write_json_atomic
@@ -85,9 +85,7 @@ def speed_set(
         "machine": {k: machine[k] for k in ("cpu_model", "device_name", "torch", "torch_threads")},
     }
     path = result_path(run_dir, "speed", f"step{run.step}", key)
-    if not force and (old := reusable(path, key)) is not None:
-        if log is not None:
-            log(f"reused {path}")
+    if (old := reuse(path, key, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     rows, protocol = _measure(run, resolved, key, prompt, dev, log or (lambda line: None))

@@ -49,7 +49,7 @@ from dlm.data.batch import Batch
 from dlm.data.formal import FormalLanguage
 from dlm.data.tokenizers import Tokenizer
 from dlm.errors import DlmError
-from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.eval.run import run_tokenizer
 from dlm.io import write_json_atomic
 from dlm.rundir import LoadedRun, load_run
@@ -379,9 +379,7 @@ def evaluate_generation(
         steps = L  # sample_symbols' default, resolved here so that it is part of the settings
     settings = generation_settings(run, name, steps, n, seed, batch_size, device)
     path = generation_path(Path(run_dir), settings)
-    if not force and (old := reusable(path, settings)) is not None:
-        if log is not None:
-            log(f"reused {path}: a result with the same settings (--force recomputes it)")
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     with torch.no_grad():

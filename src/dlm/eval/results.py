@@ -25,7 +25,7 @@ import torch
 
 from dlm.errors import DlmError
 
-__all__ = ["check_device", "check_writable", "find_results", "result_path", "reusable", "settings_hash"]
+__all__ = ["check_device", "check_writable", "find_results", "result_path", "reusable", "reuse", "settings_hash"]
 
 EVAL_DIR = "eval"
 
@@ -48,6 +48,15 @@ def reusable(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("settings") == settings else None
+
+
+def reuse(path: Path, settings: dict[str, Any], *, force: bool, log: Any = None) -> dict[str, Any] | None:
+    """The one reuse rule of every result file: unless ``force``, the record at ``path`` made with exactly
+    ``settings`` (``log`` is told "reused PATH: ..."); None when it must be computed."""
+    old = None if force else reusable(path, settings)
+    if old is not None and log is not None:
+        log(f"reused {path}: a result with the same settings (--force recomputes it)")
+    return old
 
 
 def find_results(run_dir: str | Path, kind: str, **match: Any) -> list[tuple[Path, dict[str, Any]]]:

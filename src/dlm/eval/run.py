@@ -26,7 +26,7 @@ from dlm.data.specials import SpecialIds
 from dlm.data.tokenizers import Tokenizer, load_tokenizer
 from dlm.errors import DlmError
 from dlm.eval.likelihood import bits_per_byte, evaluate_nll
-from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.io import json_line, write_json_atomic, write_text_atomic
 from dlm.rundir import LoadedRun, load_run
 
@@ -104,9 +104,7 @@ def evaluate_run(
     loader = Loader(s, bs, seed=seed, shuffle=False, infinite=False)
     settings = likelihood_settings(run, s, split=split, seed=seed, batch_size=bs, max_batches=max_b, n=len(loader))
     path = result_path(run_dir, "likelihood", f"{split}-step{run.step}", settings)
-    if not force and (old := reusable(path, settings)) is not None:
-        if log is not None:
-            log(f"reused {path}: a result with the same settings (--force recomputes it)")
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -29,7 +29,7 @@ from dlm.data.batch import Batch
 from dlm.data.loader import Loader
 from dlm.data.shards import open_split
 from dlm.errors import DlmError
-from dlm.eval.results import check_device, check_writable, result_path, reusable
+from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.eval.run import check_tokenizer
 from dlm.io import write_json_atomic
 from dlm.process.base import Process, get_process, model_device
@@ -366,9 +366,7 @@ def variance_run(
     k = 1 if run.process.exact_likelihood else t_samples
     settings = variance_settings(run, s.meta, split=split, seed=seed, batch_size=bs, batches=batches, t_samples=k)
     path = result_path(run_dir, "variance", f"{split}-step{run.step}", settings)
-    if not force and (old := reusable(path, settings)) is not None:
-        if log is not None:
-            log(f"reused {path}: a result with the same settings (--force recomputes it)")
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
     data = _first_batches(loader, batches)

@@ -398,6 +398,11 @@ class Process(ABC):
         """Largest ``steps`` a step sampler accepts (None: no limit)."""
         return None
 
+    def min_steps(self, length: int) -> int:
+        """Smallest ``steps`` a step sampler accepts for rows of ``length`` tokens (1; a family that spreads its
+        steps over blocks needs one per block and refuses a length it cannot cut into blocks, one line)."""
+        return 1
+
     @torch.no_grad()
     def sample(
         self,

@@ -174,6 +174,10 @@ class BD3LMProcess(Process):
         """One denoising step per position (the total over all blocks, as for MDLM)."""
         return length
 
+    def min_steps(self, length: int) -> int:
+        """One step per block at least (``_split_steps`` spreads the steps over the B = L / L' blocks)."""
+        return self.n_blocks(length)
+
     def n_blocks(self, length: int) -> int:
         """B = L / L'; a length that L' does not divide raises a one-line ``DlmError`` naming both."""
         if length % self.block_size:
