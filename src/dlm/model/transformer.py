@@ -123,8 +123,9 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         commit: bool = True,
         pos: Tensor | None = None,
+        head_rows: int | None = None,
     ) -> Tensor:
-        """Float32 logits [B, L, V].
+        """Float32 logits [B, L, V] (with ``head_rows`` = R: [B, R, V]).
 
         attn:        "causal", "bidirectional" or a MaskFn of absolute (query, key) indices.
         t_B:         diffusion time in [0, 1], required iff the model is time-conditioned.
@@ -134,6 +135,10 @@ class Transformer(nn.Module):
         commit:      store the new keys/values in the cache and advance cache.length.
         pos:         rotary positions, [L] or [B, L] (default: the indices). BD3-LM's x_t ⊕ x_0 pass uses
                      arange(L).repeat(2) so both copies share positions. Must be < context.
+        head_rows:   apply the final norm and the output head to the first R positions only (1 <= R <= L) and
+                     return their logits; the others still serve as keys/values in every layer. BD3-LM's
+                     one-pass loss needs the noisy half only: R = L of the 2L input saves the clean half's
+                     head (V x d per token, forward and backward).
         """
         if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.int64, torch.int32):
             raise DlmError(f"ids_BL must be an int64 tensor [B, L], got {ids_BL.dtype} {tuple(ids_BL.shape)}")
@@ -160,9 +165,14 @@ class Transformer(nn.Module):
         key_mask_BK = key_mask_BL if cache is None else cache.key_mask(key_mask_BL, L, commit)
         plan = plan_attention(resolve(attn), L, offset + L, offset, key_mask_BK, self.cfg.attn_backend, device)
 
+        if head_rows is not None and not 1 <= head_rows <= L:
+            raise DlmError(f"head_rows must lie in [1, {L}] (the input length), got {head_rows!r}")
+
         x = self.drop(self.tok_emb(ids_BL))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, plan, c_BC, cache, i, commit)
+        if head_rows is not None:
+            x = x[:, :head_rows]
         x = self.norm_f(x)
         if self.adaln_f is not None:
             shift, scale = self.adaln_f(c_BC)
