@@ -106,3 +106,18 @@ def assert_refused(capsys, argv: list[str], match: str, *watch: Path) -> str:
     assert match in lines[0], f"{match!r} not in {lines[0]!r}"
     assert tree_state(*watch) == before, "a refused command changed files"
     return lines[0]
+
+
+def sharp_tiny_model(vocab_size: int, context: int, seed: int = 0):
+    """A seeded 1-layer backbone (d 32, 2 heads) in eval mode with its random weights scaled x3, so that its
+    distributions are far from uniform (a test of a sampler or an identity then tells the positions apart)."""
+    import torch
+
+    from dlm.model import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(vocab_size=vocab_size, context=context, n_layer=1, d_model=32, n_head=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()

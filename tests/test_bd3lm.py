@@ -14,12 +14,13 @@ import dlm.process  # noqa: F401  (registers every family)
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
-from dlm.model import ModelConfig, build_model
 from dlm.model.masks import block_causal, block_diffusion_train, dense_mask
 from dlm.process import ProcessConfig, get_process
 from dlm.process.absorbing import ddpm, first_hitting
 from dlm.process.base import SamplerOptions, SampleStart, scored_positions, token_logprobs
-from dlm.process.bd3lm import BD3LMProcess, BlockDenoiser, sample_blocks
+from dlm.process.bd3lm import BD3LMProcess
+from dlm.process.bd3lm_sampling import BlockDenoiser, sample_blocks
+from tests.helpers import sharp_tiny_model
 
 K = 9  # tokenizer vocabulary; MASK is the appended id K
 MASK = K
@@ -31,15 +32,6 @@ def make(**kw) -> BD3LMProcess:
     proc = get_process(ProcessConfig(name="bd3lm", **kw), SPECIALS)
     assert isinstance(proc, BD3LMProcess)
     return proc
-
-
-def tiny_model(seed: int = 0, context: int = L) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(vocab_size=K + 1, context=context, n_layer=1, d_model=32, n_head=2))
-    with torch.no_grad():  # sharpen the random weights so the distributions are far from uniform
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.eval()
 
 
 def batch(B: int = 3, seed: int = 1) -> Batch:
@@ -94,7 +86,7 @@ def two_pass_logits(model: nn.Module, z_BL: Tensor, x_BL: Tensor, block: int) ->
 
 @pytest.mark.parametrize("block", [1, 3, 4, 12])
 def test_the_one_pass_loss_equals_a_naive_two_pass_computation(block: int) -> None:
-    proc, model, bt = make(block_size=block), tiny_model(), batch()
+    proc, model, bt = make(block_size=block), sharp_tiny_model(K + 1, L), batch()
     t_BN, z_BL = proc.draw(bt, gen(5), clipped=True)
     one = proc.noisy_logits(model, z_BL, bt.ids_BL).detach()
     two = two_pass_logits(model, z_BL, bt.ids_BL, block)
@@ -122,7 +114,7 @@ def test_one_token_blocks_at_the_all_mask_level_give_the_AR_nll_of_the_same_weig
     position l), with the MASK logit removed (SUBS). This computes it directly, one causal forward per position,
     and sums in float64.
     """
-    proc, model, bt = make(block_size=1, schedule="linear"), tiny_model(), batch()
+    proc, model, bt = make(block_size=1, schedule="linear"), sharp_tiny_model(K + 1, L), batch()
     x = bt.ids_BL
     got = proc.nelbo_terms(model, bt, torch.ones(x.shape, dtype=torch.float64), gen(0))
     ref = torch.zeros(x.shape[0], dtype=torch.float64)
@@ -140,7 +132,7 @@ def test_one_token_blocks_at_the_all_mask_level_give_the_AR_nll_of_the_same_weig
 
 def test_a_single_block_is_mdlm_for_the_same_weights_and_time_samples() -> None:
     mdlm = get_process(ProcessConfig(name="mdlm", eval_t_samples=3), SPECIALS)
-    proc, model, bt = make(block_size=L, eval_t_samples=3), tiny_model(), batch()
+    proc, model, bt = make(block_size=L, eval_t_samples=3), sharp_tiny_model(K + 1, L), batch()
     ours, theirs = proc.nll(model, bt, gen(3)), mdlm.nll(model, bt, gen(3))
     assert ours.exact is False and torch.equal(ours.tokens_B, theirs.tokens_B)
     assert float((ours.nats_B - theirs.nats_B).abs().max()) < 1e-5
@@ -184,7 +176,7 @@ def test_block_sampling_keeps_fixed_positions_counts_nfe_and_cached_equals_uncac
     fixed[5], fixed[10] = 7, 4
     runs = {}
     for cached in (True, False):
-        model = Counting(tiny_model())
+        model = Counting(sharp_tiny_model(K + 1, L))
         out = proc.sample(
             model, 3, L, sampler=sampler, prompt_ids=[0, 5], fixed_ids=fixed, steps=9, generator=gen(2),
             use_cache=cached, return_trajectory=True,
@@ -207,7 +199,7 @@ def test_block_sampling_keeps_fixed_positions_counts_nfe_and_cached_equals_uncac
 
 def test_a_single_block_samples_as_mdlm() -> None:
     mdlm = get_process(ProcessConfig(name="mdlm"), SPECIALS)
-    proc, model = make(block_size=L), tiny_model()
+    proc, model = make(block_size=L), sharp_tiny_model(K + 1, L)
     for sampler in ("ddpm", "first_hitting"):
         a = proc.sample(model, 4, L, sampler=sampler, prompt_ids=[0], steps=6, generator=gen(1))
         b = mdlm.sample(model, 4, L, sampler=sampler, prompt_ids=[0], steps=6, generator=gen(1))
@@ -215,7 +207,7 @@ def test_a_single_block_samples_as_mdlm() -> None:
 
 
 def test_ddpm_spreads_the_steps_over_the_blocks_to_generate() -> None:
-    proc, model = make(block_size=4), Counting(tiny_model())
+    proc, model = make(block_size=4), Counting(sharp_tiny_model(K + 1, L))
     out = proc.sample(model, 2, L, sampler="ddpm", steps=3, use_cache=False, generator=gen(0))
     assert out.nfe == 3  # one step per block: each block resolved in one call
     fixed = torch.tensor([0, 3, 4, 5] + [-1] * 8)  # block 0 fully given: two blocks to generate
@@ -225,7 +217,7 @@ def test_ddpm_spreads_the_steps_over_the_blocks_to_generate() -> None:
 
 def test_generation_past_the_context_slides_the_window_and_cached_equals_uncached() -> None:
     """Context 12, L' = 2, 24 tokens: the window keeps keep = 3 blocks and restarts positions at 0 (class doc)."""
-    proc, model = make(block_size=2), Counting(tiny_model())
+    proc, model = make(block_size=2), Counting(sharp_tiny_model(K + 1, L))
     fixed = torch.full((2, 24), -1, dtype=torch.int64)
     fixed[:, 0] = 0
     start = SampleStart(fixed, 1)
@@ -245,7 +237,7 @@ def test_after_a_slide_a_block_is_drawn_as_if_the_kept_window_were_a_prompt() ->
     """Greedy (temperature 0) with one step per block is deterministic: block b = argmax f(window ⊕ MASKs). The
     first block after a slide (block 6: blocks 3..5 kept, at positions 0..5) must equal a fresh sample whose
     prompt is the kept window."""
-    proc, model = make(block_size=2), tiny_model()
+    proc, model = make(block_size=2), sharp_tiny_model(K + 1, L)
     fixed = torch.full((2, 20), -1, dtype=torch.int64)
     fixed[:, 0] = 0
     out = sample_blocks(
@@ -270,7 +262,7 @@ def test_after_a_slide_a_block_is_drawn_as_if_the_kept_window_were_a_prompt() ->
 
 
 def test_first_hitting_runs_past_the_context_too() -> None:
-    proc, model = make(block_size=4), tiny_model()
+    proc, model = make(block_size=4), sharp_tiny_model(K + 1, L)
     fixed = torch.full((1, 20), -1, dtype=torch.int64)
     fixed[:, :2] = torch.tensor([0, 5])
     a = sample_blocks(proc, model, SampleStart(fixed, 2), SamplerOptions(), gen(3), first_hitting, False)
@@ -294,7 +286,7 @@ def test_bad_input_is_refused_in_one_line() -> None:
         (["--process.time_cond", "true"], "time conditioning"),
     ]:
         _one_line(lambda o=overrides: load_config(None, ["--process.name", "bd3lm", *o]), match)
-    proc, model = make(block_size=5), tiny_model()
+    proc, model = make(block_size=5), sharp_tiny_model(K + 1, L)
     _one_line(lambda: proc.loss(model, batch()), r"L' = 5\).*length \(12\)")
     _one_line(lambda: proc.nll(model, batch()), r"L' = 5\).*length \(12\)")
     proc = make(block_size=4)

@@ -19,7 +19,9 @@ from dlm.model import ModelConfig, build_model
 from dlm.process import ProcessConfig, available_processes, get_process
 from dlm.process.absorbing import ddpm, ddpm_cache, first_hitting
 from dlm.process.base import _REGISTRY, STOP_REASONS
-from dlm.process.bd3lm import BD3LMProcess, BlockDenoiser
+from dlm.process.bd3lm import BD3LMProcess
+from dlm.process.bd3lm_sampling import BlockDenoiser
+from tests.helpers import sharp_tiny_model
 
 K = 9  # tokenizer vocabulary; MASK is the appended id K
 MASK, EOS, PAD = K, 1, 2
@@ -31,15 +33,6 @@ def make(block_size: int = LB) -> BD3LMProcess:
     proc = get_process(ProcessConfig(name="bd3lm", block_size=block_size), SPECIALS)
     assert isinstance(proc, BD3LMProcess)
     return proc
-
-
-def tiny_model(context: int = 12, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(vocab_size=K + 1, context=context, n_layer=1, d_model=32, n_head=2))
-    with torch.no_grad():  # sharpen the random weights so the distributions are far from uniform
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.eval()
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -106,7 +99,7 @@ def test_generation_ends_once_every_row_has_stopped() -> None:
 def test_past_the_context_each_row_is_the_unstopped_row_cut_after_its_first_generated_eos(cached: bool) -> None:
     """A direct computation of the rule on a real network (context 12, rows of 32: the window slides): the row
     with the rule = the row without it, for the same random stream, up to and including its first generated EOS."""
-    proc, model = make(), tiny_model()
+    proc, model = make(), sharp_tiny_model(K + 1, 12)
     kw = dict(prompt_ids=[0, EOS], steps=8, use_cache=cached)  # an EOS in the prompt never stops a row
     out = proc.sample(model, 8, 32, stop_at_eos=True, generator=gen(5), **kw)
     ref = proc.sample(model, 8, 32, stop_at_eos=False, generator=gen(5), **kw)
@@ -206,7 +199,7 @@ def test_every_inner_sampler_records_the_entropy_of_the_call_a_token_came_from(i
 
 
 def test_process_sample_draws_rows_longer_than_the_context_only_for_a_family_that_can() -> None:
-    proc, model = make(), tiny_model(context=12)
+    proc, model = make(), sharp_tiny_model(K + 1, 12)
     runs = [proc.sample(model, 2, 32, prompt_ids=[0, 5], steps=8, use_cache=c, generator=gen(4)) for c in (1, 0)]
     out = runs[0]
     assert out.ids_NL.shape == (2, 32) and out.lengths_N.tolist() == [32, 32] and out.stop_N == ["length"] * 2
@@ -234,7 +227,7 @@ def _one_line(fn, match: str) -> None:
 
 
 def test_bad_stop_options_are_refused_in_one_line_and_infill_rows_stay_full_length() -> None:
-    proc, model = make(), tiny_model()
+    proc, model = make(), sharp_tiny_model(K + 1, 12)
     for bad in (0.0, -1.0, float("nan"), float("inf"), "low", True):
         _one_line(lambda b=bad: proc.sample(model, 1, 12, steps=3, stop_entropy=b), "stop_entropy")
     _one_line(lambda: proc.sample(model, 1, 12, steps=3, stop_at_eos="yes"), "stop_at_eos")
