@@ -102,6 +102,23 @@ def test_the_one_pass_loss_equals_a_naive_two_pass_computation(block: int) -> No
     assert float(loss.detach()) == pytest.approx(ref, rel=1e-5) and stats["tokens"] == float(scored_positions(bt).sum())
 
 
+def test_the_one_pass_forward_runs_the_head_on_the_noisy_half_only() -> None:
+    """noisy_logits asks the backbone for the first L rows (head_rows = L): the output head sees [B, L, d], never
+    the clean half, and the logits equal the first L rows of the full-head forward over z ⊕ x."""
+    proc, model, bt = make(block_size=4), sharp_tiny_model(K + 1, L), batch()
+    _, z_BL = proc.draw(bt, gen(5), clipped=True)
+    rows: list[tuple[int, ...]] = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: rows.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        got = proc.noisy_logits(model, z_BL, bt.ids_BL)
+    hook.remove()
+    assert rows == [(3, L, 32)] and got.shape == (3, L, K + 1)
+    pos_2L = torch.arange(L).repeat(2)
+    with torch.no_grad():
+        full = model(torch.cat([z_BL, bt.ids_BL], 1), attn=block_diffusion_train(L, 4), pos=pos_2L)
+    assert full.shape[1] == 2 * L and torch.allclose(got, full[:, :L], atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ identities
 
 

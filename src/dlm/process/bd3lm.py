@@ -189,13 +189,13 @@ class BD3LMProcess(Process):
 
             logits = f_theta(z ⊕ x; mask [[M_BD, M_OBC], [0, M_BC]], positions (0..L-1, 0..L-1))[:, :L]
 
-        Only the noisy half is returned; the clean half serves as keys/values of the earlier blocks.
+        The clean half serves as keys/values of the earlier blocks only: the backbone applies its final norm and
+        head to the noisy half alone (``head_rows = L``), so the clean half's logits are never computed.
         """
         L = x_BL.shape[1]
         self.n_blocks(L)
         pos_2L = torch.arange(L, device=x_BL.device).repeat(2)
-        logits = model(torch.cat([z_BL, x_BL], dim=1), attn=_train_mask(L, self.block_size), pos=pos_2L)
-        return logits[:, :L]
+        return model(torch.cat([z_BL, x_BL], dim=1), attn=_train_mask(L, self.block_size), pos=pos_2L, head_rows=L)
 
     def block_times(
         self, n: int, generator: torch.Generator | None, device: torch.device, clipped: bool = False
