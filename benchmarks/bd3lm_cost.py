@@ -8,13 +8,14 @@ less sensitive to the load changing between rounds):
 
     mdlm             MDLM's loss: one bidirectional forward over z_t (L tokens)
     bd3lm-L'         BD3-LM's one-pass loss (``BD3LMProcess.loss``): one forward over z_t ⊕ x (2L tokens) with
-                     the dense [[M_BD, M_OBC], [0, M_BC]] mask, the head applied to all 2L positions
+                     the dense [[M_BD, M_OBC], [0, M_BC]] mask, the final norm and head on the noisy half only
+                     (the backbone's ``head_rows = L``)
     bd3lm-L'-2pass   a naive two-pass BD3-LM: the clean pass of x (block-causal, L tokens) writes every layer's
                      keys/values into a KV cache (with gradients), then the noisy pass of z_t (L tokens) attends
                      to the cache and to itself with the mask's top rows [M_BD, M_OBC]; the same t, z and loss
                      formula as the one-pass loss (checked equal, value and gradient, before timing)
-    bd3lm-L'-half    the one-pass forward with the output head (and final norm) applied to the noisy half only:
-                     what the backbone could save by not computing the discarded clean-half logits
+    bd3lm-L'-fullhead  the one-pass forward with the final norm and head on all 2L positions, the clean half's
+                     logits discarded (the loss before ``head_rows``, kept for reference)
 
 Where the time goes: the attention core of each arm (mask plan + SDPA of every layer, forward and backward, the
 same shapes and masks as the model's) timed alone the same way; the rest (embeddings, QKV/out projections, MLP,
@@ -51,7 +52,6 @@ from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.model import ModelConfig, build_model
 from dlm.model.attention import plan_attention
-from dlm.model.layers import rotary_cos_sin
 from dlm.model.masks import MaskFn, bidirectional, block_causal, block_diffusion_train
 from dlm.process import ProcessConfig, get_process
 from dlm.process.base import Process, scored_positions
@@ -91,17 +91,12 @@ def two_pass_logits(proc: BD3LMProcess, model: nn.Module, z_BL: Tensor, x_BL: Te
     return model(z_BL, attn=noisy_over_cache(L, proc.block_size), cache=cache, commit=False, pos=pos_L)
 
 
-def half_head_logits(proc: BD3LMProcess, model: nn.Module, z_BL: Tensor, x_BL: Tensor) -> Tensor:
-    """The one-pass forward of ``noisy_logits`` with the final norm and head on the noisy half only (the
-    backbone's own modules, no time conditioning, sdpa)."""
+def full_head_logits(proc: BD3LMProcess, model: nn.Module, z_BL: Tensor, x_BL: Tensor) -> Tensor:
+    """The one-pass forward with the final norm and head on all 2L positions, sliced to the noisy half
+    afterwards (``noisy_logits`` before the backbone had ``head_rows``)."""
     L = x_BL.shape[1]
     pos_2L = torch.arange(L, device=x_BL.device).repeat(2)
-    cos, sin = rotary_cos_sin(pos_2L, model.cfg.head_dim, model.cfg.rope_base)
-    plan = plan_attention(block_diffusion_train(L, proc.block_size), 2 * L, 2 * L, 0, None, "sdpa", x_BL.device)
-    h = model.tok_emb(torch.cat([z_BL, x_BL], dim=1))
-    for i, blk in enumerate(model.blocks):
-        h = blk(h, cos, sin, plan, None, None, i, True)
-    return model.head(model.norm_f(h[:, :L])).float()
+    return model(torch.cat([z_BL, x_BL], dim=1), attn=block_diffusion_train(L, proc.block_size), pos=pos_2L)[:, :L]
 
 
 def bd3lm_loss_with(forward: Callable[..., Tensor]) -> Callable[[BD3LMProcess], StepLoss]:
@@ -137,8 +132,8 @@ def arms(specials: SpecialIds, blocks: tuple[int, ...], variants: tuple[str, ...
         out[f"bd3lm-{block}"] = process_loss(proc)
         if "2pass" in variants:
             out[f"bd3lm-{block}-2pass"] = bd3lm_loss_with(two_pass_logits)(proc)
-        if "half" in variants:
-            out[f"bd3lm-{block}-half"] = bd3lm_loss_with(half_head_logits)(proc)
+        if "fullhead" in variants:
+            out[f"bd3lm-{block}-fullhead"] = bd3lm_loss_with(full_head_logits)(proc)
     return out
 
 
@@ -148,7 +143,7 @@ def check_same_loss(losses: dict[str, StepLoss], cfg: ModelConfig, batch: Batch)
     out = {}
     for name, fn in losses.items():
         base = name.rsplit("-", 1)[0]
-        if not name.endswith(("-2pass", "-half")):
+        if not name.endswith(("-2pass", "-fullhead")):
             continue
         vals, grads = [], []
         for f in (losses[base], fn):
@@ -280,10 +275,10 @@ def print_cost(res: dict) -> None:
         f"\n{res['shape']}: batch {res['batch']} x L {res['seq_len']}, {res['model']}, fp32, median of "
         f"{res['repeats']} interleaved repeats; load {res['load_avg_before']} -> {res['load_avg_after']}"
     )
-    print(f"{'arm':<18}{'ms/step':>9}{'us/token':>10}{'x mdlm':>8}{'paired':>8}{'attn ms':>9}{'rest ms':>9}")
+    print(f"{'arm':<20}{'ms/step':>9}{'us/token':>10}{'x mdlm':>8}{'paired':>8}{'attn ms':>9}{'rest ms':>9}")
     for r in res["rows"]:
         print(
-            f"{r['arm']:<18}{r['ms_step']:>9.1f}{r['us_token']:>10.2f}{r['ratio_mdlm']:>8.2f}{r['ratio_mdlm_paired']:>8.2f}"
+            f"{r['arm']:<20}{r['ms_step']:>9.1f}{r['us_token']:>10.2f}{r['ratio_mdlm']:>8.2f}{r['ratio_mdlm_paired']:>8.2f}"
             f"{r['attn_core_ms']:>9.1f}{r['rest_ms']:>9.1f}"
         )
 
@@ -387,7 +382,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--blocks", type=int, nargs="+", default=[4, 16])
-    p.add_argument("--variants", nargs="*", default=["2pass", "half"], choices=["2pass", "half"])
+    p.add_argument("--variants", nargs="*", default=["2pass", "fullhead"], choices=["2pass", "fullhead"])
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a shared 2-core machine: 1)")
