@@ -474,3 +474,61 @@ def test_head_rows_equals_the_sliced_full_logits(time_cond):
     for bad in (0, 17):
         with pytest.raises(DlmError, match="head_rows"):
             model(x, head_rows=bad, **kw)
+
+
+# ---------------------------------------------------------------- vocabulary padding (model.vocab_multiple)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_padded_vocabulary_gives_the_unpadded_logits_and_nll(tie):
+    """Copying an unpadded model's weights into the real rows of a padded one (m = 16: 37 -> 48 rows) gives the
+    same logits over the true V (padded rows are never looked up, their logits are sliced off) and the same NLL,
+    whatever the padded rows hold."""
+    from dlm.data.batch import Batch
+    from dlm.data.specials import SpecialIds
+    from dlm.process import ProcessConfig, get_process
+
+    plain, padded = make(tie_weights=tie), make(seed=1, tie_weights=tie, vocab_multiple=16)
+    assert padded.cfg.padded_vocab == 48 and padded.tok_emb.weight.shape[0] == padded.head.weight.shape[0] == 48
+    with torch.no_grad():
+        for name, p in padded.named_parameters():
+            src = dict(plain.named_parameters())[name]
+            p[: src.shape[0]].copy_(src)
+            p[src.shape[0] :].normal_(0, 5.0)  # padded rows hold anything
+    x = ids()
+    with torch.no_grad():
+        a, b = plain(x), padded(x)
+    assert b.shape == (2, 16, V) and torch.equal(a, b)
+    proc = get_process(ProcessConfig(name="ar"), SpecialIds(bos=0, eos=1, pad=2, mask=V, vocab_size=V))
+    batch = Batch(x, torch.ones_like(x, dtype=torch.bool))
+    assert torch.equal(proc.nll(plain, batch).nats_B, proc.nll(padded, batch).nats_B)
+    # decoding and sampling see the true vocabulary only
+    out = proc.sample(padded, 4, 12, generator=torch.Generator().manual_seed(0), temperature=2.0)
+    assert int(out.ids_NL.max()) < V
+
+
+def test_padded_vocabulary_counts():
+    """count_params counts the rows that exist (padded included); m = 1 changes nothing and the default keeps
+    existing config hashes."""
+    from dlm.config import RunConfig, config_hash
+
+    cfg, cfg64 = tiny(tie_weights=False), tiny(tie_weights=False, vocab_multiple=64)
+    assert (
+        cfg.padded_vocab == V
+        and cfg64.padded_vocab == 64
+        and tiny(vocab_size=128, vocab_multiple=64).padded_vocab == 128
+    )
+    n, n64 = count_params(build_model(cfg)), count_params(build_model(cfg64))
+    assert n64 - n == 2 * (64 - V) * 32  # embedding and untied head rows
+    assert count_params(build_model(cfg64), exclude_embeddings=True) == count_params(build_model(cfg), True)
+    run = RunConfig()
+    base = config_hash(run)
+    run.model.vocab_multiple = 1
+    assert config_hash(run) == base
+    run.model.vocab_multiple = 64
+    assert config_hash(run) != base
+    for bad in (0, -64, 1.5, True):
+        with pytest.raises(ValueError, match=r"model\.vocab_multiple"):
+            tiny(vocab_multiple=bad).validate()
+    with pytest.raises(ValueError, match=r"model\.vocab_multiple"):
+        tiny(backbone="gpt2-hf", vocab_multiple=64).validate()

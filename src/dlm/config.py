@@ -179,7 +179,9 @@ OPERATIONAL_KEYS = (
 
 # Keys added to the configuration after run directories existed: hashed only when they differ from their default,
 # so the hash of every earlier run (which could only have had the default) stays valid. A new key goes here.
-HASHED_WHEN_SET = frozenset({"process.block_size", "process.clip_beta", "process.clip_omega", "process.clip_search"})
+HASHED_WHEN_SET = frozenset(
+    {"process.block_size", "process.clip_beta", "process.clip_omega", "process.clip_search", "model.vocab_multiple"}
+)
 
 # Keys a resumed run may raise (or lower) to extend a finished run: they change the LR schedule's length,
 # which the trainer states when it resumes (the cosine decay is recomputed over the new total).

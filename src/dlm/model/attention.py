@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.errors import DlmError
-from dlm.model.cache import KVCache
+from dlm.model.cache import KVStore
 from dlm.model.config import ModelConfig
 from dlm.model.layers import apply_rotary
 from dlm.model.masks import MaskFn, bidirectional, causal, dense_mask
@@ -117,7 +117,7 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         plan: AttnPlan,
-        cache: KVCache | None = None,
+        cache: KVStore | None = None,
         layer: int = 0,
         commit: bool = True,
     ) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,16 @@ def cache_length(max_len: int | None, context: int) -> int:
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= context:
         raise DlmError(f"cache max_len must be in [1, model.context={context}], got {max_len!r}")
     return max_len
+
+
+class KVStore(Protocol):
+    """What attention asks of a cache: store a layer's new keys/values, return the keys/values to attend over.
+
+    ``KVCache`` (growing slices, python-int length) and ``dlm.model.decode.StepWrite`` (one token written at a
+    device-held position, all max_len keys returned) both satisfy it.
+    """
+
+    def update(self, layer: int, k_BHLD: Tensor, v_BHLD: Tensor, commit: bool) -> tuple[Tensor, Tensor]: ...
 
 
 class CacheState:

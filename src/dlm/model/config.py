@@ -41,6 +41,9 @@ class ModelConfig:
     hf_path:      gpt2-hf only: a local directory for from_pretrained (a hub name only with DLM_ONLINE=1);
                   None = random init from this config.
     init_std:     std of the normal init; residual output projections use init_std / sqrt(2 n_layer).
+    vocab_multiple: "dlm" only: the embedding and the output head get ``padded_vocab`` = ceil(V / m) * m rows
+                  (m = 64 makes the head matmul tile evenly on GPUs); every forward still returns logits over
+                  the true V only, so likelihoods and samples never see the padded rows. 1 = no padding.
     """
 
     vocab_size: int = 0
@@ -61,6 +64,7 @@ class ModelConfig:
     backbone: str = "dlm"
     hf_path: str | None = None
     init_std: float = 0.02
+    vocab_multiple: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -73,6 +77,11 @@ class ModelConfig:
         if self.mlp == "swiglu" and self.backbone == "dlm":
             hidden = -(-(2 * hidden // 3) // 64) * 64
         return hidden
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and the head: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def validate(self) -> None:
         """Raise ``DlmError`` (a ValueError) naming the first bad field."""
@@ -107,7 +116,12 @@ class ModelConfig:
             raise DlmError(f"model.norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.init_std > 0:
             raise DlmError(f"model.init_std must be > 0, got {self.init_std!r}")
+        m = self.vocab_multiple
+        if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+            raise DlmError(f"model.vocab_multiple must be a positive integer, got {m!r}")
         if self.backbone == "gpt2-hf":
+            if m != 1:
+                raise DlmError("model.vocab_multiple is not supported by backbone 'gpt2-hf'; leave it at 1")
             if self.time_cond:
                 raise DlmError("model.time_cond is not supported by backbone 'gpt2-hf'; use backbone 'dlm'")
             if self.attn_backend != "sdpa":

@@ -2,11 +2,15 @@
 
     h_0 = Emb(ids)
     h_{i+1} = h_i + g_1 * Attn(mod(Norm(h_i), a_1, b_1));  h_{i+1} += g_2 * MLP(mod(Norm(h_{i+1}), a_2, b_2))
-    logits = W_out mod(Norm(h_n), a_f, b_f)         (float32)
+    logits = W_out mod(Norm(h_n), a_f, b_f)         (float32, the first V of ``padded_vocab`` rows)
 
 with mod(x, a, b) = x (1 + b) + a. Without time conditioning a = b = 0 and g = 1; with it, (a, b, g) come
 from zero-initialised linear maps of c = TimeEmbedding(t), so at init every block is the identity and the
 model does not depend on t (as DiT / MDLM).
+
+Token-by-token decoding has a static-shape step (``decode_step``, ``decoder``; see ``dlm.model.decode``).
+With ``model.vocab_multiple`` = m the embedding and head have ceil(V / m) * m rows; the padded rows are never
+looked up (ids < V) and their logits are sliced off, so every output is over the true vocabulary V.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from torch import Tensor, nn
 
 from dlm.errors import DlmError
 from dlm.model.attention import Attention, AttnPlan, plan_attention
-from dlm.model.cache import KVCache, cache_length
+from dlm.model.cache import KVCache, KVStore, cache_length
 from dlm.model.config import ModelConfig
+from dlm.model.decode import Decoder, StepWrite, key_valid_mask
 from dlm.model.layers import MLP, AdaLN, TimeEmbedding, make_norm, modulate, rotary_cos_sin
 from dlm.model.masks import AttnSpec, resolve
 
@@ -40,7 +45,7 @@ class Block(nn.Module):
         sin: Tensor,
         plan: AttnPlan,
         c_BC: Tensor | None,
-        cache: KVCache | None,
+        cache: KVStore | None,
         layer: int,
         commit: bool,
     ) -> Tensor:
@@ -54,19 +59,25 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The "dlm" backbone. See the module docstring for the equations."""
+    """The "dlm" backbone. See the module docstring for the equations.
+
+    static_decode: a capability flag the AR sampler reads: True = decode token by token through ``decoder``
+    (static shapes, CUDA graph on CUDA); set it False on an instance to use the growing-slice cached forward.
+    """
+
+    static_decode: bool = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.time_emb = TimeEmbedding(cfg.cond_dim) if cfg.time_cond else None
         self.adaln_f = AdaLN(cfg.cond_dim, cfg.d_model, 2) if cfg.time_cond else None
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         self._init_weights()
         if cfg.tie_weights:
             self.head.weight = self.tok_emb.weight
@@ -173,13 +184,44 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, plan, c_BC, cache, i, commit)
         if head_rows is not None:
             x = x[:, :head_rows]
-        x = self.norm_f(x)
-        if self.adaln_f is not None:
-            shift, scale = self.adaln_f(c_BC)
-            x = modulate(x, shift, scale)
         if cache is not None and commit:
             cache.advance(L)
-        return self.head(x).float()
+        return self._logits(x, c_BC)
+
+    def _logits(self, x_BLD: Tensor, c_BC: Tensor | None) -> Tensor:
+        """Float32 logits over the true vocabulary: W_out mod(Norm(x), a_f, b_f), padded head rows sliced off."""
+        x_BLD = self.norm_f(x_BLD)
+        if self.adaln_f is not None:
+            shift, scale = self.adaln_f(c_BC)
+            x_BLD = modulate(x_BLD, shift, scale)
+        logits_BLV = self.head(x_BLD)
+        if self.cfg.padded_vocab != self.cfg.vocab_size:
+            logits_BLV = logits_BLV[..., : self.cfg.vocab_size]
+        return logits_BLV.float()
+
+    def decode_step(self, tok_B1: Tensor, pos_1: Tensor, cache: KVCache) -> Tensor:
+        """Float32 logits [B, V] after feeding tok_B1 (int64 [B, 1]) at the position p held in pos_1 (int64 [1],
+        on the model's device), causal attention over the cached keys j <= p.
+
+        Static shapes and no host synchronisation (capturable as a CUDA graph): k_p, v_p are written at index p
+        of the cache (``decode.StepWrite``), the query attends over all max_len cached keys with the mask
+        j <= p computed on the device (``decode.key_valid_mask``), rotary angles come from pos_1. Equals
+        ``forward(tok_B1, cache=cache)`` at cache.length = p, except that cache.length is not advanced and
+        nothing is checked (p < max_len is the caller's invariant; ``Decoder`` keeps it). No time conditioning.
+        """
+        c_BC = self._condition(None, tok_B1.shape[0])
+        cos, sin = rotary_cos_sin(pos_1, self.cfg.head_dim, self.cfg.rope_base)
+        plan = AttnPlan(mask=key_valid_mask(cache.max_len, pos_1))
+        writer = StepWrite(cache, pos_1)
+        x = self.drop(self.tok_emb(tok_B1))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, plan, c_BC, writer, i, True)
+        return self._logits(x, c_BC)[:, -1]
+
+    def decoder(self, cache: KVCache, capture: bool | None = None) -> Decoder:
+        """A ``dlm.model.decode.Decoder`` stepping this model over ``cache`` from cache.length on (a CUDA graph
+        on CUDA unless capture=False)."""
+        return Decoder(self, cache, capture)
 
     def _condition(self, t_B: Tensor | None, batch_size: int) -> Tensor | None:
         if self.time_emb is None:

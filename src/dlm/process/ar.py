@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.data.batch import Batch
+from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.process.base import (
     AttnSpec,
@@ -33,6 +34,8 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.sampling import sample_categorical
+
+STOP_CHECK_EVERY = 16  # static decoding asks the device "has every row stopped?" once per this many tokens
 
 
 def ancestral(
@@ -51,9 +54,18 @@ def ancestral(
     (kept) when ``stop_at_eos``; later positions hold the pad id. Generation ends when every row has
     stopped or ``length`` tokens (prompt included) are reached; ``stop_N`` says which ("eos" or "length").
 
-    nfe counts forward calls: one per generated position before the loop ends, i.e. with G sampled
-    positions nfe = G in both modes (cached: 1 prefill + G - 1 single-token steps; uncached: G full
-    prefixes); no forward is spent after the last sampled token.
+    Two cached paths draw the same tokens: a backbone with ``static_decode`` (the dlm Transformer) steps
+    through ``model.decoder`` (static shapes, a CUDA graph on CUDA, no host synchronisation per token:
+    ``_static_decode``); others (gpt2-hf, test doubles, or ``static_decode = False``) call the forward with
+    a growing cache and check "every row stopped" after each token.
+
+    nfe counts forward calls. Growing cache and ``use_cache=False``: one per generated position before the
+    loop ends, i.e. with G sampled positions nfe = G (cached: 1 prefill + G - 1 single-token steps;
+    uncached: G full prefixes); no forward is spent after the last sampled token. Static decoding checks
+    for "every row stopped" only every ``STOP_CHECK_EVERY`` tokens, so when every row has stopped at EOS
+    before ``length`` it may run up to STOP_CHECK_EVERY - 1 further steps: its nfe counts them (G <= nfe
+    <= G + STOP_CHECK_EVERY - 1, always <= length - prompt length), while the ids, lengths, stop reasons
+    and the generator's final state equal those of the other paths (the surplus draws are rewound).
     """
     specials, attn, P = process.specials, process.attention, start.prompt_len
     n, length = start.fixed_NL.shape
@@ -62,29 +74,99 @@ def ancestral(
     ids_NL[:, :P] = start.fixed_NL[:, :P]
     lengths_N = torch.full((n,), length, dtype=torch.int64, device=device)
     done_N = torch.zeros(n, dtype=torch.bool, device=device)
-    cache = model.init_cache(n, length, device=device) if o.use_cache else None
-
-    logits_NLV = model(ids_NL[:, :P], attn=attn, cache=cache)
-    nfe = 1
-    for pos in range(P, length):
-        tok_N = sample_categorical(
-            logits_NLV[:, -1], temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator
-        )
-        tok_N = torch.where(done_N, specials.pad, tok_N)
-        ids_NL[:, pos] = tok_N
-        if o.stop_at_eos:
-            stopped_N = ~done_N & (tok_N == specials.eos)
-            lengths_N[stopped_N] = pos + 1
-            done_N |= stopped_N
-        if pos + 1 == length or bool(done_N.all()):
-            break
-        if o.use_cache:
-            logits_NLV = model(ids_NL[:, pos : pos + 1], attn=attn, cache=cache)
-        else:
-            logits_NLV = model(ids_NL[:, : pos + 1], attn=attn)
-        nfe += 1
+    if o.use_cache and getattr(model, "static_decode", False):
+        nfe = _static_decode(model, attn, ids_NL, lengths_N, done_N, P, specials, o, generator)
+    else:
+        cache = model.init_cache(n, length, device=device) if o.use_cache else None
+        logits_NLV = model(ids_NL[:, :P], attn=attn, cache=cache)
+        nfe = 1
+        for pos in range(P, length):
+            _draw(logits_NLV[:, -1], pos, ids_NL, lengths_N, done_N, specials, o, generator)
+            if pos + 1 == length or bool(done_N.all()):
+                break
+            if o.use_cache:
+                logits_NLV = model(ids_NL[:, pos : pos + 1], attn=attn, cache=cache)
+            else:
+                logits_NLV = model(ids_NL[:, : pos + 1], attn=attn)
+            nfe += 1
     stop_N = ["eos" if bool(d) else "length" for d in done_N.tolist()]  # what ended each row (base.STOP_REASONS)
     return SampleResult(ids_NL=ids_NL, lengths_N=lengths_N, nfe=nfe, prompt_len=P, stop_N=stop_N)
+
+
+def _draw(
+    logits_NV: Tensor,
+    pos: int,
+    ids_NL: Tensor,
+    lengths_N: Tensor,
+    done_N: Tensor,
+    specials: SpecialIds,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Sample position ``pos`` of every row into ids_NL (pad for stopped rows), update the EOS bookkeeping in
+    place on the device (no host synchronisation), and return the tokens [N]."""
+    tok_N = sample_categorical(logits_NV, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator)
+    tok_N = torch.where(done_N, specials.pad, tok_N)
+    ids_NL[:, pos] = tok_N
+    if o.stop_at_eos:
+        stopped_N = ~done_N & (tok_N == specials.eos)
+        lengths_N.masked_fill_(stopped_N, pos + 1)
+        done_N |= stopped_N
+    return tok_N
+
+
+def _static_decode(
+    model: torch.nn.Module,
+    attn: AttnSpec,
+    ids_NL: Tensor,
+    lengths_N: Tensor,
+    done_N: Tensor,
+    P: int,
+    specials: SpecialIds,
+    o: SamplerOptions,
+    generator: torch.Generator | None,
+) -> int:
+    """``ancestral``'s loop over ``model.decoder``; fills ids_NL, lengths_N, done_N in place, returns nfe.
+
+    The generator's state after each draw since the last stop check is kept (host copies, no device work),
+    so that when every row turns out to have stopped at step s* < the check, the draws of steps after s*
+    are undone: the stream continues exactly where the per-token-check paths leave it.
+    """
+    n, length = ids_NL.shape
+    cache = model.init_cache(n, length, device=ids_NL.device)
+    logits_NV = model(ids_NL[:, :P], attn=attn, cache=cache)[:, -1]
+    decoder = model.decoder(cache)
+    rng = _stream(generator, ids_NL.device) if o.stop_at_eos else None
+    states: dict[int, Tensor] = {}
+    nfe = 1
+    for pos in range(P, length):
+        tok_N = _draw(logits_NV, pos, ids_NL, lengths_N, done_N, specials, o, generator)
+        if rng is not None:
+            states[pos] = rng.get_state()
+        if pos + 1 == length:
+            break
+        if o.stop_at_eos and (pos + 1 - P) % STOP_CHECK_EVERY == 0:
+            if bool(done_N.all()):
+                break
+            states.clear()  # every row stops after this check, so no earlier state is needed
+        logits_NV = decoder.step(tok_N)
+        nfe += 1
+    if rng is not None and bool(done_N.all()):
+        rng.set_state(states[int(lengths_N.max()) - 1])
+    return nfe
+
+
+def _stream(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """The generator ``sample_categorical`` draws from (the device's default one when None is given); None
+    where that default is not reachable (then surplus draws are not rewound)."""
+    if generator is not None:
+        return generator
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return None
 
 
 @register_process
