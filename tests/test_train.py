@@ -324,3 +324,21 @@ def test_context_0_is_the_data_row_length_and_a_resume_keeps_the_run_s(tiny_data
     train(load_config(None, tiny_run_args(tiny_data, "ar", *args, f"--model.context={TINY_SEQ_LEN + 8}")), longer)
     summary = train(load_config(None, tiny_run_args(tiny_data, "ar", *args, "--train.max_steps=3")), longer, True)
     assert summary["step"] == 3 and run_context(longer) == TINY_SEQ_LEN + 8
+
+
+@pytest.mark.parametrize(("family", "copies"), [("ar", 1), ("mdlm", 1), ("bd3lm", 2)])
+def test_mfu_counts_the_training_forward_of_each_family(tiny_data: Path, tmp_path: Path, monkeypatch, family, copies):
+    """MFU = tok/s x FLOPs per data token / peak. Per data token, with N = n_layer (4 d^2 + 3 d h) (swiglu) and a
+    training forward over c L input tokens (c = 1; BD3-LM's z_t ⊕ x: c = 2, the head on the L data rows only):
+
+        train = 3 (c (2 N + 4 n_layer (c L) d) + 2 d V)
+
+    (attention over all c L keys, masking not discounted). A fake peak makes the CPU log an MFU."""
+    monkeypatch.setattr("dlm.train.setup.peak_flops", lambda device: 1e12)
+    cfg = load_config(None, tiny_run_args(tiny_data, family, "--train.max_steps=2"))
+    train(cfg, tmp_path / "run")
+    m = RunConfig.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())).model
+    d, h, n, L, V = m.d_model, m.mlp_hidden, m.n_layer, TINY_SEQ_LEN, m.vocab_size
+    by_hand = 3 * (copies * (2 * n * (4 * d * d + 3 * d * h) + 4 * n * copies * L * d) + 2 * d * V)
+    lines = [r for r in read_lines(tmp_path / "run")[0] if r.get("tok_s")]
+    assert lines and all(r["mfu"] * 1e12 / r["tok_s"] == pytest.approx(by_hand, rel=1e-9) for r in lines)

@@ -6,8 +6,15 @@
               + 2 d V                            output head
     train     = 3 * forward                      backward costs twice the forward
 
+A training forward over ``copies`` x seq_len input tokens per seq_len data tokens (BD3-LM's z_t ⊕ x: copies = 2,
+``Process.train_copies``), every input token attending over all of them and the head on the seq_len data rows:
+
+    forward   = copies (2 N_matmul + 2 * 2 * n_layer * (copies seq_len) * d) + 2 d V       per data token
+
+(copies = 1 is the formula above).
+
 Conventions: attention is counted over the full seq_len for every token (as PaLM's 6N + 12 L H Q T and
-nanoGPT's MFU estimate), i.e. causal masking is not discounted; norms, activations, softmax, rotary and
+nanoGPT's MFU estimate), i.e. causal (and block) masking is not discounted; norms, activations, softmax, rotary and
 the embedding lookup are not counted; the adaLN time conditioning is computed once per sequence, not per
 token, so its cost (about 2 cond_dim (256 + cond_dim + 6 d n_layer + 2 d) per sequence) is left out.
 """
@@ -38,20 +45,24 @@ def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total - sum(p.numel() for p in unique.values())
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
-    """{"forward", "train", "matmul_params", "attention", "head"}: FLOPs per token at sequence length seq_len.
+def flops_per_token(cfg: ModelConfig, seq_len: int, copies: int = 1) -> dict[str, int]:
+    """{"forward", "train", "matmul_params", "attention", "head"}: FLOPs per (data) token at sequence length
+    seq_len, the forward running over ``copies`` x seq_len input tokens with the head on seq_len rows.
 
-    See the module docstring for the formula; gpt2-hf is counted with its GELU MLP.
+    See the module docstring for the formula; gpt2-hf is counted with its GELU MLP. "attention" is the attention
+    FLOPs per data token (copies x those of one input token over copies x seq_len keys); "matmul_params" is N_matmul.
     """
     cfg.validate()
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
     d, h = cfg.d_model, cfg.mlp_hidden
     n_mlp_mats = 3 if (cfg.mlp == "swiglu" and cfg.backbone == "dlm") else 2
     matmul_params = cfg.n_layer * (4 * d * d + n_mlp_mats * d * h)
-    attention = 2 * 2 * cfg.n_layer * seq_len * d
+    attention = copies * 2 * 2 * cfg.n_layer * (copies * seq_len) * d
     head = 2 * d * cfg.vocab_size
-    forward = 2 * matmul_params + attention + head
+    forward = copies * 2 * matmul_params + attention + head
     return {
         "forward": forward,
         "train": 3 * forward,

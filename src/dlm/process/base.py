@@ -316,6 +316,8 @@ class Process(ABC):
       sampler_table:    the family's samplers by name (``SamplerSpec``); a family whose samplers depend on its
                         options (e.g. the transition) overrides ``sampler_specs()`` instead. ``samplers`` lists
                         the names; ``default_sampler`` is used when none is given.
+      train_copies:     the training forward runs over train_copies x L tokens per row of L (BD3-LM's z_t ⊕ x: 2),
+                        head on L rows; the trainer's FLOPs per token (MFU) follow (``flops_per_token``).
     """
 
     name: ClassVar[str]
@@ -326,6 +328,7 @@ class Process(ABC):
     transitions: ClassVar[tuple[str, ...]] = ()
     sampler_table: ClassVar[Mapping[str, SamplerSpec]] = {}
     default_sampler: ClassVar[str]
+    train_copies: ClassVar[int] = 1
 
     def __init__(self, cfg: ProcessConfig, specials: SpecialIds) -> None:
         type(self).check_config(cfg)

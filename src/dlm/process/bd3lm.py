@@ -128,6 +128,7 @@ class BD3LMProcess(Process):
     exact_likelihood: ClassVar[bool] = False
     beyond_context: ClassVar[bool] = True  # blocks past the context: sliding window (``BlockDenoiser``)
     default_sampler: ClassVar[str] = "ddpm"
+    train_copies: ClassVar[int] = 2  # the training forward runs over z_t ⊕ x (2L tokens), the head on L rows
 
     def __init__(self, cfg: Any, specials: Any) -> None:
         super().__init__(cfg, specials)

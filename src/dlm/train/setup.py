@@ -307,7 +307,7 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         prog=prog,
         notes=[n for n in (note, extended) if n],
         n_params=count_params(model),
-        flops_per_token=flops_per_token(cfg.model, train_split.seq_len)["train"],
+        flops_per_token=flops_per_token(cfg.model, train_split.seq_len, copies=process.train_copies)["train"],
         peak_flops=peak_flops(rt.device),
     )
 
