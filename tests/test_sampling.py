@@ -103,3 +103,24 @@ def test_same_seed_same_draws_and_one_uniform_per_row():
 def test_bad_parameters_raise(kwargs):
     with pytest.raises(DlmError):
         sample_categorical(torch.zeros(2, 3), **kwargs)
+
+
+def test_pre_drawn_uniforms_give_the_generators_draws_and_leave_it_untouched():
+    """``u_N`` (issue 14's samplers draw all uniforms in one call): the same tokens as drawing from the generator,
+    and the generator does not move. On a CPU generator one call of n + m float64 uniforms equals two calls of
+    n and m, which is what keeps first-hitting's stream identical when it draws all steps at once."""
+    logits = torch.randn(12, 7, generator=torch.Generator().manual_seed(10))
+    for kwargs in ({}, {"temperature": 0.0}, {"top_k": 3, "temperature": 0.8}, {"top_p": 0.6}):
+        ref = sample_categorical(logits, generator=torch.Generator().manual_seed(11), **kwargs)
+        u = torch.rand(12, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        g = torch.Generator().manual_seed(0)
+        before = g.get_state()
+        assert torch.equal(sample_categorical(logits, generator=g, u_N=u, **kwargs), ref), kwargs
+        assert torch.equal(g.get_state(), before)
+    probs = torch.softmax(logits.double(), -1)
+    u = torch.rand(12, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(sample_from_probs(probs, u_N=u), sample_from_probs(probs, torch.Generator().manual_seed(12)))
+    one = torch.rand(8, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    g = torch.Generator().manual_seed(13)
+    two = torch.cat([torch.rand(n, dtype=torch.float64, generator=g) for n in (3, 5)])
+    assert torch.equal(one, two)

@@ -18,9 +18,9 @@ A *denoiser* is a callable ``denoise(z_BL, t_B) -> logits`` of shape [B, L, V] (
 p_theta(x | z_t), in any normalisation (SUBS log-probabilities from ``subs_log_probs`` are fine too). Samplers read
 only the rows of positions being revealed, set the MASK logit to -inf there (SUBS: the MASK id is never
 predicted) and convert just those rows to float64, so the per-step cost outside the network is proportional to
-the number of revealed positions, not to L * V. Every reveal decision is drawn before any token: a step first
-draws one float64 uniform per position (reveal iff u < a), then one inverse-CDF uniform per revealed position
-(``dlm.process.sampling``). Every random number comes from the ``generator`` passed in.
+the number of revealed positions, not to L * V. The grid samplers draw every position's reveal step up front
+(``reveal_steps``), so the steps at which anything is revealed, and the network calls, are known before the
+loop; inside it nothing is read back to the host. Every random number comes from the ``generator`` passed in.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ __all__ = [
     "mask_tokens",
     "posterior_probs",
     "posterior_step",
+    "reveal_cdf",
     "reveal_loop",
     "reveal_probability",
     "reveal_step",
+    "reveal_steps",
     "subs_log_probs",
 ]
 
@@ -129,17 +131,20 @@ def _draw_tokens(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    u_N: Tensor | None = None,
 ) -> Tensor:
     """One token per row from p_theta(x | z_t) = softmax(logits with logit_m = -inf), after temperature /
-    top-k / top-p, by float64 inverse CDF (``sampling.sample_categorical``: one uniform per row; temperature 0 =
-    argmax). The MASK id is never drawn."""
+    top-k / top-p, by float64 inverse CDF (``sampling.sample_categorical``: one uniform per row, from
+    ``generator`` or the pre-drawn ``u_N``; temperature 0 = argmax). The MASK id is never drawn."""
     logits = logits_NV.to(torch.float64, copy=True)  # the caller's (cached) logits stay untouched
     logits[:, mask_id] = float("-inf")
     if temperature == 0 or temperature != 1 or top_k is not None or top_p is not None:
-        return sample_categorical(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return sample_categorical(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, u_N=u_N
+        )
     # Plain sampling: unnormalised weights exp(l - max l) in place (sample_from_probs normalises by the CDF's end).
     logits.sub_(logits.max(dim=-1, keepdim=True).values).exp_()
-    return sample_from_probs(logits, generator)
+    return sample_from_probs(logits, generator, u_N=u_N)
 
 
 def reveal_step(
@@ -248,6 +253,40 @@ def _start(z_init: Tensor, fixed_BL: Tensor | None, mask_id: int) -> tuple[Tenso
     return z, fixed, traj
 
 
+def reveal_cdf(reveal_SB: Tensor) -> Tensor:
+    """The law of a position's reveal step T under per-step reveal probabilities a_0..a_{S-1} (float64 [S, B]):
+
+        P(T > i) = prod_{j <= i} (1 - a_j),     F_i = P(T <= i) = 1 - prod_{j <= i} (1 - a_j)
+
+    float64 [S, B], non-decreasing in i; the last step reveals everything, so F_{S-1} = 1 whatever a_{S-1}.
+    """
+    F_SB = 1.0 - torch.cumprod(1.0 - reveal_SB.to(torch.float64).clamp(0.0, 1.0), dim=0)
+    F_SB[-1] = 1.0
+    return F_SB
+
+
+def reveal_steps(reveal_SB: Tensor, pending_BL: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Every pending position's reveal step, drawn up front: int64 [B, L], T^l in 0..S-1, S where not pending.
+
+        T^l = min { i : u^l < F_i },   u^l ~ U[0, 1)   (F: ``reveal_cdf``; P(T^l = i) = F_i - F_{i-1})
+
+    One float64 uniform per position (all B*L drawn, whatever ``pending_BL``), independent across positions.
+    """
+    B, L = pending_BL.shape
+    F_BS = reveal_cdf(reveal_SB).T.contiguous()
+    u_BL = _uniforms((B, L), generator, pending_BL.device)
+    T_BL = torch.searchsorted(F_BS.to(u_BL.device), u_BL, right=True).clamp(max=F_BS.shape[1] - 1)
+    return torch.where(pending_BL, T_BL, F_BS.shape[1])
+
+
+def _reveal_table(reveal: Callable[[int], Tensor | float], S: int, B: int) -> Tensor:
+    """a_i = reveal(i) for i < S - 1 and a_{S-1} = 1, float64 [S, B] on the CPU (a scalar or [B] per step)."""
+    rows = [
+        _per_row(torch.as_tensor(reveal(i), dtype=torch.float64).cpu(), B, torch.device("cpu")) for i in range(S - 1)
+    ]
+    return torch.stack([*rows, torch.ones(B, dtype=torch.float64)])
+
+
 def reveal_loop(
     denoise: Denoiser,
     z_init: Tensor,
@@ -264,39 +303,64 @@ def reveal_loop(
     return_trajectory: bool = False,
 ) -> AbsorbingSample:
     """The reverse absorbing chain every grid sampler shares (MDLM ddpm / ddpm_cache, SEDD euler / analytic,
-    D3PM-absorbing ancestral): step i = 0..S-1 (S = len(times)) runs ``reveal_step`` with
-    p_theta = denoise(z, times[i]) and reveal probability a_i = reveal(i); the last step uses a = 1, so no MASK
-    is left whatever the grid. Positions where ``fixed_BL`` is True keep z_init; all others start at MASK.
+    D3PM-absorbing ancestral), S = len(times) steps: at step i a position still masked is revealed with
+    probability a_i = reveal(i) (a_{S-1} = 1, so no MASK is left whatever the grid), its token drawn from
+    p_theta(x | z_{t_i}) = denoise(z, times[i]), z the state before step i. Positions where ``fixed_BL`` is True
+    keep z_init; all others start at MASK.
 
-    lazy = False: one network call per step while a mask remains (nfe <= S).
-    lazy = True:  the network is called only at steps where some position is revealed (its output is unused
-                  otherwise). For a time-independent denoiser the samples are identical to lazy = False for the
-                  same random stream, and nfe = the number of steps at which at least one token changed.
-    The loop stops early once nothing is masked. Trajectory: the step at which each position was revealed.
+    Reveal steps up front. a_i depends on the grid only, and each masked position's reveal decision is a coin of
+    its own, independent of the tokens and of the other positions, so the reveal steps T^l are independent with
+
+        P(T^l = i) = a_i prod_{j < i} (1 - a_j) = F_i - F_{i-1}       (``reveal_cdf``)
+
+    and independent of the network's outputs. They are drawn first (``reveal_steps``: one uniform per position,
+    T^l = min {i : u^l < F_i}); then step i draws the tokens of {l : T^l = i} from p_theta(x^l | z_{t_i}), one
+    inverse-CDF uniform each, exactly as the per-step chain does given its reveal decisions. The joint law of
+    (T, x), hence of the sample, is the per-step chain's, for any denoiser (time-conditioned too).
+
+    The random stream is not the former per-step one, so ids differ from that code's for the same seed (the law
+    is the same; tests/test_reveal.py checks it against the chain's closed form). That stream drew B*L uniforms
+    at every step, interleaved with the token uniforms; replaying it would take all S*B*L uniforms drawn up
+    front and a sequential scan over the steps (where step i's block starts depends on every earlier step's
+    reveal count): S times the random numbers and the per-step work this removes. Stream now: B*L reveal
+    uniforms, then all N token uniforms in one call (N = masked positions), used in the order (step, row-major
+    position).
+
+    lazy = False (``ddpm``): one network call at every step 0..max_l T^l (nfe = last reveal step + 1 <= S).
+    lazy = True (``ddpm_cache``): a call only at the steps where some position is revealed (nfe = number of
+    distinct T^l). Both are known before the loop (one read-back of the per-step reveal counts); the loop reads
+    nothing back to the host and calls ``denoise`` with static shapes: z int64 [B, L], t float64 [B].
+    For the same stream lazy and non-lazy give identical samples when the denoiser does not depend on t.
+    Trajectory: T^l (-1 for fixed positions).
     """
     S = len(times)
     _check_steps(S)
-    z, _, traj = _start(z_init, fixed_BL, mask_id)
-    B = z.shape[0]
-    nfe = 0
-
-    def call(z_BL: Tensor, t_B: Tensor) -> Tensor:
-        nonlocal nfe
+    z, fixed, _ = _start(z_init, fixed_BL, mask_id)
+    B, L = z.shape
+    device = z.device
+    T_BL = reveal_steps(_reveal_table(reveal, S, B).to(device), ~fixed, generator)
+    count_S = torch.bincount(T_BL.flatten(), minlength=S + 1)[:S].tolist()  # the one read-back
+    order_N = torch.sort(T_BL.flatten(), stable=True).indices[: sum(count_S)]  # by step, row-major within a step
+    u_N = _uniforms((len(order_N),), generator, device)
+    t_SB = torch.tensor(times, dtype=torch.float64, device=device)[:, None].expand(S, B).contiguous()
+    last = max((i for i in range(S) if count_S[i]), default=-1)
+    nfe, start = 0, 0
+    for i in range(last + 1):
+        n = count_S[i]
+        if lazy and n == 0:
+            continue
+        logits_BLV = denoise(z, t_SB[i])
         nfe += 1
-        return denoise(z_BL, t_B)
-
-    for i, t in enumerate(times):
-        if not bool((z == mask_id).any()):
-            break
-        a = 1.0 if i == S - 1 else reveal(i)
-        t_B = torch.full((B,), float(t), dtype=torch.float64, device=z.device)
-        logits = (lambda z=z, t_B=t_B: call(z, t_B)) if lazy else call(z, t_B)
-        z_new = reveal_step(logits, z, a, mask_id, generator, temperature=temperature, top_k=top_k, top_p=top_p)
-        if return_trajectory and z_new is not z:
-            traj[z_new != z] = i
-        z = z_new
-    assert not bool((z == mask_id).any()), "the final step must resolve every mask"
-    return AbsorbingSample(z, nfe, traj if return_trajectory else None)
+        if n == 0:
+            continue
+        idx_n = order_N[start : start + n]
+        rows_nV = logits_BLV.reshape(B * L, -1).index_select(0, idx_n)
+        tok_n = _draw_tokens(rows_nV, mask_id, None, temperature, top_k, top_p, u_N=u_N[start : start + n])
+        z = z.reshape(-1).index_copy(0, idx_n, tok_n).view(B, L)
+        start += n
+    assert start == len(order_N), "every masked position is revealed exactly once"
+    traj = torch.where(fixed, -1, T_BL) if return_trajectory else None
+    return AbsorbingSample(z, nfe, traj)
 
 
 def _uniform_grid(schedule: Schedule, steps: int) -> tuple[list[float], Callable[[int], Tensor]]:
@@ -325,8 +389,9 @@ def ddpm(
 
     Step i goes from t = 1 - i/S to s = 1 - (i+1)/S: each masked position is revealed with probability
     (alpha_s - alpha_t)/(1 - alpha_t), its token drawn from p_theta(x | z_t) = denoise(z_t, t) (``reveal_step``);
-    the last step reveals every remaining mask (any S >= 1, also S > L). One network call per step while a
-    mask remains (nfe <= S), as in the reference implementation.
+    the last step reveals every remaining mask (any S >= 1, also S > L). One network call per step up to the
+    last step at which anything is revealed (nfe <= S), as in the reference implementation; the reveal steps are
+    drawn up front (``reveal_loop``), so nfe is known before the first call.
     """
     times, reveal = _uniform_grid(schedule, steps)
     return reveal_loop(
@@ -351,11 +416,11 @@ def ddpm_cache(
 ) -> AbsorbingSample:
     """``ddpm`` without the network calls whose output cannot matter (Sahoo et al.'s cached sampler).
 
-    The reference sampler reuses p_theta while no token changed since the last call. Here the reveal decisions
-    of a step are drawn before the network is called, and the call is made only if some position reveals; for
-    a time-independent denoiser (p_theta(x | z_t) does not depend on t) both are exact: the samples are
-    identical to ``ddpm`` for the same random stream, and nfe = the number of steps at which at least one
-    token changed.
+    The reference sampler reuses p_theta while no token changed since the last call. Here every position's
+    reveal step is drawn before the loop (``reveal_loop``), so the steps at which some position reveals, and
+    nfe = their number, are known up front, and the network is called at those steps only. For a
+    time-independent denoiser (p_theta(x | z_t) does not depend on t) both are exact: the samples are identical
+    to ``ddpm`` for the same random stream.
     """
     times, reveal = _uniform_grid(schedule, steps)
     return reveal_loop(
@@ -403,39 +468,37 @@ def first_hitting(
 
     The revealed position is uniform among the masked ones (one uniform per row) and its token is drawn from
     p_theta(x | z_s) (the state is unchanged on (s, t], so the network sees z at time s). Rows run their own
-    clocks; one network call per step on the whole batch, so nfe = max_b n_b (masked positions per row).
-    ``steps`` is ignored (the number of steps is the number of masked positions). Each step draws three
-    float64 uniforms per row, also for rows already finished, so the stream is independent of the others.
+    clocks; one network call per step on the whole batch, so nfe = max_b n_b (masked positions per row), known
+    before the loop (one read-back); a row's count at step k is n_b - k, so the loop reads nothing back and calls
+    ``denoise`` with static shapes (z int64 [B, L], s float64 [B]). ``steps`` is ignored. Each step uses three
+    float64 uniforms per row (u, the position, the token), also for finished rows; all are drawn in one call of
+    [nfe, 3, B] before the loop, which on a CPU generator is the same stream as three draws of B per step.
     """
     del steps
     z, _, traj = _start(z_init, fixed_BL, mask_id)
     B, L = z.shape
     device = z.device
+    rows_B = torch.arange(B, device=device)
+    n0_B = (z == mask_id).sum(1)
+    nfe = int(n0_B.max()) if B > 0 else 0  # the one read-back
+    u_K3B = _uniforms((nfe, 3, B), generator, device)
     t_B = torch.ones(B, dtype=torch.float64, device=device)
-    nfe = 0
-    step = 0
-    while True:
-        masked_BL = z == mask_id
-        n_B = masked_BL.sum(1)
-        if not bool((n_B > 0).any()):
-            break
+    for k in range(nfe):
+        u_B, v_B, w_B = u_K3B[k]
+        n_B = n0_B - k
         active_B = n_B > 0
-        u_B = _uniforms((B,), generator, device)
         a_t = schedule.alpha(t_B)
         a_s = 1.0 - (1.0 - a_t) * u_B ** (1.0 / n_B.clamp(min=1).to(torch.float64))
         s_B = torch.where(active_B, inverse_alpha(schedule, a_s).clamp(max=t_B), t_B)
-        # Position: the k-th masked one, k = floor(u n).
-        k_B = torch.minimum((_uniforms((B,), generator, device) * n_B).floor().to(torch.int64), n_B - 1).clamp(min=0)
-        cum_BL = masked_BL.cumsum(1)
-        pos_B = torch.searchsorted(cum_BL, (k_B + 1)[:, None]).squeeze(1).clamp(max=L - 1)
+        # Position: the j-th masked one, j = floor(v n).
+        j_B = torch.minimum((v_B * n_B).floor().to(torch.int64), n_B - 1).clamp(min=0)
+        cum_BL = (z == mask_id).cumsum(1)
+        pos_B = torch.searchsorted(cum_BL, (j_B + 1)[:, None]).squeeze(1).clamp(max=L - 1)
         logits = denoise(z, s_B)
-        nfe += 1
-        rows_BV = logits[torch.arange(B, device=device), pos_B].to(torch.float64)
-        rows_BV[~active_B] = 0.0  # finished rows: any valid row (their draw is discarded)
-        tok_B = _draw_tokens(rows_BV, mask_id, generator, temperature, top_k, top_p)
-        rows = active_B.nonzero(as_tuple=True)[0]
-        z[rows, pos_B[rows]] = tok_B[rows]
-        traj[rows, pos_B[rows]] = step
+        rows_BV = logits[rows_B, pos_B].to(torch.float64)
+        rows_BV = torch.where(active_B[:, None], rows_BV, 0.0)  # finished rows: any valid row (draw discarded)
+        tok_B = _draw_tokens(rows_BV, mask_id, None, temperature, top_k, top_p, u_N=w_B)
+        z = z.scatter(1, pos_B[:, None], torch.where(active_B, tok_B, z[rows_B, pos_B])[:, None])
+        traj = traj.scatter(1, pos_B[:, None], torch.where(active_B, k, traj[rows_B, pos_B])[:, None])
         t_B = s_B
-        step += 1
     return AbsorbingSample(z, nfe, traj if return_trajectory else None)

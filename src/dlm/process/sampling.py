@@ -70,16 +70,22 @@ def _uniforms(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | 
     return torch.rand(shape, dtype=torch.float64, generator=generator, device=where).to(device)
 
 
-def sample_from_probs(probs_NV: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_from_probs(
+    probs_NV: Tensor, generator: torch.Generator | None = None, *, u_N: Tensor | None = None
+) -> Tensor:
     """Inverse-CDF draw, one float64 uniform per row; probs need not be normalised (non-negative, sum > 0).
 
     token = min { v : C_v > u * C_V },  C_v = sum_{w <= v} p_w. Tokens of zero probability are never drawn.
+    ``u_N``: the row uniforms, drawn beforehand (float64 [N] in [0, 1)); then ``generator`` is not used. A sampler
+    that draws all its uniforms in one call passes slices of them here (on a CPU generator one call of n + m
+    uniforms gives the same numbers as two calls of n and m). No host synchronisation: the positive-mass check
+    is an asynchronous device assertion.
     """
     probs = probs_NV.to(torch.float64)
     cdf = torch.cumsum(probs, dim=-1)
     total = cdf[..., -1:]
-    assert bool((total > 0).all()), "every row needs positive probability mass"
-    u = _uniforms(probs.shape[:-1], generator, probs.device)
+    torch._assert_async((total > 0).all(), "every row needs positive probability mass")
+    u = _uniforms(probs.shape[:-1], generator, probs.device) if u_N is None else u_N.to(probs.device)
     # u * total < total up to rounding; clamp below total so the last positive-mass token is the ceiling.
     target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -92,16 +98,18 @@ def sample_categorical(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    u_N: Tensor | None = None,
 ) -> Tensor:
     """Draw one token per row from softmax(logits / temperature) after top-k and top-p filtering.
 
     Returns int64 [N] (any leading shape is kept: logits [..., V] -> ids [...]). temperature = 0 is greedy
     (argmax, first index on ties); it still consumes one uniform per row so the random stream advances
-    identically whatever the options.
+    identically whatever the options. ``u_N``: the row uniforms drawn beforehand (``sample_from_probs``).
     """
     filtered = filter_logits(logits_NV, temperature=temperature, top_k=top_k, top_p=top_p)
     if temperature == 0:
-        _uniforms(filtered.shape[:-1], generator, filtered.device)
+        if u_N is None:
+            _uniforms(filtered.shape[:-1], generator, filtered.device)
         return filtered.argmax(dim=-1)
     probs = torch.softmax(filtered, dim=-1)
-    return sample_from_probs(probs, generator)
+    return sample_from_probs(probs, generator, u_N=u_N)
