@@ -1,0 +1,101 @@
+"""benchmarks/gpu.py --smoke and train_vs_nanogpt.py run on CPU and write JSON whose numbers agree with their
+definitions; the nanoGPT-style reference model's loss is the cross-entropy of its logits and it is causal."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def ref_module():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import nanogpt_ref
+    finally:
+        sys.path.remove(str(BENCH))
+    return nanogpt_ref
+
+
+def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    proc = _run("gpu.py", "--smoke", "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["smoke"] and r["device"] == "cpu" and r["torch"] == torch.__version__ and r["device_name"]
+    peak = r["peak"]["flop_s"]
+    assert peak > 0
+    plan = r["plan"]
+    names = [row["name"] for row in r["train"]]
+    assert names == ["dlm ar", "dlm mdlm", "nanogpt_ref ar"]
+    for row in r["train"]:
+        assert row["tok_s"] == pytest.approx(plan["batch"] * plan["seq_len"] / row["step_s"])
+        assert row["mfu"] == pytest.approx(row["tok_s"] * row["flops_per_token"] / peak)
+    assert [row["batch"] for row in r["decode"]] == plan["decode_batches"]
+    for row in r["decode"]:  # no EOS stop: every row produces length - 1 tokens after [BOS]
+        assert row["new_tokens"] == row["batch"] * (row["length"] - 1)
+        assert row["nfe"] == row["length"] - 1
+    assert len(r["diffusion"]) == len(plan["diff_batches"]) * len(plan["diff_steps"])
+    for row in r["diffusion"]:
+        assert 1 <= row["nfe"] <= row["steps"]
+        assert row["s_per_call"] == pytest.approx(row["median_s"] / row["nfe"])
+
+
+def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tvn.json"
+    shape = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
+    proc = _run(
+        "train_vs_nanogpt.py", "--data", str(tiny_data), "--rounds", "2", "--steps", "2", "--warmup", "1",
+        "--out", str(out), *shape,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["overrides"] == shape and r["batch"] == 4
+    for row in r["rounds"]:
+        assert len(row["dlm_s"]) == len(row["ref_s"]) == 2
+        assert row["ratio"] == pytest.approx(row["ref_median_s"] / row["dlm_median_s"])
+    assert r["summary"]["ratio_min"] <= r["summary"]["ratio_median"] <= r["summary"]["ratio_max"]
+
+
+def test_reference_loss_is_the_cross_entropy_of_its_logits_and_causal(ref_module) -> None:
+    torch.manual_seed(0)
+    model = ref_module.RefGPT(ref_module.RefConfig(vocab_size=50, context=16, n_layer=2, n_head=2, d_model=32))
+    ids = torch.randint(0, 50, (3, 12))
+    logits, loss = model(ids[:, :-1], ids[:, 1:])
+    direct = -F.log_softmax(logits.double(), -1).gather(-1, ids[:, 1:, None]).mean()
+    assert float(loss.detach()) == pytest.approx(float(direct), rel=1e-5)
+    changed = ids.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % 50
+    logits2, _ = model(changed[:, :-1])
+    torch.testing.assert_close(logits2[:, :8], logits[:, :8])
+    assert not torch.allclose(logits2[:, 8:], logits[:, 8:])
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_reference_step_decreases_the_loss_on_a_fixed_batch(ref_module) -> None:
+    torch.manual_seed(0)
+    model = ref_module.RefGPT(ref_module.RefConfig(vocab_size=50, context=16, n_layer=1, n_head=2, d_model=32))
+    opt = ref_module.ref_optimizer(model, 3e-3, (0.9, 0.95), 1e-8, 0.1, torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+    step = ref_module.RefStep(model, opt, grad_clip=1.0)
+    ids = torch.randint(0, 50, (4, 16))
+    losses = [float(step(ids)) for _ in range(10)]
+    assert losses[-1] < losses[0] - 0.5
