@@ -278,3 +278,56 @@ def test_variance_run_on_a_sedd_run(tiny_data, tmp_path):
     record, path = variance_run(tmp_path / "run", batches=2, split="validation", t_samples=2, seed=0)
     assert record["family"] == "sedd" and record["likelihood"] == "upper bound (NELBO)" and path.exists()
     assert record["seq_var"] > 0 and record["grad_var"] > 0 and record["batch_elbo_var"] > 0
+
+
+def test_a_searched_bd3lm_run_is_loaded_and_measured_with_its_searched_window(
+    tiny_data, tiny_mdlm_run, tmp_path, monkeypatch, capsys
+):
+    """The trainer checkpoints the window the clip search picked; load_run gives the process that window (and
+    says which search picked it), and dlm variance uses it for the gradient figures and states it in its JSON.
+    Hand-made search tables (step 2 picks [0.3, 0.8], step 4 [0.5, 1]); the configured window is [0, 1]."""
+    from dataclasses import replace
+
+    from dlm.config import load_config
+    from dlm.data.loader import Loader
+    from dlm.data.shards import open_split
+    from dlm.rundir import load_run
+    from dlm.train import loop as train_loop
+    from dlm.train import train
+    from tests.conftest import tiny_run_args
+
+    tables = iter(
+        [{(0.0, 0.5): 3.0, (0.3, 0.8): 1.0, (0.5, 1.0): 2.0}, {(0.0, 0.5): 3.0, (0.3, 0.8): 2.0, (0.5, 1.0): 1.0}]
+    )
+    monkeypatch.setattr(train_loop, "clip_search", lambda *a: next(tables))
+    extra = ["--train.max_steps=4", "--train.val_every=2", "--train.ckpt_every=2", "--train.keep_last=4"]
+    args = tiny_run_args(
+        tiny_data, "bd3lm", *extra, "--train.val_batches=2", "--process.clip_search=0,0.5,0.3,0.8,0.5,1"
+    )
+    run = tmp_path / "run"
+    train(load_config(None, args), run)
+
+    got = {w: (load_run(run, which=w).process.clip_window, load_run(run, which=w).clip_window_source) for w in (2, 4)}
+    assert got == {2: ((0.3, 0.8), "search at step 2"), 4: ((0.5, 1.0), "search at step 4")}
+    plain = tmp_path / "plain"  # no search: the configured window
+    train(load_config(None, tiny_run_args(tiny_data, "bd3lm", "--train.max_steps=1", "--train.ckpt_every=1")), plain)
+    assert (load_run(plain).process.clip_window, load_run(plain).clip_window_source) == ((0.0, 1.0), "config")
+    assert load_run(tiny_mdlm_run).clip_window_source is None  # a family without a clipped window
+
+    argv = ["variance", str(run), "--batches", "2", "--t-samples", "2", "--split", "validation", "--batch-size", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "training window of the gradients:        U[0.5, 1] (search at step 4)" in out
+    record = json.loads(Path(out.strip().splitlines()[-1].split("result file: ")[1]).read_text())
+    assert record["clip_window"] == [0.5, 1.0] and record["clip_window_source"] == "search at step 4"
+    assert record["settings"]["clip_window"] == [0.5, 1.0]
+    # the gradient figures are those of the searched window's loss, not the configured one's
+    loaded = load_run(run)
+    rows = Loader(open_split(Path(loaded.cfg.data.dir), "validation"), 4, seed=0, shuffle=False, infinite=False)
+    batches = [b for _, b in zip(range(2), rows, strict=False)]
+    for window, same in (((0.5, 1.0), True), ((0.0, 1.0), False)):
+        proc = get_process(
+            replace(loaded.process.cfg, clip_beta=window[0], clip_omega=window[1]), loaded.process.specials
+        )
+        direct = gradient_variance(proc, loaded.model, batches, generator=torch.Generator().manual_seed(1))
+        assert (direct["grad_var"] == pytest.approx(record["grad_var"], rel=1e-9)) is same

@@ -216,6 +216,9 @@ def cmd_variance(args: argparse.Namespace) -> int:
     print(f"  gradient variance (eq. 9):               {num(record['grad_var'])}")
     print(f"  squared norm of the mean gradient:       {num(record['grad_mean_sq_norm'])}")
     print(f"  gradient variance / squared mean norm:   {num(record['grad_noise_ratio'])}")
+    if "clip_window" in record:
+        beta, omega = record["clip_window"]
+        print(f"  training window of the gradients:        U[{beta:g}, {omega:g}] ({record['clip_window_source']})")
     print(f"  result file: {path}")
     return 0
 

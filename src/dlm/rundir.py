@@ -13,7 +13,8 @@ module only, so they never import the trainer)::
                                      ``read_weights``, ``read_state``)
     RUN/eval/{kind}-*.json           evaluation results (``dlm.eval.results.find_results``)
 
-``load_run`` turns a checkpoint into a model and process ready for evaluation or sampling.
+``load_run`` turns a checkpoint into a model and process ready for evaluation or sampling, the process as it
+was trained at that checkpoint (a searched clipped window included, ``trained_window``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ __all__ = [
     "read_weights",
     "step_dir_name",
     "tied_aliases",
+    "trained_window",
 ]
 
 CONFIG_FILE = "config.json"
@@ -176,13 +178,14 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_state(path: Path) -> dict[str, Any]:
-    """state.pt of a checkpoint directory, loaded with weights_only=True."""
+def read_state(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """state.pt of a checkpoint directory, loaded with weights_only=True (``mmap``: its tensors are mapped, not
+    read, for a caller that needs a small entry beside the optimizer state)."""
     f = path / "state.pt"
     if not f.is_file():
         raise DlmError(f"checkpoint file missing: {f}")
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         why = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]
         raise DlmError(f"checkpoint file {f} is truncated or corrupt: {why}") from None
@@ -241,6 +244,9 @@ class LoadedRun:
     data_meta: dict[str, Any]  # the data directory's meta.json as it was when training started
     path: Path  # the checkpoint directory
     ema: bool  # the EMA weights were loaded
+    # where ``process.clip_window`` came from: "config", "search at step N" (``trained_window``); None for a
+    # family without a clipped training window
+    clip_window_source: str | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.cfg, self.model, self.process, self.step, self.data_meta))
@@ -251,7 +257,9 @@ def load_run(
 ) -> LoadedRun:
     """Model and process of a run's checkpoint (``"last"``, ``"best"`` or a step).
 
-    ``ema=True`` loads ema.safetensors when the run kept an EMA, else the trained weights.
+    ``ema=True`` loads ema.safetensors when the run kept an EMA, else the trained weights. A family with a
+    clipped training window (``process.clip_window``: BD3-LM) carries the window it trained with at that
+    checkpoint: the searched one (``trained_window``) with ``process.clip_search``, else the configured one.
     """
     from dlm.data.specials import SpecialIds
     from dlm.model import build_model
@@ -263,9 +271,34 @@ def load_run(
     data_meta = read_run_info(run_dir)["data_meta"]
     specials = SpecialIds.from_dict(data_meta["tokenizer"]["specials"])
     process = get_process(cfg.process, specials)
+    window_source = None
+    if getattr(process, "clip_window", None) is not None:
+        window_source = "config"
+        if (searched := trained_window(run_dir, cfg, step, path)) is not None:
+            process.clip_window, window_source = searched
     model = build_model(cfg.model)
     use_ema = ema and (path / "ema.safetensors").exists()
     weights = path / ("ema.safetensors" if use_ema else "model.safetensors")
     model.load_state_dict(match_state(model, read_weights(weights), str(weights)), strict=True)
     model.to(device).eval()
-    return LoadedRun(cfg, model, process, step, data_meta, path, use_ema)
+    return LoadedRun(cfg, model, process, step, data_meta, path, use_ema, window_source)
+
+
+def trained_window(run_dir: Path, cfg: RunConfig, step: int, path: Path) -> tuple[tuple[float, float], str] | None:
+    """The clipped window (beta, omega) a run trained with at checkpoint ``path`` (step ``step``) when the
+    data-driven search (``process.clip_search``) had picked it, and "search at step N" (N: the last search at or
+    before ``step`` in metrics.jsonl, "search" when none is recorded there); None without a search or before
+    the first one (the configured window holds). The window itself is the one the trainer checkpointed
+    (state.pt's ``clip_window``, written with every checkpoint of a searching run)."""
+    if not cfg.process.clip_search:
+        return None
+    state = read_state(path, mmap=True)
+    if "clip_window" not in state:
+        return None
+    window = (float(state["clip_window"][0]), float(state["clip_window"][1]))
+    searches = [r for r in read_metrics(run_dir) if r.get("split") == "clip_search" and r.get("step", step + 1) <= step]
+    if searches:
+        return window, f"search at step {int(searches[-1]['step'])}"
+    if window == (float(cfg.process.clip_beta), float(cfg.process.clip_omega)):
+        return None
+    return window, "search"

@@ -67,6 +67,10 @@ DEFINITIONS: dict[str, str] = {
     "grad_noise_ratio": "grad_var / ||g_bar||^2 (null when g_bar = 0)",
     "grad_params": "number of scalar parameters in g_m",
     "checkpoint_step": "training step of the evaluated checkpoint",
+    "clip_window": "the clipped window [beta, omega] of mask rates of the training loss behind the gradient "
+    "figures (families with one: BD3-LM; the likelihood figures always use the full bound)",
+    "clip_window_source": "where clip_window came from: 'config' (process.clip_beta, clip_omega) or 'search at "
+    "step N' (the window the data-driven search, process.clip_search, picked at step N, from the checkpoint)",
     "ema": "the EMA weights were evaluated",
     "seed": "seed of the time / noise draws (likelihood: seed; gradients: seed + 1)",
     "split": "the data split",
@@ -298,13 +302,24 @@ def pick_window(table: Mapping[tuple[float, float], float]) -> tuple[float, floa
 # ------------------------------------------------------------------------------------------------ a run
 
 
+def trained_window(run: LoadedRun) -> dict[str, Any]:
+    """{"clip_window": [beta, omega], "clip_window_source": ...} of a family with a clipped training window (the
+    one ``load_run`` gave its process: configured or searched), else {}."""
+    window = getattr(run.process, "clip_window", None)
+    if window is None:
+        return {}
+    return {"clip_window": [float(window[0]), float(window[1])], "clip_window_source": run.clip_window_source}
+
+
 def variance_settings(run: LoadedRun, meta: Mapping[str, Any], **chosen: Any) -> dict[str, Any]:
-    """Every setting that changes a variance figure (its hash names the file, :mod:`dlm.eval.results`)."""
+    """Every setting that changes a variance figure (its hash names the file, :mod:`dlm.eval.results`); the
+    training window a searched run carries (``trained_window``) is one, beside the configuration."""
     return {
         "protocol": VARIANCE_PROTOCOL,
         **chosen,
         "checkpoint_step": run.step,
         "ema": run.ema,
+        **{k: v for k, v in trained_window(run).items() if k == "clip_window"},
         "process": asdict(run.cfg.process),
         "data": {
             "source": meta["source"]["fingerprint"],
@@ -381,6 +396,7 @@ def variance_run(
         **grad,
         "batch_size": bs,
         "checkpoint_step": run.step,
+        **trained_window(run),
         "ema": run.ema,
         "seed": seed,
         "split": split,
