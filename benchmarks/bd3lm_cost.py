@@ -327,6 +327,8 @@ def window_variance(run_dir: Path, split: str, batches: int, draws: int, seed: i
         "checkpoint_step": run.step,
         "ema": run.ema,
         "block_size": run.process.block_size,
+        "trained_window": list(run.process.clip_window),  # the checkpoint's (configured or searched)
+        "trained_window_source": run.clip_window_source,
         "split": split,
         "batches": len(data),
         "batch_size": batch_size,
