@@ -183,6 +183,30 @@ def test_fixed_generator_is_deterministic_and_the_denoiser_shapes_are_static(sam
         assert a.nfe == int(steps.max()) + 1
 
 
+def test_first_hitting_keeps_the_per_step_random_stream() -> None:
+    """first_hitting draws its [nfe, 3, B] uniforms in one call; on a CPU generator that is the stream of three
+    draws of B per step, so the ids and reveal order are those of the per-step code (pinned from commit 7b5208e,
+    where the loop drew per step; the denoiser is exact in float32: one-hot rows of a small table plus t)."""
+    W = torch.arange(16, dtype=torch.float32).view(4, 4).remainder(5) * 0.5
+
+    def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
+        e = torch.nn.functional.one_hot(z_BL, K + 1).float()
+        return e @ W + e.roll(1, 1) @ W.T + t_B[:, None, None].float()
+
+    z0 = torch.full((3, 6), MASK)
+    z0[:, 2] = 1
+    pinned = {
+        "plain": [[0, 0, 1, 2, 0, 2], [0, 1, 1, 2, 2, 0], [1, 2, 1, 2, 0, 0]],
+        "top_k": [[0, 0, 1, 2, 0, 2], [1, 2, 1, 2, 2, 0], [1, 2, 1, 2, 0, 0]],
+    }
+    order = [[3, 0, -1, 4, 2, 1], [2, 3, -1, 4, 0, 1], [2, 4, -1, 1, 3, 0]]
+    for name, kw in (("plain", {}), ("top_k", {"top_k": 2, "temperature": 0.7})):
+        g = torch.Generator().manual_seed(21)
+        out = first_hitting(denoise, z0, get_schedule("cosine"), None, g, z0 != MASK, mask_id=MASK,
+                            return_trajectory=True, **kw)  # fmt: skip
+        assert out.ids_BL.tolist() == pinned[name] and out.trajectory_BL.tolist() == order and out.nfe == 5
+
+
 _HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
 
