@@ -173,3 +173,14 @@ def test_captured_decode_equals_eager_on_cuda(n):
         outs.append(proc.sample(model, n, 40, generator=g, **kw))
     model.static_decode = True
     assert torch.equal(outs[0].ids_NL, outs[1].ids_NL) and torch.equal(outs[0].lengths_N, outs[1].lengths_N)
+
+
+def test_static_path_under_bf16_autocast_draws_the_growing_path_ids():
+    """Under autocast the static cache stores keys in bf16 (as computed; the growing cache stores them in float32
+    exactly), so the draws agree."""
+    model, proc = _model(), _ar()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        static, u_static = _sample(model, proc, 4, 40, "static", temperature=0.9)
+        grow, u_grow = _sample(model, proc, 4, 40, "growing", temperature=0.9)
+    assert torch.equal(static.ids_NL, grow.ids_NL) and torch.equal(u_static, u_grow)
+    assert static.ids_NL.shape == (4, 40)

@@ -133,10 +133,13 @@ def _static_decode(
     are undone: the stream continues exactly where the per-token-check paths leave it.
     """
     n, length = ids_NL.shape
-    cache = model.init_cache(n, length, device=ids_NL.device)
+    device = ids_NL.device
+    amp = torch.is_autocast_enabled(device.type)  # keys come out in the autocast dtype: store them so (exact,
+    dtype = torch.get_autocast_dtype(device.type) if amp else None  # and no full-cache cast per step)
+    cache = model.init_cache(n, length, device=device, dtype=dtype)
     logits_NV = model(ids_NL[:, :P], attn=attn, cache=cache)[:, -1]
     decoder = model.decoder(cache)
-    rng = _stream(generator, ids_NL.device) if o.stop_at_eos else None
+    rng = _stream(generator, device) if o.stop_at_eos else None
     states: dict[int, Tensor] = {}
     nfe = 1
     for pos in range(P, length):
