@@ -128,6 +128,7 @@ class BD3LMProcess(Process):
     exact_likelihood: ClassVar[bool] = False
     beyond_context: ClassVar[bool] = True  # blocks past the context: sliding window (``BlockDenoiser``)
     default_sampler: ClassVar[str] = "ddpm"
+    sampler_table: ClassVar[Mapping[str, SamplerSpec]] = SAMPLERS  # ddpm, ddpm_cache, first_hitting per block
     train_copies: ClassVar[int] = 2  # the training forward runs over z_t ⊕ x (2L tokens), the head on L rows
 
     def __init__(self, cfg: Any, specials: Any) -> None:
@@ -165,9 +166,6 @@ class BD3LMProcess(Process):
     @property
     def mask_id(self) -> int:
         return self.specials.mask
-
-    def sampler_specs(self) -> Mapping[str, SamplerSpec]:
-        return SAMPLERS
 
     def default_steps(self, length: int) -> int:
         """One denoising step per position (the total over all blocks, as for MDLM)."""
