@@ -532,3 +532,65 @@ def test_padded_vocabulary_counts():
             tiny(vocab_multiple=bad).validate()
     with pytest.raises(ValueError, match=r"model\.vocab_multiple"):
         tiny(backbone="gpt2-hf", vocab_multiple=64).validate()
+
+
+# ---------------------------------------------------------------- FlexAttention BlockMasks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mask_fn,Lq,Lk,q_offset",
+    [
+        (block_diffusion_train(32, 8), 64, 64, 0),  # BD3-LM's x_t ⊕ x_0 training mask
+        (block_causal(8), 64, 64, 0),
+        (block_causal(8), 16, 48, 32),  # a block decoded against a cache
+        (causal, 64, 64, 0),
+    ],
+)
+def test_flex_block_mask_forward_equals_sdpa_on_cpu(mask_fn, Lq, Lk, q_offset):
+    """flex_attention's forward runs eagerly on CPU in this torch: with the BlockMask of ``block_mask`` it equals
+    SDPA with the dense mask of the same function."""
+    flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+    from dlm.model.attention import block_mask
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 2, Lq, 16, generator=g)
+    k, v = torch.randn(2, 2, Lk, 16, generator=g), torch.randn(2, 2, Lk, 16, generator=g)
+    bm = block_mask(mask_fn, Lq, Lk, q_offset, None, torch.device("cpu"))
+    out = flex_mod.flex_attention(q, k, v, block_mask=bm)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask_fn, Lq, Lk, q_offset))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_block_masks_are_cached_per_mask_and_shape():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from dlm.model.attention import block_mask, mask_identity
+
+    cpu = torch.device("cpu")
+    assert mask_identity(block_causal(4)) == mask_identity(block_causal(4)) != mask_identity(block_causal(8))
+    assert mask_identity(causal) != mask_identity(bidirectional)
+    a = block_mask(block_causal(4), 32, 32, 0, None, cpu)
+    assert block_mask(block_causal(4), 32, 32, 0, None, cpu) is a  # a new closure of the same mask: cached
+    assert block_mask(block_causal(8), 32, 32, 0, None, cpu) is not a
+    assert block_mask(block_causal(4), 16, 32, 16, None, cpu) is not a
+    km = torch.ones(2, 32, dtype=torch.bool)
+    assert block_mask(block_causal(4), 32, 32, 0, km, cpu) is not block_mask(block_causal(4), 32, 32, 0, km, cpu)
+    b = block_mask(block_diffusion_train(16, 4), 32, 32, 0, None, cpu)
+    assert block_mask(block_diffusion_train(16, 4), 32, 32, 0, None, cpu) is b
+    assert block_mask(block_diffusion_train(16, 8), 32, 32, 0, None, cpu) is not b
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_matches_sdpa_for_the_block_diffusion_training_pass_on_cuda():
+    """BD3-LM's one-pass x_t ⊕ x_0 forward (2L tokens, shared rotary positions) through flex equals SDPA."""
+    torch.manual_seed(0)
+    sdpa = build_model(tiny(context=256)).cuda().eval()
+    flex = build_model(tiny(context=256, attn_backend="flex")).cuda().eval()
+    flex.load_state_dict(sdpa.state_dict())
+    x = torch.randint(0, V, (2, 256), device="cuda")
+    kw = dict(attn=block_diffusion_train(128, 16), pos=torch.arange(128, device="cuda").repeat(2))
+    with torch.no_grad():
+        a, b = sdpa(x, **kw), flex(x, **kw)
+        again = flex(x, **kw)  # the cached BlockMask
+    assert (a - b).abs().amax() < 1e-3 and torch.equal(b, again)

@@ -6,10 +6,13 @@ The mask of a forward is planned once (``plan_attention``) and shared by every l
     at all (e.g. a padded first token) is allowed to see its own key, so softmax never meets an empty row
     and no NaN appears; such rows are padding and their outputs are meaningless but finite.
   - flex: ``create_block_mask`` from the same function (CUDA only; imported lazily). Empty rows give 0.
+    Without a key mask the BlockMask is cached (``block_mask``): a mask function is identified by its code and
+    the values it closes over, so ``block_causal(4)`` built anew each forward still hits the cache.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,8 @@ from dlm.model.masks import MaskFn, bidirectional, causal, dense_mask
 
 FLEX_CPU_ERROR = "flex attention needs CUDA (no backward on CPU); use attn_backend=sdpa"
 _compiled_flex: Any = None
+BLOCK_MASK_CACHE_SIZE = 32  # BlockMasks kept (least recently used dropped): one per (mask, shape, offset, device)
+_block_masks: OrderedDict[tuple, Any] = OrderedDict()
 
 
 @dataclass
@@ -82,22 +87,56 @@ def _plan_flex(
 ) -> AttnPlan:
     if device.type != "cuda":
         raise DlmError(FLEX_CPU_ERROR)
+    return AttnPlan(block_mask=block_mask(mask_fn, Lq, Lk, q_offset, key_mask_BK, device))
+
+
+def mask_identity(mask_fn: MaskFn) -> tuple | None:
+    """A hashable identity of a mask function: its code, defaults and closed-over values (so two closures made by
+    ``block_causal(4)`` are the same mask); None when it has no code (e.g. a partial) or unhashable values."""
+    code = getattr(mask_fn, "__code__", None)
+    if code is None:
+        return None
+    cells = tuple(c.cell_contents for c in getattr(mask_fn, "__closure__", None) or ())
+    key = (code, cells, getattr(mask_fn, "__defaults__", None))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def block_mask(
+    mask_fn: MaskFn, Lq: int, Lk: int, q_offset: int, key_mask_BK: Tensor | None, device: torch.device
+) -> Any:
+    """FlexAttention BlockMask of mask_fn(q_offset + i, j) [& key_mask_BK[b, j]] for Lq queries over Lk keys.
+
+    Without a key mask it is cached per (``mask_identity``, Lq, Lk, q_offset, device), so a training loop builds
+    each mask once instead of every forward; with one (its content varies per batch) it is built every time.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    if key_mask_BK is None:
-
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return mask_fn(q_idx + q_offset, kv_idx)
-
-        n_batch = None
-    else:
+    if key_mask_BK is not None:
         key_mask_BK = key_mask_BK.to(device=device, dtype=torch.bool)
 
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        def masked(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return mask_fn(q_idx + q_offset, kv_idx) & key_mask_BK[b, kv_idx]
 
-        n_batch = key_mask_BK.shape[0]
-    return AttnPlan(block_mask=create_block_mask(mask_mod, n_batch, None, Lq, Lk, device=device))
+        return create_block_mask(masked, key_mask_BK.shape[0], None, Lq, Lk, device=device)
+    identity = mask_identity(mask_fn)
+    key = None if identity is None else (identity, Lq, Lk, q_offset, str(device))
+    if key is not None and key in _block_masks:
+        _block_masks.move_to_end(key)
+        return _block_masks[key]
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask_fn(q_idx + q_offset, kv_idx)
+
+    out = create_block_mask(mask_mod, None, None, Lq, Lk, device=device)
+    if key is not None:
+        _block_masks[key] = out
+        if len(_block_masks) > BLOCK_MASK_CACHE_SIZE:
+            _block_masks.popitem(last=False)
+    return out
 
 
 class Attention(nn.Module):
