@@ -9,7 +9,7 @@ of the repeats. ``--baseline none`` measures today's code alone.
 1. sampler: the denoiser returns fixed random logits [B, L, V] (no network), so the time is the sampler's own
    work per call: reveal decisions, float64 draws at the revealed positions, bookkeeping and, on a GPU, the host
    synchronisations. tiny-cpu's sampling shape: V = 4096 + MASK, L = 256.
-   Batch B in {1, 8}, S in {32, 64, 256}, 3 repeats.
+   Batch B in {1, 8}, S in {32, 64, 256}, 3 repeats; and ``first_hitting`` (nfe = L).
 2. network: the tiny-cpu backbone (4 layers, d = 256, V = 4096 + MASK, random weights, no time conditioning, so
    ``ddpm_cache`` is exact) at L = --net-length (64); ``net ms`` is the time inside the forward per call,
    ``other ms`` the rest. B x S in {1 x 32, 1 x 64, 8 x 32} and one repeat by default (a forward is 0.07 s at
@@ -95,12 +95,20 @@ def run_once(impl: ModuleType, sampler: str, denoise: Timed, B: int, L: int, S: 
 
 
 def measure(
-    impls: dict[str, ModuleType], part: str, denoise: Timed, B: int, L: int, S: int, repeats: int, dev: torch.device
+    impls: dict[str, ModuleType],
+    part: str,
+    denoise: Timed,
+    B: int,
+    L: int,
+    S: int,
+    repeats: int,
+    dev: torch.device,
+    samplers: tuple[str, ...] = ("ddpm", "ddpm_cache"),
 ) -> list[dict[str, Any]]:
-    """Rows for both samplers and every implementation: median wall / net seconds over the repeats (after one
+    """Rows for the samplers and every implementation: median wall / net seconds over the repeats (after one
     warm-up sample each when repeats > 1)."""
     rows = []
-    for sampler in ("ddpm", "ddpm_cache"):
+    for sampler in samplers:
         runs: dict[str, list[dict]] = {k: [] for k in impls}
         names = list(impls)
         for name in names if repeats > 1 else []:  # warm-up (allocator, first-call costs)
@@ -176,6 +184,7 @@ def main() -> None:
         den = Timed(fixed_logits(B, a.length, device), device)
         for S in a.steps:
             rows += measure(impls, "sampler", den, B, a.length, S, a.repeats, device)
+        rows += measure(impls, "sampler", den, B, a.length, a.length, a.repeats, device, ("first_hitting",))
     settings = [tuple(int(v) for v in s.split("x")) for s in a.net_settings]
     net = network(a.net_length, device) if settings else None
     for B, S in settings:
