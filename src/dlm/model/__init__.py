@@ -3,6 +3,9 @@
 model(ids_BL, *, attn="causal" | "bidirectional" | MaskFn, t_B=None, key_mask_BL=None,
       cache=None, commit=True, pos=None) -> logits_BLV (float32)
 model.init_cache(batch_size, max_len=None, device=None, dtype=None) -> KVCache
+
+The dlm Transformer also decodes token by token with static shapes (``static_decode`` = True):
+model.decoder(cache, capture=None) -> Decoder;  Decoder.step(tok_B) -> logits_BV  (a CUDA graph on CUDA)
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from torch import nn
 
 from dlm.model.cache import KVCache
 from dlm.model.config import ModelConfig
+from dlm.model.decode import Decoder
 from dlm.model.flops import count_params, flops_per_token
 from dlm.model.masks import (
     AttnSpec,
@@ -24,6 +28,7 @@ from dlm.model.masks import (
 
 __all__ = [
     "AttnSpec",
+    "Decoder",
     "KVCache",
     "MaskFn",
     "ModelConfig",
