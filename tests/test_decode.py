@@ -162,8 +162,12 @@ def test_captured_decode_equals_eager_on_cuda(n):
         model(x[:, :5], cache=graph_cache)
         eager, graph = model.decoder(eager_cache, capture=False), model.decoder(graph_cache)
         assert graph.captured
-        for i in range(5, 30):
-            a, b = eager.step(x[:, i]), graph.step(x[:, i])
+        torch.cuda.set_sync_debug_mode("error")  # a step that synchronises with the host raises
+        try:
+            steps = [(eager.step(x[:, i]), graph.step(x[:, i]).clone()) for i in range(5, 30)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for a, b in steps:
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     kw = dict(prompt_ids=[3, 4], temperature=0.9, top_p=0.95)
     outs = []
