@@ -124,6 +124,7 @@ def measure(
                 "part": part, "code": name, "sampler": sampler, "B": B, "L": L, "S": S, "nfe": nfe,
                 "s_per_sample": wall / B, "ms_per_call": 1e3 * wall / nfe, "net_ms_per_call": 1e3 * net / nfe,
                 "other_ms_per_call": 1e3 * (wall - net) / nfe, "wall_s": wall, "repeats": repeats,
+                "wall_min_s": min(x["wall_s"] for x in rs), "other_min_s": min(x["wall_s"] - x["net_s"] for x in rs),
             })  # fmt: skip
     return rows
 
@@ -147,7 +148,7 @@ def network(L: int, device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = f"{'part':8} {'code':9} {'sampler':10} {'B':>2} {'L':>4} {'S':>4} {'nfe':>4} {'s/sample':>9} "
-    print(head + f"{'ms/call':>8} {'net ms':>7} {'other ms':>8} {'old/new':>7}")
+    print(head + f"{'ms/call':>8} {'net ms':>7} {'other ms':>8} {'old/new':>7}  (medians; old/new of the wall)")
     base = {(r["part"], r["sampler"], r["B"], r["L"], r["S"]): r for r in rows if r["code"] == "per-step"}
     for r in rows:
         old = base.get((r["part"], r["sampler"], r["B"], r["L"], r["S"]))
