@@ -508,8 +508,8 @@ def test_padded_vocabulary_gives_the_unpadded_logits_and_nll(tie):
 
 
 def test_padded_vocabulary_counts():
-    """count_params counts the rows that exist (padded included); m = 1 changes nothing and the default keeps
-    existing config hashes."""
+    """count_params counts the rows that exist (padded included); flops_per_token's head counts the padded matmul;
+    m = 1 changes nothing and the default keeps existing config hashes."""
     from dlm.config import RunConfig, config_hash
 
     cfg, cfg64 = tiny(tie_weights=False), tiny(tie_weights=False, vocab_multiple=64)
@@ -521,6 +521,7 @@ def test_padded_vocabulary_counts():
     n, n64 = count_params(build_model(cfg)), count_params(build_model(cfg64))
     assert n64 - n == 2 * (64 - V) * 32  # embedding and untied head rows
     assert count_params(build_model(cfg64), exclude_embeddings=True) == count_params(build_model(cfg), True)
+    assert flops_per_token(cfg64, 16)["head"] == 2 * 32 * 64 and flops_per_token(cfg, 16)["head"] == 2 * 32 * V
     run = RunConfig()
     base = config_hash(run)
     run.model.vocab_multiple = 1

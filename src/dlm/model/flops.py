@@ -16,7 +16,9 @@ A training forward over ``copies`` x seq_len input tokens per seq_len data token
 Conventions: attention is counted over the full seq_len for every token (as PaLM's 6N + 12 L H Q T and
 nanoGPT's MFU estimate), i.e. causal (and block) masking is not discounted; norms, activations, softmax, rotary and
 the embedding lookup are not counted; the adaLN time conditioning is computed once per sequence, not per
-token, so its cost (about 2 cond_dim (256 + cond_dim + 6 d n_layer + 2 d) per sequence) is left out.
+token, so its cost (about 2 cond_dim (256 + cond_dim + 6 d n_layer + 2 d) per sequence) is left out. V is the
+head's row count as executed: ``cfg.padded_vocab`` (vocab_size rounded up to model.vocab_multiple; the padded
+rows' logits are computed, then sliced off).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from dlm.model.config import ModelConfig
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
-    """Trainable parameters, tied weights counted once.
+    """Trainable parameters, tied weights counted once; the padded embedding/head rows of model.vocab_multiple
+    are parameters and are counted (they are embeddings, so exclude_embeddings leaves them out).
 
     exclude_embeddings: leave out the token embedding and an untied output head (and GPT-2's learned
     position embedding), i.e. Kaplan's non-embedding N. Uses ``model.embedding_params()`` when the model
@@ -61,7 +64,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, copies: int = 1) -> dict[str
     n_mlp_mats = 3 if (cfg.mlp == "swiglu" and cfg.backbone == "dlm") else 2
     matmul_params = cfg.n_layer * (4 * d * d + n_mlp_mats * d * h)
     attention = copies * 2 * 2 * cfg.n_layer * (copies * seq_len) * d
-    head = 2 * d * cfg.vocab_size
+    head = 2 * d * cfg.padded_vocab
     forward = copies * 2 * matmul_params + attention + head
     return {
         "forward": forward,
