@@ -241,7 +241,10 @@ def _train_step(
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float()
     loss_t = rt.all_reduce(loss_sum / grad_accum, "mean")
-    gnorm_t = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # foreach: one multi-tensor norm (torch picks it by itself on CUDA only; on CPU 12 -> 4 ms for tiny-cpu)
+    gnorm_t = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf"), foreach=rt.device.type == "cpu" or None
+    )
     if hasattr(gnorm_t, "full_tensor"):  # a DTensor under FSDP
         gnorm_t = gnorm_t.full_tensor()
     loss_v, gnorm_v = float(loss_t), float(gnorm_t)
