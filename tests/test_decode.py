@@ -35,6 +35,14 @@ def _ar(eos: int = 1) -> ARProcess:
     return proc
 
 
+def _likely_token(model: torch.nn.Module) -> int:
+    """The likeliest token after BOS other than BOS and pad: as EOS it makes every row stop early."""
+    with torch.no_grad():
+        probs_V = torch.softmax(model(torch.zeros(1, 1, dtype=torch.long))[0, -1], -1)
+    probs_V[[0, 2]] = 0
+    return int(probs_V.argmax())
+
+
 def _sample(model, proc, n, length, path, seed=0, **kw):
     """(result, next uniform of the generator afterwards) for path "static", "growing" or "uncached"."""
     model.static_decode = path == "static"
@@ -112,10 +120,7 @@ def test_early_stop_of_every_row_runs_surplus_steps_and_rewinds_the_stream():
     """With EOS likely, every row stops before the length: the static path notices at the next check (nfe counts
     the surplus forwards), the tokens and the generator's final state are those of the per-token check."""
     model, length = _model(seed=4), 48
-    with torch.no_grad():
-        probs_V = torch.softmax(model(torch.zeros(1, 1, dtype=torch.long))[0, -1], -1)
-    probs_V[[0, 2]] = 0  # BOS and pad are not candidates
-    proc = _ar(eos=int(probs_V.argmax()))  # the likeliest next token becomes EOS
+    proc = _ar(eos=_likely_token(model))
     surplus = []
     for seed in range(4):
         static, u_static = _sample(model, proc, 4, length, "static", seed=seed)
@@ -188,3 +193,18 @@ def test_static_path_under_bf16_autocast_draws_the_growing_path_ids():
         grow, u_grow = _sample(model, proc, 4, 40, "growing", temperature=0.9)
     assert torch.equal(static.ids_NL, grow.ids_NL) and torch.equal(u_static, u_grow)
     assert static.ids_NL.shape == (4, 40)
+
+
+def test_static_path_rewinds_the_default_generator_too():
+    """generator=None draws from the global CPU generator: after an early stop of every row it is left where the
+    per-token-check path leaves it."""
+    model = _model(seed=4)
+    proc, ends = _ar(eos=_likely_token(model)), {}
+    for path in ("static", "growing"):
+        model.static_decode = path == "static"
+        torch.manual_seed(5)
+        out = proc.sample(model, 2, 48)
+        ends[path] = (out.ids_NL, out.nfe, torch.rand(1, dtype=torch.float64))
+    model.static_decode = True
+    assert int(out.lengths_N.max()) < 48 and ends["static"][1] > ends["growing"][1]  # surplus steps were run
+    assert torch.equal(ends["static"][0], ends["growing"][0]) and torch.equal(ends["static"][2], ends["growing"][2])

@@ -138,7 +138,7 @@ def _static_decode(
     dtype = torch.get_autocast_dtype(device.type) if amp else None  # and no full-cache cast per step)
     cache = model.init_cache(n, length, device=device, dtype=dtype)
     logits_NV = model(ids_NL[:, :P], attn=attn, cache=cache)[:, -1]
-    decoder = model.decoder(cache)
+    decoder = model.decoder(cache) if length - P > 1 else None  # (capturing costs a few forwards on CUDA)
     rng = _stream(generator, device) if o.stop_at_eos else None
     states: dict[int, Tensor] = {}
     nfe = 1
@@ -151,7 +151,8 @@ def _static_decode(
         if o.stop_at_eos and (pos + 1 - P) % STOP_CHECK_EVERY == 0:
             if bool(done_N.all()):
                 break
-            states.clear()  # every row stops after this check, so no earlier state is needed
+            states.clear()  # some row is still going: the last stop comes later, earlier states are not needed
+        assert decoder is not None
         logits_NV = decoder.step(tok_N)
         nfe += 1
     if rng is not None and bool(done_N.all()):
