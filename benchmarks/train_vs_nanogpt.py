@@ -14,7 +14,9 @@ the median step time gives tokens/s = B L / median; the round's ratio is
 
     ratio = tok/s(dlm) / tok/s(ref) = median_s(ref) / median_s(dlm)
 
-and the spread over rounds (min, median, max) is reported. FLOP/s use ``dlm.model.flops_per_token`` of each
+and the spread over rounds (min, median, max) is reported, for wall time and (``cpu_ratio``) for the process's
+CPU time, which on a machine shared with other jobs is not inflated by time spent descheduled (with one torch
+thread it is the step's compute time; with more it sums the threads). FLOP/s use ``dlm.model.flops_per_token`` of each
 model (the reference counted as the GELU, LayerNorm shape), so a ratio of FLOP/s corrects for the MLPs' slightly
 different widths. ``--profile N`` adds a torch.profiler table of N steps of each (CPU ops by self time).
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -110,14 +113,29 @@ def ref_step_fn(s: Session, rt: Runtime) -> tuple[Callable[[], None], RefGPT, Mo
     return step, model, shape
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
+def source_state() -> dict[str, Any]:
+    """The git commit and the files under src/ that differ from it (their edits are measured too)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout.rstrip() if r.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "../src")
+    return {"commit": git("rev-parse", "HEAD"), "src_modified": dirty.splitlines() if dirty else []}
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``fn()``, device-synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def interleaved(
@@ -131,15 +149,22 @@ def interleaved(
     for r in range(rounds):
         t_dlm, t_ref = [], []
         for i in range(steps):
-            if i % 2 == 0:
-                t_dlm.append(timed(dlm, device))
-                t_ref.append(timed(ref, device))
-            else:
-                t_ref.append(timed(ref, device))
-                t_dlm.append(timed(dlm, device))
-        md, mr = statistics.median(t_dlm), statistics.median(t_ref)
-        out.append({"round": r, "dlm_s": t_dlm, "ref_s": t_ref, "dlm_median_s": md, "ref_median_s": mr})
-        print(f"round {r}: dlm {md * 1e3:.1f} ms/step, ref {mr * 1e3:.1f} ms/step, ratio {mr / md:.3f}", flush=True)
+            first, second = (dlm, ref) if i % 2 == 0 else (ref, dlm)
+            a, b = timed(first, device), timed(second, device)
+            t_dlm.append(a if i % 2 == 0 else b)
+            t_ref.append(b if i % 2 == 0 else a)
+        row: dict[str, Any] = {"round": r, "dlm_s": [w for w, _ in t_dlm], "ref_s": [w for w, _ in t_ref]}
+        row.update(dlm_cpu_s=[c for _, c in t_dlm], ref_cpu_s=[c for _, c in t_ref])
+        for k in ("dlm_s", "ref_s", "dlm_cpu_s", "ref_cpu_s"):
+            row[k.replace("_s", "_median_s")] = statistics.median(row[k])
+        row["ratio"] = row["ref_median_s"] / row["dlm_median_s"]
+        row["cpu_ratio"] = row["ref_cpu_median_s"] / row["dlm_cpu_median_s"]
+        out.append(row)
+        print(
+            f"round {r}: dlm {row['dlm_median_s'] * 1e3:.1f} ms/step, ref {row['ref_median_s'] * 1e3:.1f} ms/step, "
+            f"ratio {row['ratio']:.3f} (CPU time: {row['cpu_ratio']:.3f})",
+            flush=True,
+        )
     return out
 
 
@@ -188,30 +213,25 @@ def main() -> None:
         tables = {}
         if a.profile:
             tables = {"dlm": profile_table(dlm, a.profile), "ref": profile_table(ref, a.profile)}
-    ratios = [r["ref_median_s"] / r["dlm_median_s"] for r in rounds]
-    for r, q in zip(rounds, ratios, strict=True):
-        r.update(
-            dlm_tok_s=tokens / r["dlm_median_s"],
-            ref_tok_s=tokens / r["ref_median_s"],
-            ratio=q,
-            flop_ratio=q * fl_dlm / fl_ref,
+    for r in rounds:
+        r.update(dlm_tok_s=tokens / r["dlm_median_s"], ref_tok_s=tokens / r["ref_median_s"])
+    summary: dict[str, float] = {}
+    for key in ("ratio", "cpu_ratio"):
+        q = [r[key] for r in rounds]
+        summary.update({f"{key}_min": min(q), f"{key}_median": statistics.median(q), f"{key}_max": max(q)})
+        print(
+            f"dlm / nanoGPT-style tok/s ({'CPU time' if key == 'cpu_ratio' else 'wall time'}): median "
+            f"{statistics.median(q):.3f} (min {min(q):.3f}, max {max(q):.3f}) over {a.rounds} rounds"
         )
-    summary = {
-        "ratio_min": min(ratios),
-        "ratio_median": statistics.median(ratios),
-        "ratio_max": max(ratios),
-        "flop_ratio_median": statistics.median(ratios) * fl_dlm / fl_ref,
-    }
-    print(
-        f"dlm / nanoGPT-style tok/s: median {summary['ratio_median']:.3f} (min {summary['ratio_min']:.3f}, "
-        f"max {summary['ratio_max']:.3f}) over {a.rounds} rounds; FLOP/s ratio {summary['flop_ratio_median']:.3f}"
-    )
+    summary["flop_ratio_median"] = summary["ratio_median"] * fl_dlm / fl_ref
+    print(f"FLOP/s ratio (wall, median): {summary['flop_ratio_median']:.3f}")
     for name, table in tables.items():
         print(f"\nprofile: {name}, {a.profile} steps\n{table}")
     out = {
         "benchmark": "train_vs_nanogpt",
         "label": a.label,
         "machine": machine_info(device),
+        "source": source_state(),
         "preset": a.preset,
         "overrides": overrides,
         "batch": B,

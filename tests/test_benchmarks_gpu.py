@@ -71,7 +71,10 @@ def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> 
     for row in r["rounds"]:
         assert len(row["dlm_s"]) == len(row["ref_s"]) == 2
         assert row["ratio"] == pytest.approx(row["ref_median_s"] / row["dlm_median_s"])
-    assert r["summary"]["ratio_min"] <= r["summary"]["ratio_median"] <= r["summary"]["ratio_max"]
+    for key in ("ratio", "cpu_ratio"):
+        assert r["summary"][f"{key}_min"] <= r["summary"][f"{key}_median"] <= r["summary"][f"{key}_max"]
+    for row in r["rounds"]:
+        assert row["cpu_ratio"] == pytest.approx(row["ref_cpu_median_s"] / row["dlm_cpu_median_s"])
 
 
 def test_reference_loss_is_the_cross_entropy_of_its_logits_and_causal(ref_module) -> None:
