@@ -23,7 +23,6 @@ from dlm.process.absorbing import (
     ddpm,
     ddpm_cache,
     first_hitting,
-    inverse_alpha,
     mask_tokens,
     posterior_probs,
     posterior_step,
@@ -134,13 +133,6 @@ def test_posterior_step_empirical_frequencies() -> None:
     lp2 = subs_log_probs(torch.randn(1, 4, K + 1, generator=g), z2, MASK)
     out2 = posterior_step(lp2, z2, 0.5, 1.0, MASK, g)
     assert out2[0, 1] == 3 and out2[0, 3] == 2 and bool((out2 < K).all())
-
-
-def test_inverse_alpha() -> None:
-    for name in ("linear", "loglinear", "cosine", "geometric"):
-        sch = get_schedule(name)
-        t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
-        assert torch.allclose(inverse_alpha(sch, sch.alpha(t)), t, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- loss / bound

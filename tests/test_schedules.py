@@ -187,3 +187,11 @@ def test_sample_times_errors() -> None:
         sample_times(4, t_min=0.5, t_max=0.5)
     with pytest.raises(DlmError, match="t_max"):
         sample_times(4, t_max=1.5)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=IDS)
+def test_t_of_alpha_inverts_alpha(sched: Schedule) -> None:
+    """t_of_alpha(alpha_t) = t on the grid (closed forms and the generic bisection), and values outside
+    [alpha_1, alpha_0] clamp to the ends."""
+    torch.testing.assert_close(sched.t_of_alpha(sched.alpha(GRID)), GRID, rtol=0, atol=1e-9)
+    assert float(sched.t_of_alpha(torch.tensor(1.0))) < 1e-3 and float(sched.t_of_alpha(torch.tensor(0.0))) > 0.999

@@ -32,7 +32,7 @@ from dlm.rundir import LoadedRun, load_run
 
 #: Version of the likelihood protocol (what is scored, how it is summed), part of every result's settings:
 #: bump it when a change makes old results incomparable, so they are recomputed rather than reused.
-LIKELIHOOD_PROTOCOL = 2
+LIKELIHOOD_PROTOCOL = 3  # 3: absorbing-state bounds (MDLM, SEDD-absorbing, BD3-LM) by the masked-count estimator
 
 #: What every family scores (``dlm.process.base.scored_positions``), written into every likelihood JSON.
 SCORED_RULE = (

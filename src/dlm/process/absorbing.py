@@ -43,7 +43,6 @@ __all__ = [
     "ddpm",
     "ddpm_cache",
     "first_hitting",
-    "inverse_alpha",
     "mask_tokens",
     "posterior_probs",
     "posterior_step",
@@ -429,21 +428,6 @@ def ddpm_cache(
     )  # fmt: skip
 
 
-def inverse_alpha(schedule: Schedule, alpha: Tensor, iters: int = 64) -> Tensor:
-    """t with alpha_t = alpha (float64, elementwise) by bisection on [0, 1]; alpha_t is non-increasing.
-
-    Values above alpha_0 map to 0 and below alpha_1 to 1.
-    """
-    lo = torch.zeros_like(alpha, dtype=torch.float64)
-    hi = torch.ones_like(alpha, dtype=torch.float64)
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        above = schedule.alpha(mid) > alpha  # alpha_mid still above the target: t lies later
-        lo = torch.where(above, mid, lo)
-        hi = torch.where(above, hi, mid)
-    return 0.5 * (lo + hi)
-
-
 def first_hitting(
     denoise: Denoiser,
     z_init: Tensor,
@@ -489,7 +473,7 @@ def first_hitting(
         active_B = n_B > 0
         a_t = schedule.alpha(t_B)
         a_s = 1.0 - (1.0 - a_t) * u_B ** (1.0 / n_B.clamp(min=1).to(torch.float64))
-        s_B = torch.where(active_B, inverse_alpha(schedule, a_s).clamp(max=t_B), t_B)
+        s_B = torch.where(active_B, schedule.t_of_alpha(a_s).clamp(max=t_B), t_B)
         # Position: the j-th masked one, j = floor(v n).
         j_B = torch.minimum((v_B * n_B).floor().to(torch.int64), n_B - 1).clamp(min=0)
         cum_BL = (z == mask_id).cumsum(1)

@@ -278,25 +278,6 @@ def token_logprobs(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
     return out
 
 
-def monte_carlo_bound(
-    batch: Batch, K: int, draw_times: Callable[[int], Tensor], integrand: Callable[[Tensor], Tensor]
-) -> NLLResult:
-    """The K-sample estimate of a continuous-time bound per sequence (MDLM, SEDD), exact = False:
-
-        nats_b = (1/K) sum_{k=1..K} integrand(t_k)_b,   t = draw_times(B K) viewed as [K, B] (t_{k*B+b})
-
-    ``integrand(t_B)`` draws z_t itself and returns the per-row integrand [B] (float64 or cast to it);
-    tokens_b = |S_b|, the scored positions (``scored_positions``).
-    """
-    x_BL = batch.ids_BL
-    B = x_BL.shape[0]
-    t_KB = draw_times(B * K).view(K, B)
-    nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
-    for k in range(K):
-        nats_B += integrand(t_KB[k]).to(torch.float64)
-    return NLLResult(nats_B=nats_B / K, tokens_B=scored_positions(batch).sum(1).to(torch.int64), exact=False)
-
-
 class Process(ABC):
     """A family's loss, likelihood and samplers.
 

@@ -60,6 +60,7 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.bd3lm_sampling import SAMPLERS, BlockDenoiser, StopRules, check_sample_length, sample_blocks
+from dlm.process.estimators import draw_masked_count
 from dlm.process.mdlm import T_MIN, masked_cross_entropy
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
@@ -210,7 +211,7 @@ class BD3LMProcess(Process):
             t = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device)
         else:
             p = sample_times(n, generator, antithetic=self.cfg.antithetic, device=device, t_min=beta, t_max=omega)
-            t = absorbing.inverse_alpha(self.schedule, 1.0 - p)
+            t = self.schedule.t_of_alpha(1.0 - p)
         return t.clamp(min=T_MIN)
 
     def corrupt(self, batch: Batch, t_BN: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -253,43 +254,40 @@ class BD3LMProcess(Process):
     # ------------------------------------------------------------------------------------------- bound
 
     @torch.no_grad()
-    def nelbo_terms(
-        self, model: torch.nn.Module, batch: Batch, t_BN: Tensor, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """The bound's integrand at given block times, float64 [B]:
-
-            sum_n w(t_bn) sum_{l in S_b, l in block n, z^l = m} -log p_theta(x^l | z^n, x^{<n}),  z ~ q(. | x)
-
-        (-log p_theta in float64 from the float32 logits).
-        """
-        x_BL = batch.ids_BL
-        z_BL = self.corrupt(batch, t_BN, generator)
-        masked_BL = (z_BL == self.mask_id) & scored_positions(batch)
-        sel = self.noisy_logits(model, z_BL, x_BL)[masked_BL].to(torch.float64)
-        sel[:, self.mask_id] = float("-inf")
-        nats_BL = torch.zeros(x_BL.shape, dtype=torch.float64, device=x_BL.device)
-        nats_BL[masked_BL] = -token_logprobs(sel, x_BL[masked_BL])
-        w_BL = self.schedule.mdlm_weight(t_BN).repeat_interleave(self.block_size, dim=1)
-        return (torch.where(masked_BL, w_BL, 0.0) * nats_BL).sum(1)
-
-    @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
-        """Unbiased estimate of the NELBO per sequence, an upper bound: -log p(x_b) <= NELBO(x_b) ≈ nats_b.
+        """Unbiased estimate of the NELBO per sequence, an upper bound: -log p(x_b) <= NELBO(x_b) ≈ nats_b, the
+        sum over blocks of each block's masked-diffusion bound given the clean earlier blocks,
 
-            nats_b = (1/K) sum_{k=1..K} nelbo_terms(t_k)_b,   t_k: one time per block, t ~ U[0, 1] (never clipped)
+            NELBO(x) = sum_n int_0^1 w(t) E_{z^n ~ q(. | x^n)} [ sum_{l in S, l in n, z^l = m} -log p_theta(x^l | z^n,
+                       x^{<n}) ] dt       (never clipped: the window only shapes training),
 
-        K = ``process.eval_t_samples``; the K B N times are drawn at once (antithetic: evenly spaced over them),
-        then K forwards of the batch. tokens_b = |S_b|; exact = False. With L' = L this is MDLM's estimate for
-        the same random stream.
+        each block's integral by the masked-count estimator (``dlm.process.estimators``, K =
+        ``process.eval_t_samples`` draws per block): j ~ U{1..n_bn} masks among the block's n_bn scored positions,
+        weight n_bn c_j, all blocks of a row in one forward (``noisy_logits``; the network takes no time):
+
+            nats_b = (1/K) sum_k sum_n n_bn c_{j_bnk} sum_{l in M_bnk} -log p_theta(x_b^l | z_bk^n, x_b^{<n}).
+
+        The K B N draws are made at once (stratified over them, row-major). With L' = L this is MDLM's estimate
+        for the same random stream; with L' = 1 and a schedule that masks surely at t = 1 (linear) every draw
+        masks the block's one token with weight 1, so nats_b is exactly the AR NLL of the same network.
+        tokens_b = |S_b|; exact = False.
         """
         x_BL, K = batch.ids_BL, self.cfg.eval_t_samples
         B, L = x_BL.shape
         n = self.n_blocks(L)
-        t_KBN = self.block_times(K * B * n, generator, x_BL.device).view(K, B, n)
+        scored_BL = scored_positions(batch)
+        rows = scored_BL.reshape(B * n, self.block_size).repeat(K, 1)
+        masked, _, weight = draw_masked_count(rows, self.schedule, generator, antithetic=self.cfg.antithetic)
+        masked_KBL, weight_KBN = masked.view(K, B, L), weight.view(K, B, n)
         nats_B = torch.zeros(B, dtype=torch.float64, device=x_BL.device)
         for k in range(K):
-            nats_B += self.nelbo_terms(model, batch, t_KBN[k], generator)
-        return NLLResult(nats_B=nats_B / K, tokens_B=scored_positions(batch).sum(1).to(torch.int64), exact=False)
+            m_BL = masked_KBL[k]
+            sel = self.noisy_logits(model, torch.where(m_BL, self.mask_id, x_BL), x_BL)[m_BL].to(torch.float64)
+            sel[:, self.mask_id] = float("-inf")
+            nats_BL = torch.zeros(x_BL.shape, dtype=torch.float64, device=x_BL.device)
+            nats_BL[m_BL] = -token_logprobs(sel, x_BL[m_BL])
+            nats_B += (weight_KBN[k] * nats_BL.view(B, n, self.block_size).sum(2)).sum(1)
+        return NLLResult(nats_B=nats_B / K, tokens_B=scored_BL.sum(1).to(torch.int64), exact=False)
 
 
 __all__ = [

@@ -74,6 +74,20 @@ class Schedule(ABC):
         """MDLM NELBO weight -alpha'_t / (1 - alpha_t) (SPEC §3.4)."""
         return -self.dalpha(t) / (1.0 - self.alpha(t))
 
+    def t_of_alpha(self, alpha: Tensor | float) -> Tensor:
+        """The time t with alpha_t = alpha, for alpha in [alpha_1, alpha_0] (clamped into that range).
+
+        Generic: 64 bisection steps on [0, 1] (alpha_t is decreasing), exact to float64 rounding; schedules
+        with a closed-form inverse override it.
+        """
+        a = _f64(alpha)
+        lo, hi = torch.zeros_like(a), torch.ones_like(a)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = self.alpha(mid) > a  # still too clean: the time lies later
+            lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
     def params(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this schedule with ``get_schedule(name, **params)``."""
         return {}
@@ -150,6 +164,9 @@ class LinearSchedule(Schedule):
     def mdlm_weight(self, t: Tensor | float) -> Tensor:
         return 1.0 / _f64(t)
 
+    def t_of_alpha(self, alpha: Tensor | float) -> Tensor:
+        return (1.0 - _f64(alpha)).clamp(0.0, 1.0)
+
 
 @register_schedule
 class LogLinearSchedule(Schedule):
@@ -184,6 +201,9 @@ class LogLinearSchedule(Schedule):
 
     def mdlm_weight(self, t: Tensor | float) -> Tensor:
         return 1.0 / _f64(t)
+
+    def t_of_alpha(self, alpha: Tensor | float) -> Tensor:
+        return ((1.0 - _f64(alpha)) / (1.0 - self.eps)).clamp(0.0, 1.0)
 
     def params(self) -> dict[str, Any]:
         return {"eps": self.eps}

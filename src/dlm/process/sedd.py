@@ -89,10 +89,10 @@ from dlm.process.base import (
     SampleStart,
     check_eval_t_samples,
     full_length_result,
-    monte_carlo_bound,
     register_process,
     scored_positions,
 )
+from dlm.process.estimators import masked_count_bound, monte_carlo_bound
 from dlm.process.schedules import SCHEDULE_PARAMS, Schedule, build_schedule, sample_times
 from dlm.process.transitions import TRANSITIONS as TRANSITION_CLASSES
 from dlm.process.transitions import Transition, check_transition, get_transition
@@ -298,7 +298,17 @@ class SEDDProcess(Process):
             d = dse_uniform(log_s.reshape(B * L, V), batch.ids_BL.reshape(-1), z_BL.reshape(-1), sig).view(B, L)
             d = torch.where(score_BL, d, torch.zeros_like(d))
             return self.schedule.dsigma(t_B) / K * d.sum(1)
-        scored_BL = (z_BL == self.mask_id) & score_BL
+        masked_BL = (z_BL == self.mask_id) & score_BL
+        sum_B = self.masked_dse_sum(model, batch, t_B, masked_BL)
+        w_B = sedd_weight(self.schedule, t_B).to(sum_B.dtype)
+        return torch.where(masked_BL.any(1), w_B * sum_B, torch.zeros_like(sum_B))
+
+    def masked_dse_sum(self, model: torch.nn.Module, batch: Batch, t_B: Tensor, masked_BL: Tensor) -> Tensor:
+        """Absorbing: sum_{l in M} DSE_l(z, t) per row, [B] (float32 network math), with z = x masked at M
+        (``masked_BL``, a subset of the scored positions): the integrand without its weight
+        sigma'(t) / (e^sigma - 1)."""
+        z_BL = torch.where(masked_BL, self.mask_id, batch.ids_BL)
+        scored_BL = masked_BL
         # Only the masked rows: DSE is 0 at unmasked positions (s = 0 and r = 0 there).
         sel = self._logits(model, z_BL, t_B)[scored_BL].float()
         sel = sel.index_fill(1, torch.tensor([self.mask_id], device=sel.device), float("-inf"))
@@ -306,9 +316,8 @@ class SEDDProcess(Process):
         x_N = batch.ids_BL[scored_BL]
         inner_N = torch.expm1(torch.logsumexp(ell_N, -1)) - ell_N.gather(-1, x_N.unsqueeze(-1)).squeeze(-1)
         rows_N = scored_BL.nonzero(as_tuple=True)[0]
-        sum_B = torch.zeros(z_BL.shape[0], dtype=inner_N.dtype, device=inner_N.device).index_add(0, rows_N, inner_N)
-        w_B = sedd_weight(self.schedule, t_B).to(sum_B.dtype)
-        return torch.where(scored_BL.any(1), w_B * sum_B, torch.zeros_like(sum_B))
+        sum_B = torch.zeros(z_BL.shape[0], dtype=inner_N.dtype, device=inner_N.device)
+        return sum_B.index_add(0, rows_N, inner_N)
 
     # ------------------------------------------------------------------------------------------- loss
 
@@ -334,16 +343,30 @@ class SEDDProcess(Process):
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
-        """Unbiased estimate of the DSE bound per sequence (an upper bound on -log p(x_b), exact = False):
+        """Unbiased estimate of the DSE bound per sequence (an upper bound on -log p(x_b), exact = False),
+        K = ``process.eval_t_samples`` draws per row, made at once for the B K rows (stratified, index k B + b).
 
-            nats_b = (1/K) sum_k bound_integrand(t_bk, z_bk)
-                   = (1/K) sum_k sigma'(t_bk) sum_{l in S_b, z_bk^l = m} DSE_l(z_bk, t_bk)      (absorbing)
-                   = (1/K) sum_k (sigma'(t_bk) / V) sum_{l in S_b} DSE_l(z_bk, t_bk)            (uniform, V tokens)
+        Absorbing: the bound int_0^1 w(t) E_z[sum_{l in S, z^l = m} DSE_l(z, t)] dt (w = sigma'/(e^sigma - 1),
+        MDLM's weight) by the masked-count estimator (``dlm.process.estimators``: j ~ U{1..n_b} masks, weight
+        n_b c_j, t from its conditional density given j; bounded weights, so a reliable standard error):
 
-        K = ``process.eval_t_samples``; B*K times drawn at once (antithetic over all of them, t_{k*B+b}).
+            nats_b = (1/K) sum_k n_b c_{j_bk} sum_{l in M_bk} DSE_l(z_bk, t_bk)
+
+        Uniform (every position carries a term, no masked count to condition on): uniform times,
+
+            nats_b = (1/K) sum_k (sigma'(t_bk) / V) sum_{l in S_b} DSE_l(z_bk, t_bk),  t_bk ~ U[0, 1] (antithetic)
+
         tokens_b = |S_b| (real positions 1..L-1, ``scored_positions``).
         """
         x_BL = batch.ids_BL
+        if self.absorbing:
+
+            def masked_sum(t_B: Tensor, masked_BL: Tensor) -> Tensor:
+                return self.masked_dse_sum(model, batch, t_B, masked_BL)
+
+            return masked_count_bound(
+                batch, self.cfg.eval_t_samples, self.schedule, generator, masked_sum, antithetic=self.cfg.antithetic
+            )
 
         def integrand(t_B: Tensor) -> Tensor:
             z_BL, _ = self._noisy(batch, t_B, generator)
