@@ -55,8 +55,8 @@ __all__ = [
 
 # Families that are a registered process plus fixed run-config settings.
 # gpt2 keeps GPT-2's own 50257-row head (model.vocab_multiple 1), whatever the base preset pads the dlm backbone to.
-SHORTHANDS: dict[str, dict[str, str | int]] = {
-    "gpt2": {"process.name": "ar", "model.backbone": "gpt2-hf", "model.vocab_multiple": 1},
+SHORTHANDS: dict[str, dict[str, str]] = {
+    "gpt2": {"process.name": "ar", "model.backbone": "gpt2-hf", "model.vocab_multiple": "1"},
     "d3pm-uniform": {"process.name": "d3pm", "process.transition": "uniform"},
     "sedd-uniform": {"process.name": "sedd", "process.transition": "uniform"},
 }
