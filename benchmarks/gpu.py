@@ -253,9 +253,9 @@ def train_section(plan: Plan, sec: Section, peak: float | None) -> list[dict[str
     rows = []
     jobs: list[tuple[str, Callable[[float], dict[str, Any]]]] = [
         ("dlm ar", lambda s: dlm_train_row(plan, "ar", sec, s)),
-        ("dlm mdlm", lambda s: dlm_train_row(plan, "mdlm", sec, s)),
         ("nanogpt_ref ar", lambda s: ref_train_row(plan, sec, s)),
-    ]
+        ("dlm mdlm", lambda s: dlm_train_row(plan, "mdlm", sec, s)),
+    ]  # the AR pair first: if the deadline cuts a row, it is MDLM's
     for i, (name, job) in enumerate(jobs):
         if sec.left() <= 0:
             rows.append({"name": name, "skipped": f"section deadline ({sec.budget_s:.0f} s) reached"})

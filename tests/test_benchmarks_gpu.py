@@ -44,7 +44,7 @@ def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
     assert peak > 0
     plan = r["plan"]
     names = [row["name"] for row in r["train"]]
-    assert names == ["dlm ar", "dlm mdlm", "nanogpt_ref ar"]
+    assert names == ["dlm ar", "nanogpt_ref ar", "dlm mdlm"]
     for row in r["train"]:
         assert row["tok_s"] == pytest.approx(plan["batch"] * plan["seq_len"] / row["step_s"])
         assert row["mfu"] == pytest.approx(row["tok_s"] * row["flops_per_token"] / peak)
