@@ -247,7 +247,7 @@ def _train_step(
     )
     if hasattr(gnorm_t, "full_tensor"):  # a DTensor under FSDP
         gnorm_t = gnorm_t.full_tensor()
-    loss_v, gnorm_v = float(loss_t), float(gnorm_t)
+    loss_v, gnorm_v = torch.stack([loss_t.float(), gnorm_t.float()]).tolist()  # one host sync, not two
     finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
     if finite:
         optimizer.step()
