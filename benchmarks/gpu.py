@@ -23,6 +23,7 @@ eager, fp32, seconds) so a test can check the script and its JSON.
 
     python benchmarks/gpu.py                        # on a GPU: writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --label before         # tag the run (e.g. before/after a change)
+    python benchmarks/gpu.py --sections decode      # only some sections (the peak is always measured)
     python benchmarks/gpu.py --smoke --out /tmp/gpu_smoke.json
 """
 
@@ -353,6 +354,13 @@ def diffusion_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
     return rows
 
 
+SECTIONS: dict[str, Callable[[Plan, Section, float], list[dict[str, Any]]]] = {
+    "train": train_section,
+    "decode": lambda plan, sec, peak: decode_section(plan, sec),
+    "diffusion": lambda plan, sec, peak: diffusion_section(plan, sec),
+}
+
+
 def _pct(x: float | None) -> str:
     return "  n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -383,6 +391,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, eager fp32, seconds (any device)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--label", default="", help="a tag stored with the result (e.g. 'before', 'after')")
+    p.add_argument(
+        "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="default: all (the peak always)"
+    )
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/gpu.json (gpu_smoke.json)")
     a = p.parse_args()
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -406,10 +417,10 @@ def main() -> None:
         "plan": {k: (str(v) if k == "device" else v) for k, v in plan.__dict__.items()},
         "peak": peak,
     }
-    out["train"] = train_section(plan, Section("train", plan.budgets["train"]), peak["flop_s"])
-    out["decode"] = decode_section(plan, Section("decode", plan.budgets["decode"]))
-    free_memory(device)
-    out["diffusion"] = diffusion_section(plan, Section("diffusion", plan.budgets["diffusion"]))
+    out["sections"] = a.sections
+    for name, run in SECTIONS.items():
+        out[name] = run(plan, Section(name, plan.budgets[name]), peak["flop_s"]) if name in a.sections else []
+        free_memory(device)
     out["wall_s"] = time.perf_counter() - t0
     print_table(out)
     write_result(a.out or RESULTS / ("gpu_smoke.json" if a.smoke else "gpu.json"), out)

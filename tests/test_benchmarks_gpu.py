@@ -40,6 +40,7 @@ def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["smoke"] and r["device"] == "cpu" and r["torch"] == torch.__version__ and r["device_name"]
+    assert r["sections"] == ["train", "decode", "diffusion"]
     peak = r["peak"]["flop_s"]
     assert peak > 0
     plan = r["plan"]
