@@ -84,7 +84,7 @@ def test_reference_loss_is_the_cross_entropy_of_its_logits_and_causal(ref_module
     ids = torch.randint(0, 50, (3, 12))
     logits, loss = model(ids[:, :-1], ids[:, 1:])
     direct = -F.log_softmax(logits.double(), -1).gather(-1, ids[:, 1:, None]).mean()
-    assert float(loss.detach()) == pytest.approx(float(direct), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(direct.detach()), rel=1e-5)
     changed = ids.clone()
     changed[:, 8] = (changed[:, 8] + 1) % 50
     logits2, _ = model(changed[:, :-1])
