@@ -84,8 +84,10 @@ class GPT2Backbone(nn.Module):
         cache: GPT2Cache | None = None,
         commit: bool = True,
         pos: Tensor | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """Float32 logits [B, L, V]; same arguments as Transformer.forward, attn must be causal."""
+        """Float32 logits [B, L, V]; same arguments as Transformer.forward, attn must be causal. With
+        ``return_hidden`` the final hidden states h [B, L, D] (after ln_f), for ``head_logits``."""
         if attn != "causal" and attn is not causal:
             raise DlmError(f"backbone 'gpt2-hf' supports only attn='causal', got {attn!r}")
         if t_B is not None:
@@ -107,7 +109,7 @@ class GPT2Backbone(nn.Module):
         attention_mask = key_mask_BL if cache is None else cache.key_mask(key_mask_BL, L, commit)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device=ids_BL.device, dtype=torch.long)
-        out = self.hf(
+        out = self.hf.transformer(  # GPT2LMHeadModel.forward = transformer, then lm_head (applied below)
             input_ids=ids_BL,
             attention_mask=attention_mask,
             position_ids=position_ids.expand(B, L),
@@ -119,7 +121,17 @@ class GPT2Backbone(nn.Module):
                 cache.advance(L)
             else:
                 cache.dynamic.crop(-L)
-        return out.logits.float()
+        h_BLD = out.last_hidden_state
+        return h_BLD if return_hidden else self.head_logits(h_BLD)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The LM head's weight [V, D] (tied to wte when model.tie_weights)."""
+        return self.hf.lm_head.weight
+
+    def head_logits(self, h_ND: Tensor) -> Tensor:
+        """Float32 logits [..., V] = lm_head(h) for hidden states from ``return_hidden``."""
+        return self.hf.lm_head(h_ND).float()
 
 
 def _gpt2_config(cfg: ModelConfig) -> Any:

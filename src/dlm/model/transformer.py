@@ -135,8 +135,10 @@ class Transformer(nn.Module):
         commit: bool = True,
         pos: Tensor | None = None,
         head_rows: int | None = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """Float32 logits [B, L, V] (with ``head_rows`` = R: [B, R, V]).
+        """Float32 logits [B, L, V] (with ``head_rows`` = R: [B, R, V]); with ``return_hidden`` the final hidden
+        states h [B, L, D] (or [B, R, D]) that the head would read, for ``head_logits`` on selected rows.
 
         attn:        "causal", "bidirectional" or a MaskFn of absolute (query, key) indices.
         t_B:         diffusion time in [0, 1], required iff the model is time-conditioned.
@@ -150,6 +152,8 @@ class Transformer(nn.Module):
                      return their logits; the others still serve as keys/values in every layer. BD3-LM's
                      one-pass loss needs the noisy half only: R = L of the 2L input saves the clean half's
                      head (V x d per token, forward and backward).
+        return_hidden: return h = mod(Norm(x), a_f, b_f) in the compute dtype instead of W_out h: a loss then
+                     applies the head to the rows it scores only (``dlm.process.losses.head_cross_entropy``).
         """
         if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.int64, torch.int32):
             raise DlmError(f"ids_BL must be an int64 tensor [B, L], got {ids_BL.dtype} {tuple(ids_BL.shape)}")
@@ -186,18 +190,33 @@ class Transformer(nn.Module):
             x = x[:, :head_rows]
         if cache is not None and commit:
             cache.advance(L)
-        return self._logits(x, c_BC)
+        h_BLD = self._hidden(x, c_BC)
+        return h_BLD if return_hidden else self.head_logits(h_BLD)
 
-    def _logits(self, x_BLD: Tensor, c_BC: Tensor | None) -> Tensor:
-        """Float32 logits over the true vocabulary: W_out mod(Norm(x), a_f, b_f), padded head rows sliced off."""
+    def _hidden(self, x_BLD: Tensor, c_BC: Tensor | None) -> Tensor:
+        """The head's input h = mod(Norm(x), a_f, b_f) (per row: the head may be applied to any subset)."""
         x_BLD = self.norm_f(x_BLD)
         if self.adaln_f is not None:
             shift, scale = self.adaln_f(c_BC)
             x_BLD = modulate(x_BLD, shift, scale)
-        logits_BLV = self.head(x_BLD)
+        return x_BLD
+
+    @property
+    def head_weight(self) -> Tensor:
+        """W_out over the true vocabulary, [V, D] (a view: the padded rows, if any, are left out; tied or not)."""
+        weight = self.head.weight
+        return weight if self.cfg.padded_vocab == self.cfg.vocab_size else weight[: self.cfg.vocab_size]
+
+    def head_logits(self, h_ND: Tensor) -> Tensor:
+        """Float32 logits W_out h over the true vocabulary, [..., V], for hidden states from ``return_hidden``."""
+        logits_NV = self.head(h_ND)
         if self.cfg.padded_vocab != self.cfg.vocab_size:
-            logits_BLV = logits_BLV[..., : self.cfg.vocab_size]
-        return logits_BLV.float()
+            logits_NV = logits_NV[..., : self.cfg.vocab_size]
+        return logits_NV.float()
+
+    def _logits(self, x_BLD: Tensor, c_BC: Tensor | None) -> Tensor:
+        """Float32 logits over the true vocabulary: W_out mod(Norm(x), a_f, b_f), padded head rows sliced off."""
+        return self.head_logits(self._hidden(x_BLD, c_BC))
 
     def decode_step(self, tok_B1: Tensor, pos_1: Tensor, cache: KVCache) -> Tensor:
         """Float32 logits [B, V] after feeding tok_B1 (int64 [B, 1]) at the position p held in pos_1 (int64 [1],

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.data.batch import Batch
@@ -33,6 +32,7 @@ from dlm.process.base import (
     scored_positions,
     token_logprobs,
 )
+from dlm.process.losses import rows_cross_entropy
 from dlm.process.sampling import sample_categorical
 
 STOP_CHECK_EVERY = 16  # static decoding asks the device "has every row stopped?" once per this many tokens
@@ -212,23 +212,30 @@ class ARProcess(Process):
 
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Mean next-token cross-entropy over the scored targets (nats/token).
 
             loss = (1 / |S|) sum_{(b, i) in S} -log softmax(f_theta(x_b^{<i}))[x_b^i],
             S = {(b, i) : i >= 2, mask_b^i}
 
         Padding targets are excluded; as attention is causal, padding (at the end of a row) never reaches
-        a scored position. Stats: ``nll`` (the loss value) and ``tokens`` (|S|).
+        a scored position. The cross-entropy runs over every position (static shapes: selecting S would cost a
+        host synchronisation, and in ``wrap`` shards S is every position) chunk by chunk through the head
+        (``losses.rows_cross_entropy``: no [B, L, V] float32 logits) and is weighted by S.
+        Stats (detached 0-dim tensors, read by the caller when it logs): ``nll`` (the loss value), ``tokens`` (|S|).
         """
-        logits_BLV, targets_BL, scored_BL = self._shifted(model, batch)
-        V = logits_BLV.shape[-1]
-        ce_BL = F.cross_entropy(logits_BLV.float().reshape(-1, V), targets_BL.reshape(-1), reduction="none").view_as(
-            targets_BL
-        )
+        ids_BL = batch.ids_BL
+        if ids_BL.ndim != 2 or ids_BL.shape[1] < 2:
+            raise DlmError(f"AR needs rows of at least 2 tokens, got ids of shape {tuple(ids_BL.shape)}")
+        targets_BL, scored_BL = ids_BL[:, 1:], scored_positions(batch)[:, 1:]
+
+        def run(hidden: bool) -> Tensor:
+            return model(ids_BL[:, :-1], attn=self.attention, **({"return_hidden": True} if hidden else {}))
+
+        ce_BL = rows_cross_entropy(model, run, targets_BL).view_as(targets_BL)
         count = scored_BL.sum()
         loss = (ce_BL * scored_BL).sum() / count.clamp(min=1)
-        return loss, {"nll": float(loss.detach()), "tokens": float(count)}
+        return loss, {"nll": loss.detach(), "tokens": count.detach().float()}
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:

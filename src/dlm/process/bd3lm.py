@@ -61,7 +61,8 @@ from dlm.process.base import (
 )
 from dlm.process.bd3lm_sampling import SAMPLERS, BlockDenoiser, StopRules, check_sample_length, sample_blocks
 from dlm.process.estimators import draw_masked_count
-from dlm.process.mdlm import T_MIN, masked_cross_entropy
+from dlm.process.losses import rows_cross_entropy
+from dlm.process.mdlm import T_MIN
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
 
@@ -184,18 +185,21 @@ class BD3LMProcess(Process):
 
     # ------------------------------------------------------------------------------------------- network
 
-    def noisy_logits(self, model: torch.nn.Module, z_BL: Tensor, x_BL: Tensor) -> Tensor:
+    def noisy_logits(self, model: torch.nn.Module, z_BL: Tensor, x_BL: Tensor, hidden: bool = False) -> Tensor:
         """The one-pass forward: logits [B, L, V] of p_theta(x^l | z^b, x^{<b}) at every position of z.
 
             logits = f_theta(z ⊕ x; mask [[M_BD, M_OBC], [0, M_BC]], positions (0..L-1, 0..L-1))[:, :L]
 
         The clean half serves as keys/values of the earlier blocks only: the backbone applies its final norm and
         head to the noisy half alone (``head_rows = L``), so the clean half's logits are never computed.
+        ``hidden``: the head's input [B, L, D] of the noisy half instead (``model(..., return_hidden=True)``).
         """
         L = x_BL.shape[1]
         self.n_blocks(L)
         pos_2L = torch.arange(L, device=x_BL.device).repeat(2)
-        return model(torch.cat([z_BL, x_BL], dim=1), attn=_train_mask(L, self.block_size), pos=pos_2L, head_rows=L)
+        extra = {"return_hidden": True} if hidden else {}
+        zx_B2L = torch.cat([z_BL, x_BL], dim=1)
+        return model(zx_B2L, attn=_train_mask(L, self.block_size), pos=pos_2L, head_rows=L, **extra)
 
     def block_times(
         self, n: int, generator: torch.Generator | None, device: torch.device, clipped: bool = False
@@ -231,7 +235,7 @@ class BD3LMProcess(Process):
 
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One-sample NELBO per token (nats/token), one forward over z ⊕ x:
 
             t_bn ~ U[0, 1] per row b and block n (antithetic over the B N draws; clipped: 1 - alpha_t ~ U[beta, omega])
@@ -239,17 +243,20 @@ class BD3LMProcess(Process):
                    / sum_b |S_b|
 
         p_theta is the SUBS distribution (MASK logit -inf) read from the noisy half of ``noisy_logits``. With the
-        full window its expectation is the mean NELBO per scored token. Stats: ``nll`` and ``tokens``.
+        full window its expectation is the mean NELBO per scored token. Only the masked rows of the noisy half
+        reach the output head (``losses.rows_cross_entropy``: chunked, MASK column excluded, no [B, L, V] logits).
+        Stats (detached 0-dim tensors): ``nll`` and ``tokens``.
         """
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_BN, z_BL = self.draw(batch, generator, clipped=True)
         scored_BL = (z_BL == self.mask_id) & real_BL
-        logits = self.noisy_logits(model, z_BL, x_BL)
-        ce_N = masked_cross_entropy(logits, scored_BL, x_BL, self.mask_id)
+        ce_N = rows_cross_entropy(
+            model, lambda hidden: self.noisy_logits(model, z_BL, x_BL, hidden), x_BL, scored_BL, exclude=self.mask_id
+        )
         w_BL = self.schedule.mdlm_weight(t_BN).repeat_interleave(self.block_size, dim=1)
         tokens = real_BL.sum()
         loss = (w_BL[scored_BL].to(ce_N.dtype) * ce_N).sum() / tokens.clamp(min=1)
-        return loss, {"nll": float(loss.detach()), "tokens": float(tokens)}
+        return loss, {"nll": loss.detach(), "tokens": tokens.detach().float()}
 
     # ------------------------------------------------------------------------------------------- bound
 

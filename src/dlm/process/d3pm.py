@@ -247,12 +247,14 @@ class D3PMProcess(Process):
 
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """(sum_b [T * L_{i_b - 1}(x_b) + L_T(x_b)]) / N, i_b ~ U{1..T} (+ hybrid_lambda * CE / N), N = sum_b |S_b|
         the scored tokens (real positions 1..L-1).
 
         For absorbing the KL is a_i * CE at masked positions (differentiable through CE); for uniform the
-        closed-form KL in float64. ``nll`` stat: the (unbiased, one-draw) NELBO per token without the hybrid term.
+        closed-form KL in float64. Full logits (``step_terms`` is shared with ``nll``, and the uniform KL reads
+        every entry). Stats, detached 0-dim tensors (no host read here): ``nll`` (the unbiased, one-draw NELBO
+        per token without the hybrid term, float64) and ``tokens``.
         """
         real_BL = scored_positions(batch)
         i_B = self._sample_steps(batch.ids_BL.shape[0], 1, batch.ids_BL.device, generator)[:, 0]
@@ -262,7 +264,7 @@ class D3PMProcess(Process):
         loss = vb.float()
         if self.cfg.hybrid_lambda > 0:
             loss = loss + self.cfg.hybrid_lambda * ce_B.sum() / count.clamp(min=1)
-        return loss, {"nll": float(vb.detach()), "tokens": float(count)}
+        return loss, {"nll": vb.detach(), "tokens": count.detach().float()}
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.data.batch import Batch
@@ -41,6 +40,7 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.estimators import masked_count_bound
+from dlm.process.losses import logits_cross_entropy, rows_cross_entropy
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
 
@@ -53,10 +53,9 @@ def masked_cross_entropy(logits_BLV: Tensor, scored_BL: Tensor, x_BL: Tensor, ma
         -log p_theta(x^l | z) = -log softmax(logits^l with logit_m = -inf)_{x^l}
 
     The [N, V] rows are gathered first, so the softmax (and its backward) never runs over unscored positions.
+    From full logits; the losses go through ``losses.rows_cross_entropy`` (the head on those rows only).
     """
-    sel = logits_BLV[scored_BL].float()
-    sel = sel.index_fill(1, torch.tensor([mask_id], device=sel.device), float("-inf"))
-    return F.cross_entropy(sel, x_BL[scored_BL], reduction="none")
+    return logits_cross_entropy(logits_BLV[scored_BL], x_BL[scored_BL], mask_id)
 
 
 def _absorbing_sampler(fn: absorbing.AbsorbingSampler) -> SamplerFn:
@@ -125,10 +124,12 @@ class MDLMProcess(Process):
 
     # ------------------------------------------------------------------------------------------- network
 
-    def _logits(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor) -> Tensor:
-        """Backbone call: bidirectional, t_B (float32) only for a time-conditioned process."""
+    def _logits(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor, hidden: bool = False) -> Tensor:
+        """Backbone call: bidirectional, t_B (float32) only for a time-conditioned process; ``hidden``: the head's
+        input [B, L, D] instead of the logits (``model(..., return_hidden=True)``)."""
         t = t_B.to(torch.float32) if self.time_conditioned else None
-        return model(z_BL, attn=self.attention, t_B=t, key_mask_BL=None)
+        extra = {"return_hidden": True} if hidden else {}
+        return model(z_BL, attn=self.attention, t_B=t, key_mask_BL=None, **extra)
 
     def denoiser(self, model: torch.nn.Module) -> absorbing.Denoiser:
         """``denoise(z_BL, t_B) -> logits`` [B, L, V] for the absorbing samplers (they apply SUBS at the rows they
@@ -153,7 +154,7 @@ class MDLMProcess(Process):
 
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One-sample NELBO per token (nats/token):
 
             t_b ~ U[0, 1] (antithetic: t_b = (u + b/B) mod 1),  z_b ~ q(z_t | x_b)
@@ -161,19 +162,21 @@ class MDLMProcess(Process):
 
         with p_theta the SUBS distribution (MASK logit -inf) and S_b the scored positions of row b (real
         positions 1..L-1, ``scored_positions``). Its expectation is the mean NELBO per scored token.
-        Only the masked rows of the logits enter the softmax (``masked_cross_entropy``): unmasked positions
-        carry no loss under SUBS, so their [V] rows are never normalised (about half the work of a full softmax).
-        Stats: ``nll`` (the loss value) and ``tokens`` (scored tokens in the batch).
+        Only the masked rows reach the output head (``losses.rows_cross_entropy``, chunked, MASK column
+        excluded): unmasked positions carry no loss under SUBS, so their V x d head products and [V] softmaxes
+        are never computed (about half the head's work), and no [B, L, V] float32 logits are materialised.
+        Stats (detached 0-dim tensors): ``nll`` (the loss value) and ``tokens`` (scored tokens in the batch).
         """
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_B = self._times(x_BL.shape[0], generator, x_BL.device)
         z_BL, scored_BL = self._noisy(batch, t_B, generator)
-        logits = self._logits(model, z_BL, t_B)
-        ce_N = masked_cross_entropy(logits, scored_BL, x_BL, self.mask_id)
+        ce_N = rows_cross_entropy(
+            model, lambda hidden: self._logits(model, z_BL, t_B, hidden), x_BL, scored_BL, exclude=self.mask_id
+        )
         w_N = self.schedule.mdlm_weight(t_B).to(ce_N.dtype)[scored_BL.nonzero(as_tuple=True)[0]]
         tokens = real_BL.sum()
         loss = (w_N * ce_N).sum() / tokens.clamp(min=1)
-        return loss, {"nll": float(loss.detach()), "tokens": float(tokens)}
+        return loss, {"nll": loss.detach(), "tokens": tokens.detach().float()}
 
     # ------------------------------------------------------------------------------------------- bound
 
