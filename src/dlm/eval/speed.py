@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -146,20 +147,7 @@ def measure_sampling(
         call(seeded())
     _sync(device)
     _peak_memory_start(device)
-    times_s: list[float] = []
-    nfe_R: list[int] = []
-    tokens_R: list[int] = []
-    prompt_len = 0
-    for _ in range(n_repeats):
-        gen = seeded()
-        _sync(device)
-        t0 = time.perf_counter()
-        result = call(gen)
-        _sync(device)
-        times_s.append(time.perf_counter() - t0)
-        nfe_R.append(int(result.nfe))
-        tokens_R.append(generated_tokens(result))
-        prompt_len = result.prompt_len
+    times_s, nfe_R, tokens_R, prompt_len = _timed_calls(call, seeded, n_repeats, device)
     peak, scope = _peak_memory(device)
     median_s = statistics.median(times_s)
     tokens = int(statistics.median(tokens_R))
@@ -184,6 +172,31 @@ def measure_sampling(
         "peak_memory_bytes": peak,
         "peak_memory_scope": scope,
     }
+
+
+def _timed_calls(
+    call: Callable[[torch.Generator], SampleResult],
+    seeded: Callable[[], torch.Generator],
+    n_repeats: int,
+    device: torch.device,
+) -> tuple[list[float], list[int], list[int], int]:
+    """``n_repeats`` calls, each with a fresh generator from ``seeded`` and the device synchronised before and
+    after it: (seconds of each call, its NFE, its generated tokens, the prompt length)."""
+    times_s: list[float] = []
+    nfe_R: list[int] = []
+    tokens_R: list[int] = []
+    prompt_len = 0
+    for _ in range(n_repeats):
+        gen = seeded()
+        _sync(device)
+        t0 = time.perf_counter()
+        result = call(gen)
+        _sync(device)
+        times_s.append(time.perf_counter() - t0)
+        nfe_R.append(int(result.nfe))
+        tokens_R.append(generated_tokens(result))
+        prompt_len = result.prompt_len
+    return times_s, nfe_R, tokens_R, prompt_len
 
 
 def thesis_protocol(
