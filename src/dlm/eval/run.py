@@ -296,30 +296,40 @@ def sample_run(
         t0 = time.perf_counter()
         result = run.process.sample(run.model, b, length, sampler=sampler, prompt_ids=prompt_ids, generator=gen, **opts)
         wall = time.perf_counter() - t0
-        trajectory = getattr(result, "trajectory_NL", None)
-        stop = getattr(result, "stop_N", None)
-        for i in range(b):
-            ids = result.ids_NL[i, : int(result.lengths_N[i])].tolist()
-            gen_ids = ids[result.prompt_len :]
-            record = {
-                "index": start + i,
-                "batch": start // batch_size,
-                "prompt": prompt,
-                "ids": ids,
-                "text": tok.decode(gen_ids),
-                "generated_tokens": len(gen_ids),
-                "nfe": result.nfe,
-                "wall_s_batch": wall,
-                **settings,
-            }
-            if stop is not None:  # what ended the row (BD3-LM's stop rules)
-                record["stop"] = stop[i]
-            if trajectory is not None:  # step at which each position was revealed (-1: fixed / prompt)
-                record["reveal_step"] = trajectory[i, : len(ids)].tolist()
-            records.append(record)
+        records += _sample_records(result, tok, start, start // batch_size, prompt, wall, settings)
         if progress is not None:
             progress(start + b, n)
     return records, _write_jsonl(samples_dir, f"samples-step{run.step}", records)
+
+
+def _sample_records(
+    result: Any, tok: Tokenizer, first: int, batch: int, prompt: str | None, wall: float, settings: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One JSONL record per row of a ``SampleResult`` (rows numbered from ``first``), with what ended the row
+    (``stop``) and the step each position was revealed (``reveal_step``) when the family records them."""
+    trajectory = getattr(result, "trajectory_NL", None)
+    stop = getattr(result, "stop_N", None)
+    records = []
+    for i in range(result.ids_NL.shape[0]):
+        ids = result.ids_NL[i, : int(result.lengths_N[i])].tolist()
+        gen_ids = ids[result.prompt_len :]
+        record = {
+            "index": first + i,
+            "batch": batch,
+            "prompt": prompt,
+            "ids": ids,
+            "text": tok.decode(gen_ids),
+            "generated_tokens": len(gen_ids),
+            "nfe": result.nfe,
+            "wall_s_batch": wall,
+            **settings,
+        }
+        if stop is not None:  # what ended the row (BD3-LM's stop rules)
+            record["stop"] = stop[i]
+        if trajectory is not None:  # step at which each position was revealed (-1: fixed / prompt)
+            record["reveal_step"] = trajectory[i, : len(ids)].tolist()
+        records.append(record)
+    return records
 
 
 _MASK_SPAN = re.compile(r"\[MASK(?::(\d+))?\]")
