@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from dlm.errors import DlmError
 from dlm.model.cache import KVStore
 from dlm.model.config import ModelConfig
-from dlm.model.layers import apply_rotary
+from dlm.model.layers import rotary_qkv
 from dlm.model.masks import MaskFn, bidirectional, causal, dense_mask
 
 FLEX_CPU_ERROR = "flex attention needs CUDA (no backward on CPU); use attn_backend=sdpa"
@@ -161,8 +161,7 @@ class Attention(nn.Module):
         commit: bool = True,
     ) -> Tensor:
         B, L, D = x_BLD.shape
-        q, k, v = self.qkv(x_BLD).view(B, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = rotary_qkv(self.qkv(x_BLD), self.n_head, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v, commit)
         dropout_p = self.dropout if self.training else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,48 @@ from torch import Tensor, nn
 from dlm.model.config import T_FREQ_DIM, ModelConfig
 
 
+def _wide(x: Tensor) -> Tensor:
+    """x in float32, or in float64 when it is float64 (so gradcheck can run the custom functions in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = n * w with n = x r, r = (mean_d x_d^2 + eps)^(-1/2), in float32; a hand-written backward.
+
+    Per row, with g = dL/dy and D the width:
+        dL/dw = sum_rows g * n,    dL/dx = r (g w - n (g w . n) / D),
+    where (g w . n) = (g n) @ w reuses the g n of dL/dw (one matrix-vector product instead of a pass). Saves n and
+    r only (autograd of the plain formula keeps x, x^2, the mean and y as well).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32, w32 = _wide(x), _wide(weight)
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        n = x32 * r
+        ctx.save_for_backward(n, r, w32)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return (n * w32).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        n, r, w32 = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        D = n.shape[-1]
+        with torch.autocast(g.device.type, enabled=False):  # the matrix-vector product stays float32
+            gn = _wide(g) * n
+            dw = gn.reshape(-1, D).sum(0).to(w_dtype) if ctx.needs_input_grad[1] else None
+            if not ctx.needs_input_grad[0]:
+                return None, dw, None
+            dot = (gn.reshape(-1, D) @ w32).reshape(r.shape).div_(D)
+            dx = _wide(g) * w32
+            dx.addcmul_(n, dot, value=-1.0).mul_(r)
+        return dx.to(x_dtype), dw, None
+
+
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 and cast back."""
+    """y = x / sqrt(mean(x^2) + eps) * w, computed in float32 and cast back (``_RMSNormFn``: same values, a
+    cheaper backward)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -20,9 +61,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The plain formula RMSNorm computes (autograd differentiates it): the reference of the tests."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -57,31 +103,119 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc_in(x)
         if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = _SwiGLUFn.apply(h)
         else:
             h = F.gelu(h)
         return self.fc_out(h)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """a = SiLU(g) * u for h = [g, u] (the two halves of the last axis); a hand-written backward.
+
+    With o = dL/da: dL/du = o SiLU(g), dL/dg = o u SiLU'(g), SiLU'(g) = s (1 + g (1 - s)), s = sigmoid(g), written
+    straight into the two halves of one [.., 2H] gradient (autograd would build both and then concatenate them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor) -> Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx: Any, o: Tensor) -> Tensor:
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(o, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(o * up, gate, grad_input=d_gate)
+        return dh
+
+
+def swiglu_reference(h: Tensor) -> Tensor:
+    """SiLU(g) * u for h = [g, u], differentiated by autograd: the reference of the tests."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rotary_cos_sin(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of pos * base^(-2i/head_dim) for i < head_dim/2; float32, shape pos.shape + [head_dim/2]."""
+    """The rotary tables of positions pos, prepared once per forward and shared by every layer.
+
+    With theta_i = pos * base^(-2i/head_dim), i < head_dim/2: cos = [cos theta, cos theta] and
+    sin = [-sin theta, sin theta] (signed, so that ``apply_rotary`` needs no subtraction); float32, shape
+    pos.shape + [head_dim].
+    """
     inv_freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angles = pos.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def _swap_halves(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2, x1], dim=-1)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x cos + swap(x) sin in float32 = (x1 cos - x2 sin, x2 cos + x1 sin) for the tables of rotary_cos_sin."""
+    x = _wide(x)
+    out = x * cos
+    out += _swap_halves(x) * sin
+    return out
 
 
 def apply_rotary(x_BHLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle (GPT-NeoX / LLaMA "rotate half" layout).
+    """Rotate pairs (x_i, x_{i+D/2}) by the position's angle (GPT-NeoX / LLaMA "rotate half" layout):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), computed as x cos + [x2, x1] sin with the signed tables.
 
-    cos, sin: [L, D/2] or [B, L, D/2] (per-sequence positions).
+    cos, sin: from ``rotary_cos_sin``, [L, D] or [B, L, D] (per-sequence positions); x: [..., B, H, L, D].
     """
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    x = x_BHLD.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.to(x_BHLD.dtype)
+    return _rotate(x_BHLD, cos, sin).to(x_BHLD.dtype)
+
+
+class _RotaryQKVFn(torch.autograd.Function):
+    """q, k, v of a fused projection qkv [B, L, 3, H, D], with q and k rotated in one pass (``apply_rotary``).
+
+    The rotation R is orthogonal, so the backward is the inverse rotation: dL/dx = g cos + swap(g sin) (the
+    signed table flips the angle's sign). The gradients of q, k and v are written into one [B, L, 3, H, D]
+    buffer, the layout the projection's backward reads (autograd would stack, then copy them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv_BL3HD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x_3BHLD = qkv_BL3HD.permute(2, 0, 3, 1, 4)
+        qk = _rotate(x_3BHLD[:2], cos, sin).to(qkv_BL3HD.dtype)
+        ctx.save_for_backward(cos, sin)
+        return qk[0], qk[1], x_3BHLD[2]
+
+    @staticmethod
+    def backward(ctx: Any, g_q: Tensor, g_k: Tensor, g_v: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        B, H, L, D = g_v.shape
+        dqkv = g_v.new_empty(B, L, 3, H, D)
+        d_3BHLD = dqkv.permute(2, 0, 3, 1, 4)
+        for i, g in enumerate((g_q, g_k)):
+            g = _wide(g)
+            if dqkv.dtype == g.dtype:
+                torch.mul(g, cos, out=d_3BHLD[i])
+                d_3BHLD[i].add_(_swap_halves(g * sin))
+            else:
+                d_3BHLD[i].copy_(g * cos + _swap_halves(g * sin))
+        d_3BHLD[2].copy_(g_v)
+        return dqkv, None, None
+
+
+def rotary_qkv(qkv_BLE: Tensor, n_head: int, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Split a fused projection [B, L, 3 H D] into q, k, v [B, H, L, D], q and k rotated by ``apply_rotary``."""
+    B, L, E = qkv_BLE.shape
+    assert E % (3 * n_head) == 0, (E, n_head)
+    if cos.dim() == 3:
+        cos, sin = cos[:, None], sin[:, None]
+    return _RotaryQKVFn.apply(qkv_BLE.view(B, L, 3, n_head, E // (3 * n_head)), cos, sin)
 
 
 def timestep_features(t_B: Tensor, dim: int = T_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
