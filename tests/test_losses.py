@@ -15,7 +15,7 @@ from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.model import ModelConfig, build_model
 from dlm.process import ProcessConfig, get_process
-from dlm.process.losses import fused_head, head_cross_entropy, logits_cross_entropy
+from dlm.process.losses import fused_head, head_cross_entropy, head_weighted_cross_entropy, logits_cross_entropy
 
 V = 37
 
@@ -188,3 +188,30 @@ def test_d3pm_and_sedd_uniform_stats_are_tensors(transition: str) -> None:
         loss, stats = proc.loss(model, Batch(ids_BL=ids, mask_BL=torch.ones_like(ids, dtype=torch.bool)))
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in stats.values())
         assert float(stats["tokens"]) == 22 and float(stats["nll"]) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("vocab_multiple", [1, 16])
+@pytest.mark.parametrize("exclude", [None, V - 1])
+@pytest.mark.parametrize("chunk", [1, 5, 23, None])
+def test_weighted_cross_entropy_equals_full_logits(tie: bool, vocab_multiple: int, exclude, chunk) -> None:
+    """sum_n u_n ce_n with gradients formed in the forward: value and grads (h, W) = the full-logits path."""
+    model = make(tie_weights=tie, vocab_multiple=vocab_multiple)
+    h_ND, y_N = _hidden_and_targets(model)
+    u_N = torch.linspace(0.5, 2.0, h_ND.shape[0])
+    u_N[3] = 0.0  # a row without weight (AR's padding targets)
+
+    def run(fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        h = h_ND.clone().requires_grad_(True)
+        loss = fn(h)
+        (3.0 * loss).backward()  # the incoming gradient scales the stored ones
+        return loss.detach(), h.grad, model.head.weight.grad.clone()
+
+    ref = run(lambda h: (u_N * logits_cross_entropy(model.head_logits(h), y_N, exclude)).sum())
+    got = run(lambda h: head_weighted_cross_entropy(model, h, y_N, u_N, exclude=exclude, chunk=chunk))
+    assert got[0].dim() == 0 and float(got[1][3].abs().max()) == 0.0
+    for r, c in zip(ref, got, strict=True):
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient formed, same value
+        torch.testing.assert_close(head_weighted_cross_entropy(model, h_ND, y_N, u_N, exclude=exclude), ref[0])

@@ -32,7 +32,7 @@ from dlm.process.base import (
     scored_positions,
     token_logprobs,
 )
-from dlm.process.losses import rows_cross_entropy
+from dlm.process.losses import rows_weighted_loss
 from dlm.process.sampling import sample_categorical
 
 STOP_CHECK_EVERY = 16  # static decoding asks the device "has every row stopped?" once per this many tokens
@@ -220,8 +220,8 @@ class ARProcess(Process):
 
         Padding targets are excluded; as attention is causal, padding (at the end of a row) never reaches
         a scored position. The cross-entropy runs over every position (static shapes: selecting S would cost a
-        host synchronisation, and in ``wrap`` shards S is every position) chunk by chunk through the head
-        (``losses.rows_cross_entropy``: no [B, L, V] float32 logits) and is weighted by S.
+        host synchronisation, and in ``wrap`` shards S is every position) chunk by chunk through the head with
+        weights u = [in S] / |S| (``losses.rows_weighted_loss``: no [B, L, V] float32 logits).
         Stats (detached 0-dim tensors, read by the caller when it logs): ``nll`` (the loss value), ``tokens`` (|S|).
         """
         ids_BL = batch.ids_BL
@@ -232,9 +232,8 @@ class ARProcess(Process):
         def run(hidden: bool) -> Tensor:
             return model(ids_BL[:, :-1], attn=self.attention, **({"return_hidden": True} if hidden else {}))
 
-        ce_BL = rows_cross_entropy(model, run, targets_BL).view_as(targets_BL)
         count = scored_BL.sum()
-        loss = (ce_BL * scored_BL).sum() / count.clamp(min=1)
+        loss = rows_weighted_loss(model, run, targets_BL, scored_BL / count.clamp(min=1))
         return loss, {"nll": loss.detach(), "tokens": count.detach().float()}
 
     @torch.no_grad()

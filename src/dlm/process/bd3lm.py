@@ -61,7 +61,7 @@ from dlm.process.base import (
 )
 from dlm.process.bd3lm_sampling import SAMPLERS, BlockDenoiser, StopRules, check_sample_length, sample_blocks
 from dlm.process.estimators import draw_masked_count
-from dlm.process.losses import rows_cross_entropy
+from dlm.process.losses import rows_weighted_loss
 from dlm.process.mdlm import T_MIN
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
@@ -244,18 +244,22 @@ class BD3LMProcess(Process):
 
         p_theta is the SUBS distribution (MASK logit -inf) read from the noisy half of ``noisy_logits``. With the
         full window its expectation is the mean NELBO per scored token. Only the masked rows of the noisy half
-        reach the output head (``losses.rows_cross_entropy``: chunked, MASK column excluded, no [B, L, V] logits).
+        reach the output head (``losses.rows_weighted_loss``: chunked, MASK column excluded, no [B, L, V] logits).
         Stats (detached 0-dim tensors): ``nll`` and ``tokens``.
         """
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_BN, z_BL = self.draw(batch, generator, clipped=True)
         scored_BL = (z_BL == self.mask_id) & real_BL
-        ce_N = rows_cross_entropy(
-            model, lambda hidden: self.noisy_logits(model, z_BL, x_BL, hidden), x_BL, scored_BL, exclude=self.mask_id
-        )
-        w_BL = self.schedule.mdlm_weight(t_BN).repeat_interleave(self.block_size, dim=1)
         tokens = real_BL.sum()
-        loss = (w_BL[scored_BL].to(ce_N.dtype) * ce_N).sum() / tokens.clamp(min=1)
+        u_BL = self.schedule.mdlm_weight(t_BN).float().repeat_interleave(self.block_size, dim=1) / tokens.clamp(min=1)
+        loss = rows_weighted_loss(
+            model,
+            lambda hidden: self.noisy_logits(model, z_BL, x_BL, hidden),
+            x_BL,
+            u_BL,
+            scored_BL,
+            exclude=self.mask_id,
+        )
         return loss, {"nll": loss.detach(), "tokens": tokens.detach().float()}
 
     # ------------------------------------------------------------------------------------------- bound

@@ -10,6 +10,11 @@ each chunk's logits (the forward keeps only h, W and lse_n, never [N, V]):
     g_n = dL/dce_n,   G_nv = g_n (softmax(W h_n)_v - [v = y_n])     (G_ne = 0)
     dL/dh_n = sum_v G_nv W_v,   dL/dW_v = sum_n G_nv h_n
 
+A loss that is a fixed weighting of the rows, loss = sum_n u_n ce_n (u without gradient: every family's loss),
+needs no recomputation: ``head_weighted_cross_entropy`` forms dL/dh = u_n G_n W and dL/dW in the forward while
+each chunk's logits exist (3 head matmuls per row, as the full-logits path, instead of 4), keeps them ([N, D]
+and [V, D]) and scales them by the incoming scalar gradient in the backward.
+
 The head matmul runs in the dtype the full-logits path would use (the autocast dtype under autocast, else h's),
 its output is taken to float32 before the softmax, as ``model.head_logits`` does; dL/dW is accumulated over the
 chunks in float32. ``fused_head`` asks the model for the capability (``head_weight`` and ``head_logits``); for
@@ -108,6 +113,77 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(w_VD.dtype), None, None, None, None
 
 
+class _HeadWeightedCrossEntropy(torch.autograd.Function):
+    """sum_n u_n ce_n with the gradients formed in the forward, chunk by chunk (module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        h_ND: Tensor,
+        w_VD: Tensor,
+        targets_N: Tensor,
+        u_N: Tensor,
+        exclude: int | None,
+        chunk: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N = h_ND.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
+        grad_h = torch.empty_like(h_ND) if need_h else None
+        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if need_w else None
+        with torch.autocast(h_ND.device.type, enabled=False):
+            w = w_VD.to(dtype)
+            for a in range(0, N, chunk):
+                h_cD, y_c, u_c = h_ND[a : a + chunk].to(dtype), targets_N[a : a + chunk], u_N[a : a + chunk].float()
+                logits_cV = _chunk_logits(h_cD, w, exclude)
+                lse_c = torch.logsumexp(logits_cV, dim=-1)
+                ce_c = lse_c - logits_cV.gather(1, y_c[:, None]).squeeze(1)
+                total = total + (u_c * ce_c).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                p_cV = torch.exp_(logits_cV.sub_(lse_c[:, None]))  # in place: the chunk's logits are done
+                p_cV[torch.arange(p_cV.shape[0], device=p_cV.device), y_c] -= 1.0
+                g_cV = p_cV.mul_(u_c[:, None]).to(dtype)
+                if grad_h is not None:
+                    grad_h[a : a + chunk] = (g_cV @ w).to(h_ND.dtype)
+                if grad_w is not None:
+                    grad_w += (g_cV.t() @ h_cD).float()
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(w_VD.dtype))  # intermediates, not inputs
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        scale = grad.float()
+        out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
+        out_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
+        return out_h, out_w, None, None, None, None, None
+
+
+def head_weighted_cross_entropy(
+    model: nn.Module,
+    h_ND: Tensor,
+    targets_N: Tensor,
+    weights_N: Tensor,
+    *,
+    exclude: int | None = None,
+    chunk: int | None = None,
+) -> Tensor:
+    """loss = sum_n u_n ce_n, a float32 scalar, with ce_n as in ``head_cross_entropy`` and weights u_n
+    (``weights_N``, no gradient) over W = ``model.head_weight``; at most [chunk, V] float32 logits at once and
+    no recomputation (gradients formed in the forward, module docstring). Equals
+    ``(weights_N * logits_cross_entropy(model.head_logits(h), y, exclude)).sum()``, gradients included."""
+    w_VD = model.head_weight
+    assert not weights_N.requires_grad and weights_N.shape == targets_N.shape == h_ND.shape[:1]
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // w_VD.shape[0])
+    if h_ND.shape[0] == 0:
+        return (h_ND.sum() + w_VD.sum() * 0).float()  # 0, with the graph to h and W
+    return _HeadWeightedCrossEntropy.apply(h_ND, w_VD, targets_N, weights_N, exclude, chunk, _compute_dtype(h_ND))
+
+
 def head_cross_entropy(
     model: nn.Module, h_ND: Tensor, targets_N: Tensor, *, exclude: int | None = None, chunk: int | None = None
 ) -> Tensor:
@@ -124,25 +200,26 @@ def head_cross_entropy(
     return _HeadCrossEntropy.apply(h_ND, w_VD, targets_N, exclude, chunk, _compute_dtype(h_ND))
 
 
-def rows_cross_entropy(
+def rows_weighted_loss(
     model: Any,
     run: Callable[[bool], Tensor],
     targets_BL: Tensor,
+    weights_BL: Tensor,
     rows_BL: Tensor | None = None,
     *,
     exclude: int | None = None,
 ) -> Tensor:
-    """ce over the rows ``rows_BL`` (all when None) in row-major order, float32 [N]; only those rows reach the head.
-
-    ``run(hidden)`` calls the backbone and returns hidden states [B, L, D] when ``hidden`` (the model has the
-    ``fused_head`` capability: ``head_cross_entropy``), else float32 logits [B, L, V] (``logits_cross_entropy``).
-    """
+    """loss = sum_{(b, l) in rows} u_bl ce_bl (all positions when ``rows_BL`` is None), a float32 scalar; only
+    those rows reach the head. ``run(hidden)`` calls the backbone: hidden states [B, L, D] when ``hidden``, else
+    float32 logits [B, L, V]; ``weights_BL`` (no gradient) gives u. With the ``fused_head`` capability:
+    ``head_weighted_cross_entropy`` (no [B, L, V] logits, no recomputation); else the sum from full logits
+    (``logits_cross_entropy``)."""
     head = fused_head(model)
     out = run(head is not None)
     if rows_BL is None:
-        sel, targets_N = out.reshape(-1, out.shape[-1]), targets_BL.reshape(-1)
+        sel, targets_N, u_N = out.reshape(-1, out.shape[-1]), targets_BL.reshape(-1), weights_BL.reshape(-1)
     else:
-        sel, targets_N = out[rows_BL], targets_BL[rows_BL]
+        sel, targets_N, u_N = out[rows_BL], targets_BL[rows_BL], weights_BL[rows_BL]
     if head is None:
-        return logits_cross_entropy(sel, targets_N, exclude)
-    return head_cross_entropy(head, sel, targets_N, exclude=exclude)
+        return (u_N.float() * logits_cross_entropy(sel, targets_N, exclude)).sum()
+    return head_weighted_cross_entropy(head, sel, targets_N, u_N.float(), exclude=exclude)

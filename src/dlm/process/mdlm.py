@@ -40,7 +40,7 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.estimators import masked_count_bound
-from dlm.process.losses import logits_cross_entropy, rows_cross_entropy
+from dlm.process.losses import logits_cross_entropy, rows_weighted_loss
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
 
@@ -53,7 +53,7 @@ def masked_cross_entropy(logits_BLV: Tensor, scored_BL: Tensor, x_BL: Tensor, ma
         -log p_theta(x^l | z) = -log softmax(logits^l with logit_m = -inf)_{x^l}
 
     The [N, V] rows are gathered first, so the softmax (and its backward) never runs over unscored positions.
-    From full logits; the losses go through ``losses.rows_cross_entropy`` (the head on those rows only).
+    From full logits; the losses go through ``losses.rows_weighted_loss`` (the head on those rows only).
     """
     return logits_cross_entropy(logits_BLV[scored_BL], x_BL[scored_BL], mask_id)
 
@@ -162,7 +162,7 @@ class MDLMProcess(Process):
 
         with p_theta the SUBS distribution (MASK logit -inf) and S_b the scored positions of row b (real
         positions 1..L-1, ``scored_positions``). Its expectation is the mean NELBO per scored token.
-        Only the masked rows reach the output head (``losses.rows_cross_entropy``, chunked, MASK column
+        Only the masked rows reach the output head (``losses.rows_weighted_loss``, chunked, MASK column
         excluded): unmasked positions carry no loss under SUBS, so their V x d head products and [V] softmaxes
         are never computed (about half the head's work), and no [B, L, V] float32 logits are materialised.
         Stats (detached 0-dim tensors): ``nll`` (the loss value) and ``tokens`` (scored tokens in the batch).
@@ -170,12 +170,11 @@ class MDLMProcess(Process):
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_B = self._times(x_BL.shape[0], generator, x_BL.device)
         z_BL, scored_BL = self._noisy(batch, t_B, generator)
-        ce_N = rows_cross_entropy(
-            model, lambda hidden: self._logits(model, z_BL, t_B, hidden), x_BL, scored_BL, exclude=self.mask_id
-        )
-        w_N = self.schedule.mdlm_weight(t_B).to(ce_N.dtype)[scored_BL.nonzero(as_tuple=True)[0]]
         tokens = real_BL.sum()
-        loss = (w_N * ce_N).sum() / tokens.clamp(min=1)
+        u_BL = (self.schedule.mdlm_weight(t_B).float() / tokens.clamp(min=1))[:, None].expand_as(x_BL)
+        loss = rows_weighted_loss(
+            model, lambda hidden: self._logits(model, z_BL, t_B, hidden), x_BL, u_BL, scored_BL, exclude=self.mask_id
+        )
         return loss, {"nll": loss.detach(), "tokens": tokens.detach().float()}
 
     # ------------------------------------------------------------------------------------------- bound

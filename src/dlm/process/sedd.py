@@ -68,7 +68,7 @@ All randomness comes from the ``generator`` argument; draws are float64.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -93,7 +93,7 @@ from dlm.process.base import (
     scored_positions,
 )
 from dlm.process.estimators import masked_count_bound, monte_carlo_bound
-from dlm.process.losses import rows_cross_entropy
+from dlm.process.losses import rows_weighted_loss
 from dlm.process.schedules import SCHEDULE_PARAMS, Schedule, build_schedule, sample_times
 from dlm.process.transitions import TRANSITIONS as TRANSITION_CLASSES
 from dlm.process.transitions import Transition, check_transition, get_transition
@@ -333,37 +333,35 @@ class SEDDProcess(Process):
 
         (absorbing DSE_l = r [sum_y e^{ell_y} - 1 - ell_x], module docstring; S_b = real positions 1..L-1).
         Absorbing: ell = log softmax over y != m (SUBS), so sum_{y != m} e^{ell_y} = 1 and DSE_l = r (-ell_x) =
-        r CE_l: only the masked rows reach the output head, through the chunked cross-entropy
-        (``losses.rows_cross_entropy``, MASK column excluded; no [B, L, V] float32 logits). ``nll`` keeps the
-        DSE form from full logits. Uniform: full logits (the DSE reads every entry of log s at every position).
+        r CE_l: only the masked rows reach the output head, through the chunked cross-entropy with weights
+        u_bl = sigma'(t_b) / (e^sigma_b - 1) / sum_b |S_b| (``losses.rows_weighted_loss``, MASK column excluded;
+        no [B, L, V] float32 logits). ``nll`` keeps the DSE form from full logits. Uniform: full logits (the
+        DSE reads every entry of log s at every position).
         Stats (detached 0-dim tensors): ``nll`` and ``tokens`` (scored tokens).
         """
         x_BL, real_BL = batch.ids_BL, scored_positions(batch)
         t_B = self._times(x_BL.shape[0], generator, x_BL.device)
         z_BL, _ = self._noisy(batch, t_B, generator)
-        if self.absorbing:
-            per_seq_B = self._absorbing_loss_integrand(model, batch, t_B, z_BL)
-        else:
-            per_seq_B = self.bound_integrand(model, batch, t_B, z_BL)
         tokens = real_BL.sum()
-        loss = per_seq_B.sum() / tokens.clamp(min=1)
+        if self.absorbing:
+            masked_BL = (z_BL == self.mask_id) & real_BL
+            u_BL = (sedd_weight(self.schedule, t_B).float() / tokens.clamp(min=1))[:, None].expand_as(x_BL)
+            loss = rows_weighted_loss(
+                model, self._network(model, z_BL, t_B), x_BL, u_BL, masked_BL, exclude=self.mask_id
+            )
+        else:
+            loss = self.bound_integrand(model, batch, t_B, z_BL).sum() / tokens.clamp(min=1)
         return loss, {"nll": loss.detach(), "tokens": tokens.detach().float()}
 
-    def _absorbing_loss_integrand(self, model: torch.nn.Module, batch: Batch, t_B: Tensor, z_BL: Tensor) -> Tensor:
-        """``bound_integrand`` (absorbing) with DSE_l = r CE_l from the chunked head cross-entropy, [B]:
-        sigma'(t) / (e^sigma - 1) sum_{l in S, z^l = m} -log p_theta(x^l | z) (float32 network math)."""
-        masked_BL = (z_BL == self.mask_id) & scored_positions(batch)
+    def _network(self, model: torch.nn.Module, z_BL: Tensor, t_B: Tensor) -> Callable[[bool], Tensor]:
+        """``run(hidden)`` for ``losses.rows_weighted_loss``: ``_logits`` or, with hidden, the head's input."""
 
         def run(hidden: bool) -> Tensor:
             c = self.schedule.sigma(t_B).to(torch.float32) if self._time_cond else None
             extra = {"return_hidden": True} if hidden else {}
             return model(z_BL, attn=self.attention, t_B=c, key_mask_BL=None, **extra)
 
-        ce_N = rows_cross_entropy(model, run, batch.ids_BL, masked_BL, exclude=self.mask_id)
-        rows_N = masked_BL.nonzero(as_tuple=True)[0]
-        sum_B = torch.zeros(z_BL.shape[0], dtype=ce_N.dtype, device=ce_N.device).index_add(0, rows_N, ce_N)
-        w_B = sedd_weight(self.schedule, t_B).to(sum_B.dtype)
-        return torch.where(masked_BL.any(1), w_B * sum_B, torch.zeros_like(sum_B))
+        return run
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
