@@ -156,10 +156,10 @@ class _HeadWeightedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         grad_h, grad_w = ctx.grads
         ctx.grads = None
-        scale = grad.float()
-        out_h = None if grad_h is None else grad_h * scale.to(grad_h.dtype)
-        out_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
-        return out_h, out_w, None, None, None, None, None
+        for g in (grad_h, grad_w):  # owned by this node: scaled in place (no second [V, D] buffer)
+            if g is not None:
+                g.mul_(grad.to(g.dtype))
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def head_weighted_cross_entropy(
