@@ -215,3 +215,37 @@ def test_weighted_cross_entropy_equals_full_logits(tie: bool, vocab_multiple: in
         torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # evaluation: no gradient formed, same value
         torch.testing.assert_close(head_weighted_cross_entropy(model, h_ND, y_N, u_N, exclude=exclude), ref[0])
+
+
+def _autocast_case(device: str) -> None:
+    """Under bf16 autocast the head matmul runs in bf16 on both paths (the full path: autocast's linear): the
+    chunked loss and gradients agree with the full-logits path to bf16 rounding."""
+    model = make(tie_weights=False, vocab_multiple=16).to(device)
+    h_ND, y_N = _hidden_and_targets(model, N=50)
+    h_ND, y_N = h_ND.to(device), y_N.to(device)
+    u_N = torch.linspace(0.5, 2.0, 50, device=device)
+    out = []
+    for fn in (
+        lambda h: (u_N * logits_cross_entropy(model.head_logits(h), y_N, V - 1)).sum(),
+        lambda h: head_weighted_cross_entropy(model, h, y_N, u_N, exclude=V - 1, chunk=16),
+    ):
+        model.zero_grad(set_to_none=True)
+        h = h_ND.clone().requires_grad_(True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = fn(h)
+        loss.backward()
+        assert loss.dtype == torch.float32 and h.grad.dtype == torch.float32
+        assert model.head.weight.grad.dtype == torch.float32
+        out.append((loss.detach(), h.grad, model.head.weight.grad.clone()))
+    for r, c in zip(*out, strict=True):
+        torch.testing.assert_close(c, r, rtol=2e-2, atol=2e-2)
+
+
+def test_weighted_cross_entropy_under_bf16_autocast_on_cpu() -> None:
+    _autocast_case("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weighted_cross_entropy_under_bf16_autocast_on_cuda() -> None:
+    _autocast_case("cuda")
