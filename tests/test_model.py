@@ -548,6 +548,7 @@ def test_padded_vocabulary_counts():
         (causal, 64, 64, 0),
     ],
 )
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager flex on CPU, on purpose
 def test_flex_block_mask_forward_equals_sdpa_on_cpu(mask_fn, Lq, Lk, q_offset):
     """flex_attention's forward runs eagerly on CPU in this torch: with the BlockMask of ``block_mask`` it equals
     SDPA with the dense mask of the same function."""
