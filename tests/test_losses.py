@@ -249,3 +249,16 @@ def test_weighted_cross_entropy_under_bf16_autocast_on_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_weighted_cross_entropy_under_bf16_autocast_on_cuda() -> None:
     _autocast_case("cuda")
+
+
+def test_fused_head_sees_through_compile_and_refuses_fsdp() -> None:
+    """torch.compile and DDP wrappers expose the backbone; an FSDP2-sharded one (fully_shard swaps the class for a
+    subclass of FSDPModule, as simulated here) takes the full-logits path."""
+    model = make()
+    assert fused_head(torch.compile(model)) is model
+    ddp_like = torch.nn.Module()
+    ddp_like.module = model  # DistributedDataParallel keeps the wrapped module as .module
+    assert fused_head(ddp_like) is model
+    fsdp_module = type("FSDPModule", (), {})
+    model.__class__ = type("FSDPTransformer", (fsdp_module, type(model)), {})
+    assert fused_head(model) is None

@@ -50,7 +50,7 @@ def fused_head(model: Any) -> nn.Module | None:
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile's OptimizedModule
     if not (callable(getattr(inner, "head_logits", None)) and hasattr(type(inner), "head_weight")):
         return None
-    if any(type(m).__name__.startswith("FSDP") for m in (model, inner)):
+    if any(c.__name__ == "FSDPModule" for m in (model, inner) for c in type(m).__mro__):  # FSDP2's fully_shard
         return None
     return inner
 
