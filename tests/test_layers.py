@@ -190,6 +190,20 @@ def test_backbone_step_is_unchanged_by_the_custom_functions(mlp, norm, monkeypat
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("mlp,norm", [("swiglu", "rmsnorm"), ("gelu", "layernorm")])
+def test_no_grad_path_skips_the_functions_with_the_same_logits(mlp, norm, monkeypatch):
+    import dlm.model.layers as layers
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=37, context=32, n_layer=2, n_head=2, d_model=32, mlp=mlp, norm=norm))
+    ids = torch.randint(0, 37, (2, 16), generator=gen(18))
+    with_grad = model(ids)
+    for fn in (layers._RMSNormFn, layers._SwiGLUFn, layers._RotaryQKVFn):
+        monkeypatch.setattr(fn, "apply", None)  # a call would fail
+    with torch.no_grad():
+        assert torch.equal(model(ids), with_grad.detach())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_custom_functions_under_bf16_autocast_on_cuda():

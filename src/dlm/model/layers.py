@@ -17,6 +17,12 @@ def _wide(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _needs_grad(*xs: Tensor) -> bool:
+    """Whether autograd will record a call on xs: otherwise the custom Functions below are skipped, since their
+    bookkeeping costs more than the arithmetic at decoding shapes (B = 1, one token)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = n * w with n = x r, r = (mean_d x_d^2 + eps)^(-1/2), in float32; a hand-written backward.
 
@@ -61,11 +67,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        if _needs_grad(x, self.weight):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The plain formula RMSNorm computes (autograd differentiates it): the reference of the tests."""
+    """The plain formula RMSNorm computes: its path when no gradient is recorded, and the tests' reference."""
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
@@ -103,7 +111,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc_in(x)
         if self.kind == "swiglu":
-            h = _SwiGLUFn.apply(h)
+            h = _SwiGLUFn.apply(h) if _needs_grad(h) else swiglu_reference(h)
         else:
             h = F.gelu(h)
         return self.fc_out(h)
@@ -135,7 +143,7 @@ class _SwiGLUFn(torch.autograd.Function):
 
 
 def swiglu_reference(h: Tensor) -> Tensor:
-    """SiLU(g) * u for h = [g, u], differentiated by autograd: the reference of the tests."""
+    """SiLU(g) * u for h = [g, u]: the MLP's path when no gradient is recorded, and the tests' reference."""
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -177,6 +185,12 @@ def apply_rotary(x_BHLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return _rotate(x_BHLD, cos, sin).to(x_BHLD.dtype)
 
 
+def _split_rotate(qkv_BL3HD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    x_3BHLD = qkv_BL3HD.permute(2, 0, 3, 1, 4)
+    qk = _rotate(x_3BHLD[:2], cos, sin).to(qkv_BL3HD.dtype)
+    return qk[0], qk[1], x_3BHLD[2]
+
+
 class _RotaryQKVFn(torch.autograd.Function):
     """q, k, v of a fused projection qkv [B, L, 3, H, D], with q and k rotated in one pass (``apply_rotary``).
 
@@ -187,10 +201,8 @@ class _RotaryQKVFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv_BL3HD: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x_3BHLD = qkv_BL3HD.permute(2, 0, 3, 1, 4)
-        qk = _rotate(x_3BHLD[:2], cos, sin).to(qkv_BL3HD.dtype)
         ctx.save_for_backward(cos, sin)
-        return qk[0], qk[1], x_3BHLD[2]
+        return _split_rotate(qkv_BL3HD, cos, sin)
 
     @staticmethod
     def backward(ctx: Any, g_q: Tensor, g_k: Tensor, g_v: Tensor) -> tuple[Tensor, None, None]:
@@ -215,7 +227,10 @@ def rotary_qkv(qkv_BLE: Tensor, n_head: int, cos: Tensor, sin: Tensor) -> tuple[
     assert E % (3 * n_head) == 0, (E, n_head)
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    return _RotaryQKVFn.apply(qkv_BLE.view(B, L, 3, n_head, E // (3 * n_head)), cos, sin)
+    qkv_BL3HD = qkv_BLE.view(B, L, 3, n_head, E // (3 * n_head))
+    if _needs_grad(qkv_BL3HD):
+        return _RotaryQKVFn.apply(qkv_BL3HD, cos, sin)
+    return _split_rotate(qkv_BL3HD, cos, sin)
 
 
 def timestep_features(t_B: Tensor, dim: int = T_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
