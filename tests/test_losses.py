@@ -262,3 +262,25 @@ def test_fused_head_sees_through_compile_and_refuses_fsdp() -> None:
     fsdp_module = type("FSDPModule", (), {})
     model.__class__ = type("FSDPTransformer", (fsdp_module, type(model)), {})
     assert fused_head(model) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_ar_loss_and_backward_read_nothing_back_to_the_host_on_cuda() -> None:
+    """AR's loss takes every position (no row selection) and returns its stats as device tensors: the loss and
+    its backward run under sync debug mode 'error'."""
+    specials = SpecialIds(bos=256, eos=257, pad=258, mask=259, vocab_size=259)
+    proc = get_process(ProcessConfig(name="ar"), specials)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=259, context=32, n_layer=1, n_head=2, d_model=32)).cuda()
+    ids = torch.randint(0, 256, (3, 16), device="cuda")
+    batch = Batch(ids_BL=ids, mask_BL=torch.ones_like(ids, dtype=torch.bool))
+    proc.loss(model, batch)[0].backward()  # warm-up (lazy initialisations may synchronise once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, stats = proc.loss(model, batch)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(v.device.type == "cuda" for v in stats.values())

@@ -216,10 +216,10 @@ def rows_weighted_loss(
     (``logits_cross_entropy``)."""
     head = fused_head(model)
     out = run(head is not None)
-    if rows_BL is None:
-        sel, targets_N, u_N = out.reshape(-1, out.shape[-1]), targets_BL.reshape(-1), weights_BL.reshape(-1)
-    else:
-        sel, targets_N, u_N = out[rows_BL], targets_BL[rows_BL], weights_BL[rows_BL]
+    sel, targets_N, u_N = out.reshape(-1, out.shape[-1]), targets_BL.reshape(-1), weights_BL.reshape(-1)
+    if rows_BL is not None:  # one nonzero (a host synchronisation on a GPU: N sizes the head), then gathers
+        idx_N = rows_BL.reshape(-1).nonzero().squeeze(1)
+        sel, targets_N, u_N = sel.index_select(0, idx_N), targets_N[idx_N], u_N[idx_N]
     if head is None:
         return (u_N.float() * logits_cross_entropy(sel, targets_N, exclude)).sum()
     return head_weighted_cross_entropy(head, sel, targets_N, u_N.float(), exclude=exclude)
