@@ -284,3 +284,13 @@ def test_ar_loss_and_backward_read_nothing_back_to_the_host_on_cuda() -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(v.device.type == "cuda" for v in stats.values())
+
+
+def test_weighted_cross_entropy_refuses_a_second_backward() -> None:
+    """Its gradients are formed once and scaled in place: a retained graph's second backward is refused."""
+    model = make()
+    h_ND, y_N = _hidden_and_targets(model, N=4)
+    loss = head_weighted_cross_entropy(model, h_ND.requires_grad_(True), y_N, torch.ones(4))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

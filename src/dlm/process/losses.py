@@ -154,6 +154,8 @@ class _HeadWeightedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.grads is None:
+            raise RuntimeError("head_weighted_cross_entropy: a second backward through the same graph is not supported")
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         for g in (grad_h, grad_w):  # owned by this node: scaled in place (no second [V, D] buffer)
