@@ -356,8 +356,9 @@ class Process(ABC):
     @abstractmethod
     def loss(
         self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, dict[str, float]]:
-        """Training loss (a scalar, mean over scored tokens) and float statistics for logging."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training loss (a scalar, mean over scored tokens) and statistics for logging as detached 0-dim tensors
+        (read them with ``float()`` only when logging: each read is a device-to-host synchronisation)."""
 
     @abstractmethod
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
