@@ -251,6 +251,7 @@ def test_weighted_cross_entropy_under_bf16_autocast_on_cuda() -> None:
     _autocast_case("cuda")
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # the simulated class
 def test_fused_head_sees_through_compile_and_refuses_fsdp() -> None:
     """torch.compile and DDP wrappers expose the backbone; an FSDP2-sharded one (fully_shard swaps the class for a
     subclass of FSDPModule, as simulated here) takes the full-logits path."""
