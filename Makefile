@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dlm-setup-done
 
-.PHONY: setup compare demo test lint constraints
+.PHONY: setup compare demo test lint constraints gpu-check
 
 # constraints.txt pins every package to the version the tests passed with; a change to it or to
 # pyproject.toml re-runs the set-up.
@@ -26,6 +26,14 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU (never part of CI): the CUDA-only tests, then the issue-14 GPU table
+# (benchmarks/gpu.py, ~8 min, JSON in benchmarks/results/gpu.json). `make gpu-check PY=python3 LABEL=before`
+# uses an interpreter that already has torch with CUDA.
+LABEL ?= after
+gpu-check:
+	$(PY) -m pytest -q -m gpu
+	$(PY) benchmarks/gpu.py --label $(LABEL)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
