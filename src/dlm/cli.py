@@ -135,8 +135,9 @@ def print_eval(record: dict, path: Path) -> None:
     rel = "=" if record["exact"] else "≤"
     bpb = record["bits_per_byte"]
     bpb_txt = "undefined" if bpb is None else f"{bpb:.3f}"
+    where = f"zero-shot {record['source']} {record['split']}" if record.get("zero_shot") else record["split"]
     print(
-        f"{record['split']}: NLL {rel} {record['nll']:.4f}{se_txt} nats/token ({record['likelihood']}) | "
+        f"{where}: NLL {rel} {record['nll']:.4f}{se_txt} nats/token ({record['likelihood']}) | "
         f"BPT {record['bpt']:.3f} | PPL {rel} {_num(record['ppl'])} | {bpb_txt} bits/byte | "
         f"{record['tokens']:,} tokens, {record['sequences']} sequences | step {record['checkpoint_step']} | "
         f"train seed {record.get('train_seed', 'unknown')}, eval seed {record.get('eval_seed', record['seed'])}"
@@ -172,8 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.generation:
         from dlm.eval.formal import evaluate_generation
 
-        if args.split is not None or args.max_batches is not None:
-            raise DlmError("--split and --max-batches belong to likelihood evaluation, not to --generation")
+        if args.split is not None or args.max_batches is not None or args.data is not None:
+            raise DlmError("--split, --max-batches and --data belong to likelihood evaluation, not to --generation")
         record, path = evaluate_generation(
             args.run,
             n=1000 if args.n is None else args.n,
@@ -203,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         force=args.force,
+        data=args.data,
         log=print,
         progress=Progress("eval", "batches"),
     )
@@ -446,6 +448,13 @@ def _add_eval(sub: Any) -> None:
     )
     _run_args(pe)
     pe.add_argument("--split", default=None, help="split to evaluate (default: the run's eval.split)")
+    pe.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="zero-shot: score a split of another prepared corpus (same tokenizer, rows <= the model context) "
+        "-> RUN/eval/zeroshot-*.json",
+    )
     pe.add_argument(
         "--batch-size", type=int, default=None, help="rows per batch (--generation: rows sampled at once, default 16)"
     )

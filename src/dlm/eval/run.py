@@ -1,10 +1,12 @@
 """Evaluate and sample a trained run; results go into the run directory.
 
 ``evaluate_run`` writes ``RUN/eval/likelihood-{split}-step{N}-{hash}.json``, one file per distinct setting
-(:mod:`dlm.eval.results`: a rerun with the same settings reuses it, ``force`` recomputes); ``sample_run`` writes
+(:mod:`dlm.eval.results`: a rerun with the same settings reuses it, ``force`` recomputes), or with ``data`` (a
+zero-shot corpus) ``RUN/eval/zeroshot-{split}-step{N}-{hash}.json``; ``sample_run`` writes
 ``RUN/samples/samples-step{N}-{time}.jsonl``. Both read only the run directory and the data directory
-recorded in its config, so they work on any finished or interrupted run. Every check of the user's input (device,
-lengths, prompt characters, the data directory's tokenizer, a writable output directory) is done before the work.
+recorded in its config (or the one given), so they work on any finished or interrupted run. Every check of the
+user's input (device, lengths, prompt characters, the data directory's tokenizer, a writable output directory) is
+done before the work.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from dlm.data.loader import Loader
-from dlm.data.shards import ShardSplit, open_split
+from dlm.data.shards import ShardSplit, open_split, read_meta
 from dlm.data.specials import SpecialIds
 from dlm.data.tokenizers import Tokenizer, load_tokenizer
 from dlm.errors import DlmError
@@ -41,14 +43,20 @@ SCORED_RULE = (
 )
 
 
-def check_tokenizer(run: LoadedRun, fingerprint: str, name: str) -> None:
+def check_tokenizer(run: LoadedRun, fingerprint: str, name: str, data_dir: str | Path | None = None) -> None:
     """The one check that the data directory's tokenizer (its shards' meta, or the tokenizer files that
-    eval, sample and infill load) is the tokenizer the run was trained on (the fingerprint in RUN/run.json)."""
+    eval, sample and infill load) is the tokenizer the run was trained on (the fingerprint in RUN/run.json).
+    ``data_dir``: another prepared corpus (zero-shot evaluation) instead of the run's own data directory."""
     trained = run.data_meta.get("tokenizer", {})
     if fingerprint != trained.get("fingerprint"):
+        where, hint = (
+            (run.cfg.data.dir, "point the run at its own data")
+            if data_dir is None
+            else (data_dir, f"prepare that corpus with the run's tokenizer ({trained.get('name')})")
+        )
         raise DlmError(
-            f"the data directory {run.cfg.data.dir} holds tokenizer {name} with another vocabulary than the "
-            f"{trained.get('name')} the run was trained on (fingerprints differ); point the run at its own data"
+            f"the data directory {where} holds tokenizer {name} with another vocabulary than the "
+            f"{trained.get('name')} the run was trained on (fingerprints differ); {hint}"
         )
 
 
@@ -57,6 +65,16 @@ def _open_run_split(run: LoadedRun, split: str) -> ShardSplit:
     s = open_split(Path(run.cfg.data.dir), split)
     check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"])
     return s
+
+
+def _check_other_split(run: LoadedRun, s: ShardSplit) -> None:
+    """A split of another prepared corpus (zero-shot evaluation): the run's tokenizer, rows within the context."""
+    check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"], data_dir=s.data_dir)
+    if s.seq_len > run.cfg.model.context:
+        raise DlmError(
+            f"the rows of {s.data_dir} are {s.seq_len} tokens, longer than the model context of "
+            f"{run.cfg.model.context}; prepare it with --seq-len {run.cfg.model.context} or less"
+        )
 
 
 def run_tokenizer(run: LoadedRun) -> Tokenizer:
@@ -82,6 +100,7 @@ def evaluate_run(
     seed: int | None = None,
     device: str = "cpu",
     force: bool = False,
+    data: str | Path | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, Any], Path]:
@@ -90,20 +109,35 @@ def evaluate_run(
     The result goes to :func:`likelihood_settings`' file; when that file already holds a result with the same
     settings it is returned as it is (``log`` says so) unless ``force``. ``progress(done, total)`` is called
     after every batch.
+
+    ``data``: zero-shot evaluation on a split of another prepared corpus (``dlm prepare`` output) with the
+    run's tokenizer and rows no longer than the model context; the same estimator, seed and scored positions
+    as in-domain, written to ``RUN/eval/zeroshot-{split}-step{N}-{hash}.json`` (``settings.data`` holds that
+    corpus's fingerprints and ``zero_shot: true``, so in-domain and zero-shot results never share a file).
     """
     _positive("batch size", batch_size)
     _positive("max batches", max_batches)
     check_device(device)
+    other = None if data is None else Path(data).resolve()
+    if other is not None:
+        read_meta(other)  # not a prepared corpus: refused before the run is loaded
     run = load_run(run_dir, which=which, ema=ema, device=device)
     ecfg = run.cfg.eval
     split = split or ecfg.split
     bs = batch_size or ecfg.batch_size or run.cfg.train.batch_size
     max_b = max_batches if max_batches is not None else (ecfg.max_batches or None)
     seed = ecfg.seed if seed is None else seed
-    s = _open_run_split(run, split)
+    if other is None:
+        s = _open_run_split(run, split)
+    else:
+        s = open_split(other, split)
+        _check_other_split(run, s)
     loader = Loader(s, bs, seed=seed, shuffle=False, infinite=False)
     settings = likelihood_settings(run, s, split=split, seed=seed, batch_size=bs, max_batches=max_b, n=len(loader))
-    path = result_path(run_dir, "likelihood", f"{split}-step{run.step}", settings)
+    if other is not None:
+        settings["data"]["zero_shot"] = True  # only here: the in-domain settings (and their hashes) stay as they were
+    kind = "likelihood" if other is None else "zeroshot"
+    path = result_path(run_dir, kind, f"{split}-step{run.step}", settings)
     if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
@@ -131,8 +165,10 @@ def _likelihood_record(
     wall: float,
 ) -> dict[str, Any]:
     """The JSON record of one likelihood setting: ``evaluate_nll``'s figures, bits per byte, what was scored
-    and on which data."""
+    and on which data (``data``: the directory scored, its source and fingerprints, ``zero_shot``: another
+    corpus than ``trained_on``, the run's own data directory)."""
     split, bs, max_b, seed = settings["split"], settings["batch_size"], settings["max_batches"], settings["seed"]
+    zero_shot = bool(settings["data"].get("zero_shot", False))
     return {
         "metric": "likelihood",
         "family": run.process.name,
@@ -155,7 +191,16 @@ def _likelihood_record(
         "eval_seed": seed,
         "train_seed": run.cfg.train.seed,
         "batch_size": bs,
-        "data_dir": str(Path(run.cfg.data.dir).resolve()),
+        "data_dir": str(Path(s.data_dir).resolve()),
+        "zero_shot": zero_shot,
+        "data": {
+            "dir": str(Path(s.data_dir).resolve()),
+            "zero_shot": zero_shot,
+            "source": s.meta["source"]["spec"],
+            "source_fingerprint": s.meta["source"]["fingerprint"],
+            "inputs_hash": s.meta.get("inputs_hash"),
+            "trained_on": str(Path(run.cfg.data.dir).resolve()),
+        },
         "source": s.meta["source"]["spec"],
         "tokenizer": s.meta["tokenizer"]["name"],
         "mode": s.meta["mode"],
