@@ -206,7 +206,7 @@ def cmd_variance(args: argparse.Namespace) -> int:
 
     print(f"{record['family']} ({record['likelihood']}), split {record['split']}, step {record['checkpoint_step']}: "
           f"{record['batches']} batches of {record['batch_size']}, {record['sequences']} sequences, "
-          f"K = {record['t_samples']} time samples, seed {record['seed']}")  # fmt: skip
+          f"K = {record['t_samples']} draws, seed {record['seed']}")  # fmt: skip
     print(f"  NLL per token:                           {num(record['nll_per_token'])} nats")
     print(f"  per-sequence estimator variance:         {num(record['seq_var'])} nats^2")
     print(f"  per-sequence variance, per-token:        {num(record['seq_var_per_token'])} (nats/token)^2 "
@@ -227,14 +227,14 @@ def _add_variance(sub: Any) -> None:
     pv = sub.add_parser(
         "variance",
         help="variance of the likelihood estimator and of the training gradient (eq. 9) -> RUN/eval/variance-*.json",
-        description="On the first M batches of a split: the variance of the single-time-sample bound per sequence "
+        description="On the first M batches of a split: the variance of the single-draw bound estimate per sequence "
         "(K draws; 0 for an exact likelihood, AR), of the per-batch ELBO estimate, and the gradient variance of the "
         "BD3-LM paper's eq. 9, (1/(M-1)) sum_m ||g_m - g_bar||^2. Every figure is defined in the JSON file.",
     )
     pv.add_argument("run", type=Path, help="run directory")
     pv.add_argument("--batches", type=int, default=16, help="M, batches from the start of the split (>= 2; 16)")
     pv.add_argument("--split", default=None, help="split (default: the run's eval.split)")
-    pv.add_argument("--t-samples", type=int, default=8, help="K, time samples per sequence of a bound (>= 2; 8)")
+    pv.add_argument("--t-samples", type=int, default=8, help="K, Monte-Carlo draws per sequence of a bound (>= 2; 8)")
     pv.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: eval.batch_size, else "
                     "train.batch_size)")  # fmt: skip
     pv.add_argument("--seed", type=int, default=0, help="seed of the time and noise draws (0)")

@@ -142,7 +142,7 @@ def likelihood_tables(results: Mapping[str, Any]) -> list[Table]:
         cells += [mean_std(a, "bits_per_byte"), str(a.get("n_seeds"))]
         agg.rows.append((f"likelihood-{a['arm']}", cells))
     head = ["arm", "seed", "split", "NLL nats/token ± SE", "BPT", "PPL", "PPL (seq mean)", "bits/byte", "tokens"]
-    seeds = Table("likelihood-seeds", "likelihood-seeds", [*head, "sequences", "K time samples"])
+    seeds = Table("likelihood-seeds", "likelihood-seeds", [*head, "sequences", "K draws"])
     for r in _sorted_rows(results, "likelihood"):
         nll = f"{r.get('relation')} {fmt(r.get('nll'))}" + ("" if r.get("nll_se") is None else f" ± {fmt(r['nll_se'])}")
         cells = [r["arm"], str(r["seed"]), str(r.get("split")), nll, fmt(r.get("bpt")), fmt(r.get("ppl"), 2)]
@@ -233,7 +233,7 @@ def variance_items(results: Mapping[str, Any]) -> list[Item]:
         cells += [mean_std(a, "grad_mean_sq_norm", 4), mean_std(a, "grad_noise_ratio", 3), mean_std(a, "batches", 0)]
         table.rows.append((f"variance-{a['arm']}", [*cells, str(a["n_seeds"])]))
     note = (
-        "the likelihood estimator's variance over K single-time-sample draws per sequence (0 for AR: exact) and "
+        "the likelihood estimator's variance over K single-draw estimates per sequence (0 for AR: exact) and "
         "the gradient variance of the training loss over M batches (BD3-LM paper, eq. 9); mean ± std over seeds."
     )
     return [Block("h2", "Estimator variance"), Block("note", note), table]
@@ -392,7 +392,7 @@ def _document(
         Block("h2", "Likelihood"),
         Block(
             "note",
-            f"split {lik.get('split')}, K = {lik.get('t_samples')} time samples per sequence for the "
+            f"split {lik.get('split')}, K = {lik.get('t_samples')} Monte-Carlo draws per sequence for the "
             f"diffusion bounds, {_batches_text(lik.get('max_batches'))}; scored: {lik.get('scored')}.",
         ),
         *likelihood_tables(results),

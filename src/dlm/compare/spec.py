@@ -138,7 +138,7 @@ class LikelihoodEval:
     """Likelihood on a held-out split: exact for AR, an upper bound with a standard error for diffusion.
 
     split:       split scored.
-    t_samples:   K, time samples per sequence of a diffusion bound (process.eval_t_samples).
+    t_samples:   K, Monte-Carlo draws per sequence of a diffusion bound (process.eval_t_samples).
     max_batches: score at most this many batches; 0 = the whole split.
     """
 
@@ -182,10 +182,10 @@ class SpeedEval:
 @dataclass
 class VarianceEval:
     """Estimator variances of every run (``dlm.eval.variance.variance_run``, the BD3-LM paper's table 1 and eq. 9):
-    the likelihood estimator's variance over time samples (0 for AR: exact) and the gradient variance over batches.
+    the likelihood estimator's variance over its draws (0 for AR: exact) and the gradient variance over batches.
 
     batches:   M, batches from the start of the likelihood split; 0 = skip this evaluation.
-    t_samples: K, single-time-sample estimates per sequence of a diffusion bound (>= 2).
+    t_samples: K, single-draw estimates per sequence of a diffusion bound (>= 2).
     """
 
     batches: int = 0
@@ -219,7 +219,7 @@ class Evaluation:
                 local causal LM directory) or true-language (a formal corpus only).
     judge:      the judge-ar model's size and training.
     speed:      speed settings.
-    variance:   estimator variances (likelihood over time samples, gradient over batches); off by default.
+    variance:   estimator variances (likelihood over its draws, gradient over batches); off by default.
     device:     where evaluation runs: auto (CUDA when available), cpu or cuda.
     """
 

@@ -47,7 +47,7 @@ class ProcessConfig:
     transition:     D3PM / SEDD transition: absorbing | uniform.
     T:              D3PM: number of discrete diffusion steps (the thesis used 1000).
     hybrid_lambda:  D3PM: weight of the auxiliary cross-entropy in L_vb + lambda CE (Austin et al.: 0.01).
-    eval_t_samples: K, time samples per sequence when nll() estimates a diffusion bound.
+    eval_t_samples: K, Monte-Carlo draws per sequence when nll() estimates a diffusion bound (a time or a mask count).
     block_size:     BD3-LM: L', tokens per block (must divide the row length); 1 = AR-like, L = MDLM.
     clip_beta:      BD3-LM: lower end beta of the training mask rate 1 - alpha_t ~ U[beta, omega] (0 = no clip).
     clip_omega:     BD3-LM: upper end omega of that window (1 = no clip); evaluation always uses the full bound.
@@ -243,7 +243,7 @@ CONTINUOUS_TIME_FIELDS = frozenset({"name", "time_cond", "schedule", "antithetic
 
 
 def check_eval_t_samples(cfg: ProcessConfig) -> None:
-    """process.eval_t_samples (K, time samples per sequence of a diffusion bound) must be an integer >= 1."""
+    """process.eval_t_samples (K, Monte-Carlo draws per sequence of a diffusion bound) must be an integer >= 1."""
     k = cfg.eval_t_samples
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DlmError(f"process.eval_t_samples must be an integer >= 1, got {k!r}")
