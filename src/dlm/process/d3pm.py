@@ -47,6 +47,7 @@ of the exact T-step bound, which needs T forwards: ``nelbo_exact`` sums all T te
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -71,6 +72,7 @@ from dlm.process.base import (
     register_process,
     scored_positions,
 )
+from dlm.process.estimators import draw_masks
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule
 from dlm.process.transitions import TRANSITIONS as TRANSITION_CLASSES
 from dlm.process.transitions import Transition, check_transition, get_transition
@@ -268,9 +270,14 @@ class D3PMProcess(Process):
 
     @torch.no_grad()
     def nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None = None) -> NLLResult:
-        """Unbiased estimate of the T-step NELBO per sequence: L_T + T * mean_k L_{i_k - 1}, k = 1..eval_t_samples
-        (i_k ~ U{1..T}, stratified when ``antithetic``; one z_t per draw). An upper bound in expectation on
-        -log p(x^S | x^0); tokens_b = |S_b| (real positions 1..L-1)."""
+        """Unbiased estimate of the T-step NELBO per sequence, an upper bound in expectation on -log p(x^S | x^0);
+        tokens_b = |S_b| (real positions 1..L-1). K = ``eval_t_samples`` draws per row.
+
+        Uniform: L_T + T * mean_k L_{i_k - 1}, i_k ~ U{1..T} (stratified when ``antithetic``; one z_t per draw).
+        Absorbing: L_T + the masked-count estimate of sum_i L_{i-1} (``_count_table``): bounded weights, so a
+        reliable standard error (the uniform-step estimate weighs a lone masked token at small i by T a_i)."""
+        if self.absorbing:
+            return self._masked_count_nll(model, batch, generator)
         B = batch.ids_BL.shape[0]
         k = self.cfg.eval_t_samples
         i_BK = self._sample_steps(B, k, batch.ids_BL.device, generator)
@@ -278,6 +285,59 @@ class D3PMProcess(Process):
         kl, _ = self.step_terms(model, rep, i_BK.reshape(-1), generator)
         real_BL = scored_positions(batch)
         nats_B = self.prior_kl(real_BL) + self.T * kl.view(B, k).mean(1)
+        return NLLResult(nats_B=nats_B, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
+
+    def _count_table(self, n: int) -> Tensor:
+        """w [n + 1, T] float64, w_{k,i} = C(n, k) s_i^k (1 - s_i)^{n-k} a_i for steps i = 1..T: the probability
+        that a row of n scored tokens has k of them masked at step i, times the absorbing KL weight
+        a_i = (alpha_{i-1} - alpha_i) / s_i, s_i = 1 - alpha_i. Row k = 0 is 0 (nothing masked, no term)."""
+        a = self.alpha.to(torch.float64)
+        s_T = 1.0 - a[1:]
+        a_T = (a[:-1] - a[1:]) / s_T
+        k = torch.arange(n + 1, dtype=torch.float64)[:, None]
+        log_comb = math.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+        w = torch.exp(log_comb + torch.special.xlogy(k, s_T) + torch.special.xlog1py(n - k, -s_T)) * a_T
+        w[0] = 0.0
+        return w
+
+    def _count_steps(self, k_R: Tensor, n_R: Tensor, u_R: Tensor) -> tuple[Tensor, Tensor]:
+        """Per draw with k of n scored tokens masked: the step i ~ w_{k,.} / c_k (inverse CDF of the uniform u) and
+        the weight n c_k (0 where n = 0); int64 [R] in 1..T and float64 [R]."""
+        i_R = torch.ones_like(k_R)
+        weight_R = torch.zeros(k_R.shape, dtype=torch.float64, device=k_R.device)
+        for n in torch.unique(n_R).tolist():
+            if n == 0:
+                continue
+            rows = n_R == n
+            w = self._count_table(n).to(k_R.device)
+            c = w.sum(1)
+            cdf_R = w[k_R[rows]].cumsum(1) / c[k_R[rows], None]
+            i_R[rows] = torch.searchsorted(cdf_R, u_R[rows, None]).squeeze(1).clamp(max=self.T - 1) + 1
+            weight_R[rows] = n * c[k_R[rows]]
+        return i_R, weight_R
+
+    def _masked_count_nll(self, model: torch.nn.Module, batch: Batch, generator: torch.Generator | None) -> NLLResult:
+        """Absorbing D3PM's bound by masked counts (the discrete-time form of ``dlm.process.estimators``):
+
+            sum_i L_{i-1}(x) = sum_i E_{M ~ Bern(s_i)} [a_i sum_{l in M} CE_l(x_{not M}, i)]
+                             = sum_{k=1..n} c_k E_{M | k} E_{i ~ w_{k,.} / c_k} [sum_{l in M} CE_l(x_{not M}, i)],
+
+        c_k = sum_i w_{k,i} (``_count_table``). Per draw: k ~ U{1..n} (stratified), M a uniform k-subset of the
+        scored positions (``estimators.draw_masks``), i from w_{k,.} / c_k by inverse CDF, and
+        nats = L_T + n c_k sum_{l in M} -log p_theta(x^l | x with M masked, i); the K B draws in one forward.
+        """
+        x_BL, real_BL = batch.ids_BL, scored_positions(batch)
+        B, K = x_BL.shape[0], self.cfg.eval_t_samples
+        masked_RL, k_R, n_R = draw_masks(real_BL.repeat(K, 1), generator, antithetic=self.cfg.antithetic)
+        where = generator.device if generator is not None else x_BL.device
+        u_R = torch.rand(K * B, dtype=torch.float64, generator=generator, device=where).to(x_BL.device)
+        i_R, weight_R = self._count_steps(k_R, n_R, u_R)
+        x_RL = x_BL.repeat(K, 1)
+        z_RL = torch.where(masked_RL, self.specials.mask, x_RL)
+        sel = self._logits(model, z_RL, i_R)[masked_RL].to(torch.float64)
+        ce_N = F.cross_entropy(sel, x_RL[masked_RL], reduction="none")
+        ce_R = torch.zeros(K * B, dtype=torch.float64, device=x_BL.device).index_add(0, masked_RL.nonzero()[:, 0], ce_N)
+        nats_B = self.prior_kl(real_BL) + (weight_R * ce_R).view(K, B).mean(0)
         return NLLResult(nats_B=nats_B, tokens_B=real_BL.sum(1).to(torch.int64), exact=False)
 
     @torch.no_grad()

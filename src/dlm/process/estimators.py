@@ -42,7 +42,14 @@ from dlm.data.batch import Batch
 from dlm.process.base import NLLResult, scored_positions
 from dlm.process.schedules import Schedule, sample_times
 
-__all__ = ["binomial_upper_tail", "count_weights", "draw_masked_count", "masked_count_bound", "monte_carlo_bound"]
+__all__ = [
+    "binomial_upper_tail",
+    "count_weights",
+    "draw_masked_count",
+    "draw_masks",
+    "masked_count_bound",
+    "monte_carlo_bound",
+]
 
 
 def binomial_upper_tail(n: int, p: float) -> Tensor:
@@ -65,15 +72,12 @@ def count_weights(n: int, s0: float, s1: float) -> Tensor:
     return torch.where(k > 0, tail / k.clamp(min=1), torch.zeros_like(tail))
 
 
-def draw_masked_count(
-    scored_BL: Tensor, schedule: Schedule, generator: torch.Generator | None, antithetic: bool = True
+def draw_masks(
+    scored_BL: Tensor, generator: torch.Generator | None, antithetic: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One masked-count draw per row: (masked positions M [B, L] bool, t [B] float64, weight n c_k [B] float64).
-
+    """The mask part of a masked-count draw, per row: (M [B, L] bool, k [B], n [B]): n_b scored positions,
     k_b = floor(u_b n_b) + 1 with u from ``sample_times`` (stratified over the rows when ``antithetic``), M_b a
-    uniform k_b-subset of the row's scored positions, s_b ~ rho_k (module docstring), t_b = t(s_b). Rows with
-    no scored position get no mask and weight 0.
-    """
+    uniform k_b-subset of the scored positions (rows with none: k = 1, no mask)."""
     device = scored_BL.device
     B, L = scored_BL.shape
     n_B = scored_BL.sum(1)
@@ -81,12 +85,24 @@ def draw_masked_count(
     k_B = torch.minimum((u_B * n_B).floor().long() + 1, n_B.clamp(min=1))
     keys_BL = torch.rand(B, L, generator=generator, dtype=torch.float64, device=device).masked_fill(~scored_BL, 2.0)
     rank_BL = keys_BL.argsort(1).argsort(1)
-    masked_BL = (rank_BL < k_B[:, None]) & scored_BL
+    return (rank_BL < k_B[:, None]) & scored_BL, k_B, n_B
+
+
+def draw_masked_count(
+    scored_BL: Tensor, schedule: Schedule, generator: torch.Generator | None, antithetic: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One masked-count draw per row: (masked positions M [B, L] bool, t [B] float64, weight n c_k [B] float64).
+
+    M and k from ``draw_masks``, s_b ~ rho_k (module docstring), t_b = t(s_b). Rows with no scored position get
+    no mask and weight 0.
+    """
+    device = scored_BL.device
+    masked_BL, k_B, n_B = draw_masks(scored_BL, generator, antithetic)
     s0 = float(1.0 - schedule.alpha(0.0))
     s1 = float(1.0 - schedule.alpha(1.0))
     s_B = _order_statistic(n_B, k_B, s0, s1, generator)
     t_B = schedule.t_of_alpha(1.0 - s_B)
-    weight_B = torch.zeros(B, dtype=torch.float64, device=device)
+    weight_B = torch.zeros(n_B.shape[0], dtype=torch.float64, device=device)
     for n in torch.unique(n_B).tolist():
         if n == 0:
             continue
