@@ -11,6 +11,7 @@ Session-scoped, so the tests that use them prepare and train once per test sessi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,19 @@ def _tiny_run(data: Path, process: str, root: Path) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root / "run"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for the test (restored after): tiny models are fastest on one thread, and two threads
+    spin against other jobs on the shared 2-core machine. Modules use it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -26,13 +26,7 @@ GRID = "0,0.5,0.3,0.8,0.5,1"  # table 2's clipped windows, without U[0, 1] (the 
 WINDOWS = [(0.0, 0.5), (0.3, 0.8), (0.5, 1.0)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: these tiny runs are slower with more on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _args(data: Path, *extra: str) -> list[str]:
