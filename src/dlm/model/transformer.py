@@ -153,7 +153,7 @@ class Transformer(nn.Module):
                      one-pass loss needs the noisy half only: R = L of the 2L input saves the clean half's
                      head (V x d per token, forward and backward).
         return_hidden: return h = mod(Norm(x), a_f, b_f) in the compute dtype instead of W_out h: a loss then
-                     applies the head to the rows it scores only (``dlm.process.losses.head_cross_entropy``).
+                     applies the head to the rows it scores only (``dlm.process.losses.rows_weighted_loss``).
         """
         if ids_BL.dim() != 2 or ids_BL.dtype not in (torch.int64, torch.int32):
             raise DlmError(f"ids_BL must be an int64 tensor [B, L], got {ids_BL.dtype} {tuple(ids_BL.shape)}")
@@ -214,10 +214,6 @@ class Transformer(nn.Module):
             logits_NV = logits_NV[..., : self.cfg.vocab_size]
         return logits_NV.float()
 
-    def _logits(self, x_BLD: Tensor, c_BC: Tensor | None) -> Tensor:
-        """Float32 logits over the true vocabulary: W_out mod(Norm(x), a_f, b_f), padded head rows sliced off."""
-        return self.head_logits(self._hidden(x_BLD, c_BC))
-
     def decode_step(self, tok_B1: Tensor, pos_1: Tensor, cache: KVCache) -> Tensor:
         """Float32 logits [B, V] after feeding tok_B1 (int64 [B, 1]) at the position p held in pos_1 (int64 [1],
         on the model's device), causal attention over the cached keys j <= p.
@@ -235,7 +231,7 @@ class Transformer(nn.Module):
         x = self.drop(self.tok_emb(tok_B1))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, plan, c_BC, writer, i, True)
-        return self._logits(x, c_BC)[:, -1]
+        return self.head_logits(self._hidden(x, c_BC))[:, -1]
 
     def decoder(self, cache: KVCache, capture: bool | None = None) -> Decoder:
         """A ``dlm.model.decode.Decoder`` stepping this model over ``cache`` from cache.length on (a CUDA graph
