@@ -126,8 +126,10 @@ class _HeadWeightedCrossEntropy(torch.autograd.Function):
         exclude: int | None,
         chunk: int,
         dtype: torch.dtype,
+        record: bool,
     ) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad says requires_grad even under no_grad: ``record`` (grad mode at the call) decides too
+        need_h, need_w = record and ctx.needs_input_grad[0], record and ctx.needs_input_grad[1]
         N = h_ND.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h_ND.device)
         grad_h = torch.empty_like(h_ND) if need_h else None
@@ -161,7 +163,7 @@ class _HeadWeightedCrossEntropy(torch.autograd.Function):
         for g in (grad_h, grad_w):  # owned by this node: scaled in place (no second [V, D] buffer)
             if g is not None:
                 g.mul_(grad.to(g.dtype))
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def head_weighted_cross_entropy(
@@ -183,7 +185,10 @@ def head_weighted_cross_entropy(
         chunk = max(1, CHUNK_ELEMENTS // w_VD.shape[0])
     if h_ND.shape[0] == 0:
         return (h_ND.sum() + w_VD.sum() * 0).float()  # 0, with the graph to h and W
-    return _HeadWeightedCrossEntropy.apply(h_ND, w_VD, targets_N, weights_N, exclude, chunk, _compute_dtype(h_ND))
+    dtype = _compute_dtype(h_ND)
+    return _HeadWeightedCrossEntropy.apply(
+        h_ND, w_VD, targets_N, weights_N, exclude, chunk, dtype, torch.is_grad_enabled()
+    )
 
 
 def head_cross_entropy(
