@@ -56,7 +56,7 @@ from dlm.model.masks import MaskFn, bidirectional, block_causal, block_diffusion
 from dlm.process import ProcessConfig, get_process
 from dlm.process.base import Process, scored_positions
 from dlm.process.bd3lm import BD3LMProcess
-from dlm.process.mdlm import masked_cross_entropy
+from dlm.process.losses import logits_cross_entropy
 
 SHAPES = {
     # name: (model config, batch, seq_len)
@@ -110,7 +110,7 @@ def bd3lm_loss_with(forward: Callable[..., Tensor]) -> Callable[[BD3LMProcess], 
             x_BL, real_BL = batch.ids_BL, scored_positions(batch)
             t_BN, z_BL = proc.draw(batch, gen, clipped=True)
             scored_BL = (z_BL == proc.mask_id) & real_BL
-            ce_N = masked_cross_entropy(forward(proc, model, z_BL, x_BL), scored_BL, x_BL, proc.mask_id)
+            ce_N = logits_cross_entropy(forward(proc, model, z_BL, x_BL)[scored_BL], x_BL[scored_BL], proc.mask_id)
             w_BL = proc.schedule.mdlm_weight(t_BN).repeat_interleave(proc.block_size, dim=1)
             return (w_BL[scored_BL].to(ce_N.dtype) * ce_N).sum() / real_BL.sum().clamp(min=1)
 

@@ -40,22 +40,11 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.estimators import masked_count_bound
-from dlm.process.losses import logits_cross_entropy, rows_weighted_loss
+from dlm.process.losses import rows_weighted_loss
 from dlm.process.schedules import SCHEDULE_PARAMS, build_schedule, sample_times
 from dlm.process.transitions import AbsorbingTransition, Transition
 
 T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t) E[#masked] is bounded at 0)
-
-
-def masked_cross_entropy(logits_BLV: Tensor, scored_BL: Tensor, x_BL: Tensor, mask_id: int) -> Tensor:
-    """-log p_theta(x^l | z) at the scored positions only, float32 [N] (N = scored.sum(), row-major order):
-
-        -log p_theta(x^l | z) = -log softmax(logits^l with logit_m = -inf)_{x^l}
-
-    The [N, V] rows are gathered first, so the softmax (and its backward) never runs over unscored positions.
-    From full logits; the losses go through ``losses.rows_weighted_loss`` (the head on those rows only).
-    """
-    return logits_cross_entropy(logits_BLV[scored_BL], x_BL[scored_BL], mask_id)
 
 
 def _absorbing_sampler(fn: absorbing.AbsorbingSampler) -> SamplerFn:
