@@ -42,6 +42,7 @@ __all__ = [
     "METRICS_FILE",
     "RUN_FILE",
     "LoadedRun",
+    "checkpointed_window",
     "find_checkpoint",
     "list_checkpoints",
     "load_run",
@@ -284,6 +285,13 @@ def load_run(
     return LoadedRun(cfg, model, process, step, data_meta, path, use_ema, window_source)
 
 
+def checkpointed_window(state: dict[str, Any]) -> tuple[float, float] | None:
+    """The clipped window a searching run checkpointed in state.pt (``clip_window``), or None."""
+    if "clip_window" not in state:
+        return None
+    return float(state["clip_window"][0]), float(state["clip_window"][1])
+
+
 def trained_window(run_dir: Path, cfg: RunConfig, step: int, path: Path) -> tuple[tuple[float, float], str] | None:
     """The clipped window (beta, omega) a run trained with at checkpoint ``path`` (step ``step``) when the
     data-driven search (``process.clip_search``) had picked it, and "search at step N" (N: the last search at or
@@ -292,10 +300,9 @@ def trained_window(run_dir: Path, cfg: RunConfig, step: int, path: Path) -> tupl
     (state.pt's ``clip_window``, written with every checkpoint of a searching run)."""
     if not cfg.process.clip_search:
         return None
-    state = read_state(path, mmap=True)
-    if "clip_window" not in state:
+    window = checkpointed_window(read_state(path, mmap=True))
+    if window is None:
         return None
-    window = (float(state["clip_window"][0]), float(state["clip_window"][1]))
     searches = [r for r in read_metrics(run_dir) if r.get("split") == "clip_search" and r.get("step", step + 1) <= step]
     if searches:
         return window, f"search at step {int(searches[-1]['step'])}"

@@ -23,6 +23,7 @@ from dlm.errors import DlmError
 from dlm.io import exclusive_lock
 from dlm.model import build_model, count_params, flops_per_token
 from dlm.process import Process, get_process
+from dlm.rundir import checkpointed_window
 from dlm.train.checkpoint import (
     LOCK_FILE,
     check_run_dir_free,
@@ -178,8 +179,8 @@ def _restore(
     load_model_state(model, read_weights(path / "model.safetensors"), str(path / "model.safetensors"), rt)
     load_optimizer_state(model, optimizer, state["optimizer"], rt)
     loader.load_state_dict(state["loader"])
-    if "clip_window" in state:  # written with process.clip_search (``dlm.train.loop._window_state``)
-        process.clip_window = (float(state["clip_window"][0]), float(state["clip_window"][1]))
+    if (window := checkpointed_window(state)) is not None:  # written with process.clip_search (loop._window_state)
+        process.clip_window = window
     note = None
     ranks = state["ranks"]
     if len(ranks) == rt.world_size:
