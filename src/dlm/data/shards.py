@@ -18,6 +18,11 @@ Modes:
 The loss/attention mask of a row is ``arange(L) < length``. A data directory is written under a
 temporary name and renamed when complete, so a crash never leaves a half-written directory, and an
 existing directory is reused only when its ``inputs_hash`` equals that of the request.
+
+``tokenizer_from=DIR``: a trained tokenizer (``chars``, ``bpe:N``) is not trained on this corpus but loaded
+from another prepared directory (its files, e.g. the comparison corpus's), so a second corpus is tokenized with
+the very ids a model was trained with (zero-shot evaluation). The tokenizer's fingerprint then enters the
+``inputs_hash`` (and meta.json's ``tokenizer.from`` names DIR).
 """
 
 from __future__ import annotations
@@ -77,9 +82,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:60] or "corpus"
 
 
-def inputs_hash(source: Source, tokenizer_spec: str, seq_len: int, mode: str, dtype: str | None) -> str:
-    """Content hash of everything that determines the shards (the reuse key)."""
-    key = {
+def inputs_hash(
+    source: Source,
+    tokenizer_spec: str,
+    seq_len: int,
+    mode: str,
+    dtype: str | None,
+    tokenizer_fingerprint: str | None = None,
+) -> str:
+    """Content hash of everything that determines the shards (the reuse key). ``tokenizer_fingerprint``: that of
+    a trained tokenizer taken from another directory (``tokenizer_from``); None (a tokenizer trained here or a
+    fixed one) leaves the key, hence every existing hash, as it was."""
+    key: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "source": source.fingerprint(),
         "tokenizer": tokenizer_spec,
@@ -87,6 +101,8 @@ def inputs_hash(source: Source, tokenizer_spec: str, seq_len: int, mode: str, dt
         "mode": mode,
         "dtype": dtype,
     }
+    if tokenizer_fingerprint is not None:
+        key["tokenizer_fingerprint"] = tokenizer_fingerprint
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -193,15 +209,19 @@ def prepare(
     dtype: str | None = None,
     out_dir: Path | str | None = None,
     data_root: Path | str = "data",
+    tokenizer_from: Path | str | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize every split of ``source`` into shards; return the data directory.
 
     Re-running with the same inputs reuses the existing directory (matched by ``inputs_hash``);
-    a directory holding different inputs is never overwritten.
+    a directory holding different inputs is never overwritten. ``tokenizer_from``: a prepared data directory
+    whose trained tokenizer (it must be ``tokenizer_spec``) is used instead of training one on ``source``
+    (module docstring); for a fixed tokenizer (bytes, gpt2, ...) only the name is checked.
     """
     _check_request(seq_len, mode, dtype)
-    h = inputs_hash(source, tokenizer_spec, seq_len, mode, dtype)
+    reused = None if tokenizer_from is None else _tokenizer_from(Path(tokenizer_from), tokenizer_spec)
+    h = inputs_hash(source, tokenizer_spec, seq_len, mode, dtype, reused[0].fingerprint() if reused else None)
     out = (
         Path(out_dir)
         if out_dir is not None
@@ -219,7 +239,7 @@ def prepare(
             if _reuse(out, h, log):  # another prepare finished it meanwhile
                 return out
             remove_stale_tmp_dirs(out)
-            return _prepare_locked(source, tokenizer_spec, h, out, seq_len, mode, dtype, log)
+            return _prepare_locked(source, tokenizer_spec, h, out, seq_len, mode, dtype, log, reused)
     except BaseException:
         for p in created:  # a failed prepare leaves the tree as it was
             with contextlib.suppress(OSError):
@@ -280,11 +300,13 @@ def _prepare_locked(
     mode: str,
     dtype: str | None,
     log: Callable[[str], None],
+    reused: tuple[Tokenizer, Path] | None = None,
 ) -> Path:
-    """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory): the tokenizer,
-    then every split into a temporary directory next to ``out``, then meta.json, then one rename."""
+    """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory): the tokenizer
+    (``reused``: (tokenizer, its directory) from ``tokenizer_from``), then every split into a temporary
+    directory next to ``out``, then meta.json, then one rename."""
     t0 = time.perf_counter()
-    tok = _tokenizer(source, tokenizer_spec, log)
+    tok = reused[0] if reused is not None else _tokenizer(source, tokenizer_spec, log)
     dt = dtype or default_dtype(tok.vocab_size)
     _check_dtype_fits(dt, tok.vocab_size, tok.name)
 
@@ -293,7 +315,10 @@ def _prepare_locked(
         tmp.mkdir()
         tok.save(tmp)
         splits = _write_splits(source, tok, tmp, seq_len, mode, dt, log)
-        write_json_atomic(tmp / "meta.json", _meta(source, tok, h, seq_len, mode, dt, splits))
+        meta = _meta(source, tok, h, seq_len, mode, dt, splits)
+        if reused is not None:
+            meta["tokenizer"]["from"] = str(reused[1])
+        write_json_atomic(tmp / "meta.json", meta)
         if out.exists():
             out.rmdir()  # only reached for an existing empty directory
         os.replace(tmp, out)
@@ -305,6 +330,22 @@ def _prepare_locked(
         raise
     log(f"prepared {out} in {time.perf_counter() - t0:.1f}s")
     return out
+
+
+def _tokenizer_from(data_dir: Path, tokenizer_spec: str) -> tuple[Tokenizer, Path] | None:
+    """(the tokenizer of the prepared ``data_dir``, its resolved path), checked to be ``tokenizer_spec`` and to
+    load with the fingerprint its meta.json records; None for a fixed tokenizer (nothing to reuse: the same
+    everywhere). One-line ``DlmError`` otherwise."""
+    meta = read_meta(data_dir)
+    name = meta["tokenizer"]["name"]
+    if name != tokenizer_spec:
+        raise DlmError(f"tokenizer {tokenizer_spec} requested, but {data_dir} was prepared with {name}")
+    if not needs_training(tokenizer_spec):
+        return None
+    tok = load_tokenizer(name, data_dir)
+    if tok.fingerprint() != meta["tokenizer"]["fingerprint"]:
+        raise DlmError(f"the tokenizer files in {data_dir} do not match its meta.json (fingerprints differ)")
+    return tok, data_dir.resolve()
 
 
 def _tokenizer(source: Source, tokenizer_spec: str, log: Callable[[str], None]) -> Tokenizer:
