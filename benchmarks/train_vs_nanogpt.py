@@ -3,25 +3,32 @@
 The dlm side is the step ``dlm train`` takes for a preset (default tiny-cpu, process ar): the configuration is
 loaded and checked as ``dlm.train.train`` does, ``prepare_session`` builds model, optimizer, loader and noise
 generator, and each step is the loop's ``lr_at`` / ``set_lr`` / ``_train_step`` (data from the loader,
-process.loss, backward, gradient clipping, AdamW, the per-step loss and norm read back). The reference is
-``nanogpt_ref.RefGPT`` (GPT-2 architecture: learned positions, LayerNorm, GELU MLP, fused QKV, SDPA causal, tied
-head) with the same V, L, layers, heads, width, batch, AdamW settings, learning-rate schedule and gradient clip,
-reading its rows from its own loader over the same split.
+process.loss, backward, gradient clipping, AdamW, the per-step loss and norm read back). The references
+(``--ref``) are written in nanoGPT's style, with the same V, L, layers, heads, width, batch, AdamW settings,
+learning-rate schedule and gradient clip, each reading its rows from its own loader over the same split:
 
-Protocol: ``warmup`` untimed steps of each, then ``rounds`` rounds of ``steps`` pairs; a pair times one step of
-each model (order alternating: dlm first in even pairs, the reference first in odd ones). Per round and model
-the median step time gives tokens/s = B L / median; the round's ratio is
+  gpt2   ``nanogpt_ref.RefGPT``: GPT-2 architecture (learned positions, LayerNorm, GELU MLP, fused QKV, SDPA
+         causal, tied head): dlm's framework and its choice of block together.
+  llama  ``nanogpt_ref.RefLlama``: dlm's own block (RMSNorm, rotary, SwiGLU; exactly dlm's parameter count,
+         checked) in plain modules and autograd: dlm's framework alone.
+  both   the two in one run, interleaved three ways.
 
-    ratio = tok/s(dlm) / tok/s(ref) = median_s(ref) / median_s(dlm)
+Protocol: ``warmup`` untimed steps of each, then ``rounds`` rounds of ``steps`` steps of each model; the order
+of the models rotates by one each step (with one reference: dlm first in even steps, the reference first in
+odd ones). Per round and model the median step time gives tokens/s = B L / median; per reference X the round's
+ratio is
 
-and the spread over rounds (min, median, max) is reported, for wall time and (``cpu_ratio``) for the process's
-CPU time, which on a machine shared with other jobs is not inflated by time spent descheduled (with one torch
-thread it is the step's compute time; with more it sums the threads). FLOP/s use ``dlm.model.flops_per_token`` of each
-model (the reference counted as the GELU, LayerNorm shape), so a ratio of FLOP/s corrects for the MLPs' slightly
+    ratio_X = tok/s(dlm) / tok/s(X) = median_s(X) / median_s(dlm)
+
+and the spread over rounds (min, median, max) is reported, for wall time and (``cpu_ratio_X``) for the
+process's CPU time, which on a machine shared with other jobs is not inflated by time spent descheduled (with one
+torch thread it is the step's compute time; with more it sums the threads). The fields of one-reference runs
+(``ref_s``, ``ratio``, ``cpu_ratio``, ...) hold the first reference's. FLOP/s use ``dlm.model.flops_per_token``
+of each model (gpt2 counted as the GELU, LayerNorm shape), so a ratio of FLOP/s corrects for the MLPs' slightly
 different widths. ``--profile N`` adds a torch.profiler table of N steps of each (CPU ops by self time).
 
     OMP_NUM_THREADS=1 python benchmarks/train_vs_nanogpt.py            # ~3 minutes on one core
-    python benchmarks/train_vs_nanogpt.py --rounds 3 --steps 8 --profile 3
+    python benchmarks/train_vs_nanogpt.py --ref both --rounds 3 --steps 9 --profile 3
 
 The data: ``--data DIR``, or the Shakespeare corpus prepared as ``dlm prepare shakespeare --tokenizer bpe:4096
 --seq-len 256`` does (into data/, reused when present). Writes benchmarks/results/train_vs_nanogpt.json.
@@ -31,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import subprocess
 import tempfile
@@ -40,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from common import machine_info, write_result  # benchmarks/common.py (run as a script)
 from dlm.config import RunConfig, load_config
@@ -51,7 +60,7 @@ from dlm.train.loop import _train_step
 from dlm.train.optim import lr_at, set_lr
 from dlm.train.runtime import Runtime, setup_runtime
 from dlm.train.setup import Session, prepare_session
-from nanogpt_ref import RefConfig, RefGPT, RefStep, ref_optimizer
+from nanogpt_ref import REF_MODELS, RefConfig, RefStep, ref_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -84,13 +93,18 @@ def dlm_step_fn(s: Session, rt: Runtime) -> Callable[[], None]:
     return step
 
 
-def ref_step_fn(s: Session, rt: Runtime) -> tuple[Callable[[], None], RefGPT, ModelConfig]:
-    """The nanoGPT-style step of the same shape and settings as session ``s``; its model and dlm-shaped config."""
+def ref_step_fn(s: Session, rt: Runtime, arch: str) -> tuple[Callable[[], None], nn.Module, ModelConfig]:
+    """The nanoGPT-style step (``arch``: "gpt2" for ``RefGPT``, "llama" for ``RefLlama``) of the same shape and
+    settings as session ``s``; its model and its dlm-shaped config (for the FLOP count). The llama arm has
+    exactly dlm's parameter count (checked)."""
     m, t = s.cfg.model, s.cfg.train
     split = open_split(s.cfg.data.dir, s.cfg.data.train_split)
     torch.manual_seed(t.seed)
-    model = RefGPT(RefConfig(m.vocab_size, split.seq_len, m.n_layer, m.n_head, m.d_model)).to(rt.device)
+    cfg = RefConfig(m.vocab_size, split.seq_len, m.n_layer, m.n_head, m.d_model, m.mlp_hidden, m.rope_base, m.norm_eps)
+    model = REF_MODELS[arch](cfg).to(rt.device)
     model.train()
+    if arch == "llama" and count_params(model) != count_params(s.model):
+        raise SystemExit(f"llama reference has {count_params(model)} parameters, dlm {count_params(s.model)}")
     opt = ref_optimizer(model, t.lr, tuple(t.betas), t.eps, t.weight_decay, rt.device)
     run = RefStep(model, opt, t.grad_clip, amp_dtype=rt.amp_dtype, compile_=t.compile)
     loader = Loader(split, t.batch_size, seed=t.seed + 1)
@@ -101,15 +115,9 @@ def ref_step_fn(s: Session, rt: Runtime) -> tuple[Callable[[], None], RefGPT, Mo
         run(next(loader).ids_BL.to(rt.device))
         counter[0] += 1
 
-    shape = ModelConfig(
-        vocab_size=m.vocab_size,
-        context=split.seq_len,
-        n_layer=m.n_layer,
-        n_head=m.n_head,
-        d_model=m.d_model,
-        mlp="gelu",
-        norm="layernorm",
-    )
+    shape = dataclasses.replace(m, context=split.seq_len)
+    if arch == "gpt2":
+        shape = dataclasses.replace(shape, mlp="gelu", norm="layernorm", vocab_multiple=1)
     return step, model, shape
 
 
@@ -139,33 +147,46 @@ def timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
 
 
 def interleaved(
-    dlm: Callable[[], None], ref: Callable[[], None], rounds: int, steps: int, warmup: int, device: torch.device
+    arms: dict[str, Callable[[], None]], rounds: int, steps: int, warmup: int, device: torch.device
 ) -> list[dict[str, Any]]:
-    """Per round: the step times of both models, pairs alternating which goes first (module docstring)."""
+    """Per round: the step times of every arm ("dlm" first, then the references), the order rotating by one each
+    step (with two arms: dlm first in even steps, the reference in odd ones). Per reference X the round has
+    ``X_s``, ``X_cpu_s``, their medians and ``ratio_X`` / ``cpu_ratio_X`` (module docstring)."""
+    names = list(arms)
     for _ in range(warmup):
-        dlm()
-        ref()
+        for name in names:
+            arms[name]()
     out = []
     for r in range(rounds):
-        t_dlm, t_ref = [], []
+        wall: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}
         for i in range(steps):
-            first, second = (dlm, ref) if i % 2 == 0 else (ref, dlm)
-            a, b = timed(first, device), timed(second, device)
-            t_dlm.append(a if i % 2 == 0 else b)
-            t_ref.append(b if i % 2 == 0 else a)
-        row: dict[str, Any] = {"round": r, "dlm_s": [w for w, _ in t_dlm], "ref_s": [w for w, _ in t_ref]}
-        row.update(dlm_cpu_s=[c for _, c in t_dlm], ref_cpu_s=[c for _, c in t_ref])
-        for k in ("dlm_s", "ref_s", "dlm_cpu_s", "ref_cpu_s"):
-            row[k.replace("_s", "_median_s")] = statistics.median(row[k])
-        row["ratio"] = row["ref_median_s"] / row["dlm_median_s"]
-        row["cpu_ratio"] = row["ref_cpu_median_s"] / row["dlm_cpu_median_s"]
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                w, c = timed(arms[name], device)
+                wall[name].append(w)
+                cpu[name].append(c)
+        row: dict[str, Any] = {"round": r}
+        for n in names:
+            row.update({f"{n}_s": wall[n], f"{n}_cpu_s": cpu[n]})
+            row.update({f"{n}_median_s": statistics.median(wall[n]), f"{n}_cpu_median_s": statistics.median(cpu[n])})
+        msg = f"round {r}: dlm {row['dlm_median_s'] * 1e3:.1f} ms/step"
+        for n in names[1:]:
+            row[f"ratio_{n}"] = row[f"{n}_median_s"] / row["dlm_median_s"]
+            row[f"cpu_ratio_{n}"] = row[f"{n}_cpu_median_s"] / row["dlm_cpu_median_s"]
+            msg += (
+                f", {n} {row[f'{n}_median_s'] * 1e3:.1f} ms/step, ratio {row[f'ratio_{n}']:.3f} "
+                f"(CPU time {row[f'cpu_ratio_{n}']:.3f})"
+            )
         out.append(row)
-        print(
-            f"round {r}: dlm {row['dlm_median_s'] * 1e3:.1f} ms/step, ref {row['ref_median_s'] * 1e3:.1f} ms/step, "
-            f"ratio {row['ratio']:.3f} (CPU time: {row['cpu_ratio']:.3f})",
-            flush=True,
-        )
+        print(msg, flush=True)
     return out
+
+
+def legacy_fields(row: dict[str, Any], ref: str) -> None:
+    """The field names of runs with one reference arm (``ref_s``, ``ratio``, ...), copied from arm ``ref``."""
+    for suffix in ("_s", "_cpu_s", "_median_s", "_cpu_median_s"):
+        row[f"ref{suffix}"] = row[f"{ref}{suffix}"]
+    row["ratio"], row["cpu_ratio"] = row[f"ratio_{ref}"], row[f"cpu_ratio_{ref}"]
 
 
 def profile_table(fn: Callable[[], None], n: int, rows: int = 25) -> str:
@@ -182,8 +203,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny-cpu")
     p.add_argument("--data", type=Path, default=None, help="a prepared data directory (default: Shakespeare bpe:4096)")
+    p.add_argument("--ref", default="gpt2", choices=["gpt2", "llama", "both"], help="the reference arm(s)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=8, help="timed pairs per round")
+    p.add_argument("--steps", type=int, default=8, help="timed steps of each model per round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--profile", type=int, default=0, help="profile N steps of each model after timing")
@@ -192,39 +214,48 @@ def main() -> None:
     a, overrides = p.parse_known_args()  # the rest: dotted config overrides, e.g. --train.compile=true
     if a.threads:
         torch.set_num_threads(a.threads)
+    refs = ["gpt2", "llama"] if a.ref == "both" else [a.ref]
     seq_len = 256
     with contextlib.ExitStack() as held:
         data = a.data or default_data(seq_len)
         s, rt = dlm_session(a.preset, data, overrides, held)
         device = rt.device
-        dlm = dlm_step_fn(s, rt)
-        ref, ref_model, ref_shape = ref_step_fn(s, rt)
+        arms = {"dlm": dlm_step_fn(s, rt)}
+        models, shapes = {}, {}
+        for ref in refs:
+            arms[ref], models[ref], shapes[ref] = ref_step_fn(s, rt, ref)
         B, L = s.cfg.train.batch_size, open_split(data, s.cfg.data.train_split).seq_len
         tokens = B * L
-        fl_dlm = flops_per_token(s.cfg.model, L - 1)["train"]
-        fl_ref = flops_per_token(ref_shape, L - 1)["train"]
+        flops = {"dlm": flops_per_token(s.cfg.model, L - 1)["train"]}
+        flops.update({ref: flops_per_token(shapes[ref], L - 1)["train"] for ref in refs})
+        params = {"dlm": count_params(s.model), **{ref: count_params(models[ref]) for ref in refs}}
         print(
             f"{a.preset}: B {B} x L {L}, V {s.cfg.model.vocab_size}, {s.cfg.model.n_layer} layers, d "
-            f"{s.cfg.model.d_model}; dlm {count_params(s.model) / 1e6:.2f}M params, ref "
-            f"{count_params(ref_model) / 1e6:.2f}M; {torch.get_num_threads()} threads, {device}",
+            f"{s.cfg.model.d_model}; params (M): "
+            + ", ".join(f"{k} {v / 1e6:.3f}" for k, v in params.items())
+            + f"; {torch.get_num_threads()} threads, {device}",
             flush=True,
         )
-        rounds = interleaved(dlm, ref, a.rounds, a.steps, a.warmup, device)
-        tables = {}
-        if a.profile:
-            tables = {"dlm": profile_table(dlm, a.profile), "ref": profile_table(ref, a.profile)}
-    for r in rounds:
-        r.update(dlm_tok_s=tokens / r["dlm_median_s"], ref_tok_s=tokens / r["ref_median_s"])
+        rounds = interleaved(arms, a.rounds, a.steps, a.warmup, device)
+        tables = {name: profile_table(fn, a.profile) for name, fn in arms.items()} if a.profile else {}
     summary: dict[str, float] = {}
-    for key in ("ratio", "cpu_ratio"):
-        q = [r[key] for r in rounds]
-        summary.update({f"{key}_min": min(q), f"{key}_median": statistics.median(q), f"{key}_max": max(q)})
-        print(
-            f"dlm / nanoGPT-style tok/s ({'CPU time' if key == 'cpu_ratio' else 'wall time'}): median "
-            f"{statistics.median(q):.3f} (min {min(q):.3f}, max {max(q):.3f}) over {a.rounds} rounds"
-        )
-    summary["flop_ratio_median"] = summary["ratio_median"] * fl_dlm / fl_ref
-    print(f"FLOP/s ratio (wall, median): {summary['flop_ratio_median']:.3f}")
+    for r in rounds:
+        legacy_fields(r, refs[0])
+        r.update({f"{n}_tok_s": tokens / r[f"{n}_median_s"] for n in [*arms, "ref"]})
+    for ref in refs:
+        for key in (f"ratio_{ref}", f"cpu_ratio_{ref}"):
+            q = [r[key] for r in rounds]
+            summary.update({f"{key}_min": min(q), f"{key}_median": statistics.median(q), f"{key}_max": max(q)})
+            print(
+                f"dlm / nanoGPT-style {ref} tok/s ({'CPU time' if key.startswith('cpu') else 'wall time'}): "
+                f"median {statistics.median(q):.3f} (min {min(q):.3f}, max {max(q):.3f}) over {a.rounds} rounds"
+            )
+        summary[f"flop_ratio_{ref}_median"] = summary[f"ratio_{ref}_median"] * flops["dlm"] / flops[ref]
+    for key in ("ratio", "cpu_ratio"):  # the first reference under the field names of one-reference runs
+        for stat in ("min", "median", "max"):
+            summary[f"{key}_{stat}"] = summary[f"{key}_{refs[0]}_{stat}"]
+    summary["flop_ratio_median"] = summary[f"flop_ratio_{refs[0]}_median"]
+    print("FLOP/s ratio (wall, median): " + ", ".join(f"{r} {summary[f'flop_ratio_{r}_median']:.3f}" for r in refs))
     for name, table in tables.items():
         print(f"\nprofile: {name}, {a.profile} steps\n{table}")
     out = {
@@ -234,10 +265,11 @@ def main() -> None:
         "source": source_state(),
         "preset": a.preset,
         "overrides": overrides,
+        "refs": refs,
         "batch": B,
         "seq_len": L,
-        "params": {"dlm": count_params(s.model), "ref": count_params(ref_model)},
-        "train_flops_per_token": {"dlm": fl_dlm, "ref": fl_ref},
+        "params": {**params, "ref": params[refs[0]]},
+        "train_flops_per_token": {**flops, "ref": flops[refs[0]]},
         "protocol": {"rounds": a.rounds, "steps": a.steps, "warmup": a.warmup},
         "rounds": rounds,
         "summary": summary,
