@@ -21,6 +21,12 @@ predicted) and convert just those rows to float64, so the per-step cost outside 
 the number of revealed positions, not to L * V. The grid samplers draw every position's reveal step up front
 (``reveal_steps``), so the steps at which anything is revealed, and the network calls, are known before the
 loop; inside it nothing is read back to the host. Every random number comes from the ``generator`` passed in.
+
+Because the denoiser's shapes never change within a sampler call, ``reveal_loop`` and ``first_hitting`` may replay
+it as a CUDA graph (``capture_denoiser``, ``dlm.model.graphs.DenoiserGraph``): by default on CUDA for a denoiser
+marked ``capturable`` (pure: no Python-side effects) that the loop calls at least twice. Its output is then a
+static buffer that the next call overwrites; the samplers copy out the rows they read (``index_select`` /
+advanced indexing) before calling again.
 """
 
 from __future__ import annotations
@@ -32,14 +38,23 @@ import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
+from dlm.model.graphs import DenoiserGraph, is_capturable
 from dlm.process.sampling import _uniforms, sample_categorical, sample_from_probs
 from dlm.process.schedules import Schedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
+# What ``capture=None`` means in the samplers: None = capture a ``capturable`` denoiser on CUDA when the loop calls
+# it at least MIN_CAPTURE_CALLS times; True = every denoiser through ``DenoiserGraph`` (on CPU its eager path on
+# static buffers); False = never. A process-wide switch (e.g. ``absorbing.CAPTURE_DENOISER = False``) for the
+# samplers that families call without a ``capture`` argument.
+CAPTURE_DENOISER: bool | None = None
+MIN_CAPTURE_CALLS = 2  # capturing costs about one forward's launch time: below this it cannot pay
+
 __all__ = [
     "AbsorbingSample",
     "Denoiser",
+    "capture_denoiser",
     "ddpm",
     "ddpm_cache",
     "first_hitting",
@@ -252,6 +267,21 @@ def _start(z_init: Tensor, fixed_BL: Tensor | None, mask_id: int) -> tuple[Tenso
     return z, fixed, traj
 
 
+def capture_denoiser(denoise: Denoiser, z_BL: Tensor, t_B: Tensor, calls: int, capture: bool | None) -> Denoiser:
+    """The denoiser a sampler loop calls ``calls`` times with inputs shaped like (z_BL, t_B): ``denoise`` itself,
+    or a ``DenoiserGraph`` around it (static buffers; a CUDA graph replayed on CUDA, the eager forward elsewhere).
+
+    capture: True = always wrap; False = never; None = ``CAPTURE_DENOISER`` if that is set, else wrap on CUDA a
+    denoiser marked ``capturable`` when calls >= MIN_CAPTURE_CALLS. The wrapper's output is overwritten by its
+    next call: the caller consumes it (copies the rows it reads) first.
+    """
+    if capture is None:
+        capture = CAPTURE_DENOISER
+    if capture is None:
+        capture = z_BL.device.type == "cuda" and is_capturable(denoise) and calls >= MIN_CAPTURE_CALLS
+    return DenoiserGraph(denoise, z_BL, t_B) if capture and calls > 0 else denoise
+
+
 def reveal_cdf(reveal_SB: Tensor) -> Tensor:
     """The law of a position's reveal step T under per-step reveal probabilities a_0..a_{S-1} (float64 [S, B]):
 
@@ -300,6 +330,7 @@ def reveal_loop(
     top_k: int | None = None,
     top_p: float | None = None,
     return_trajectory: bool = False,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """The reverse absorbing chain every grid sampler shares (MDLM ddpm / ddpm_cache, SEDD euler / analytic,
     D3PM-absorbing ancestral), S = len(times) steps: at step i a position still masked is revealed with
@@ -330,7 +361,8 @@ def reveal_loop(
     distinct T^l). Both are known before the loop (one read-back of the per-step reveal counts); the loop reads
     nothing back to the host and calls ``denoise`` with static shapes: z int64 [B, L], t float64 [B].
     For the same stream lazy and non-lazy give identical samples when the denoiser does not depend on t.
-    Trajectory: T^l (-1 for fixed positions).
+    Trajectory: T^l (-1 for fixed positions). ``capture``: replay the denoiser as a CUDA graph (``capture_denoiser``;
+    the rows each step reads are copied out of its output before the next call).
     """
     S = len(times)
     _check_steps(S)
@@ -343,6 +375,8 @@ def reveal_loop(
     u_N = _uniforms((len(order_N),), generator, device)
     t_SB = torch.tensor(times, dtype=torch.float64, device=device)[:, None].expand(S, B).contiguous()
     last = max((i for i in range(S) if count_S[i]), default=-1)
+    calls = sum(1 for i in range(last + 1) if count_S[i]) if lazy else last + 1
+    denoise = capture_denoiser(denoise, z, t_SB[0], calls, capture)
     nfe, start = 0, 0
     for i in range(last + 1):
         n = count_S[i]
@@ -383,6 +417,7 @@ def ddpm(
     top_k: int | None = None,
     top_p: float | None = None,
     return_trajectory: bool = False,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """Ancestral sampling on the uniform grid t_i = 1 - i/S, i = 0..S (SPEC §4 ``ddpm``).
 
@@ -395,7 +430,7 @@ def ddpm(
     times, reveal = _uniform_grid(schedule, steps)
     return reveal_loop(
         denoise, z_init, times, reveal, generator, fixed_BL, mask_id=mask_id, lazy=False,
-        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory, capture=capture,
     )  # fmt: skip
 
 
@@ -412,6 +447,7 @@ def ddpm_cache(
     top_k: int | None = None,
     top_p: float | None = None,
     return_trajectory: bool = False,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """``ddpm`` without the network calls whose output cannot matter (Sahoo et al.'s cached sampler).
 
@@ -424,7 +460,7 @@ def ddpm_cache(
     times, reveal = _uniform_grid(schedule, steps)
     return reveal_loop(
         denoise, z_init, times, reveal, generator, fixed_BL, mask_id=mask_id, lazy=True,
-        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory,
+        temperature=temperature, top_k=top_k, top_p=top_p, return_trajectory=return_trajectory, capture=capture,
     )  # fmt: skip
 
 
@@ -441,6 +477,7 @@ def first_hitting(
     top_k: int | None = None,
     top_p: float | None = None,
     return_trajectory: bool = False,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """First-hitting sampler (Zheng et al. 2024): exactly one position is revealed per step, at its exact time.
 
@@ -457,6 +494,7 @@ def first_hitting(
     ``denoise`` with static shapes (z int64 [B, L], s float64 [B]). ``steps`` is ignored. Each step uses three
     float64 uniforms per row (u, the position, the token), also for finished rows; all are drawn in one call of
     [nfe, 3, B] before the loop, which on a CPU generator is the same stream as three draws of B per step.
+    ``capture``: replay the denoiser as a CUDA graph (``capture_denoiser``; each step copies its B rows out first).
     """
     del steps
     z, _, traj = _start(z_init, fixed_BL, mask_id)
@@ -467,6 +505,7 @@ def first_hitting(
     nfe = int(n0_B.max()) if B > 0 else 0  # the one read-back
     u_K3B = _uniforms((nfe, 3, B), generator, device)
     t_B = torch.ones(B, dtype=torch.float64, device=device)
+    denoise = capture_denoiser(denoise, z, t_B, nfe, capture)
     for k in range(nfe):
         u_B, v_B, w_B = u_K3B[k]
         n_B = n0_B - k
