@@ -15,10 +15,16 @@ module only, so they never import the trainer)::
 
 ``load_run`` turns a checkpoint into a model and process ready for evaluation or sampling, the process as it
 was trained at that checkpoint (a searched clipped window included, ``trained_window``).
+
+``load_run`` also reads a directory written by ``dlm export`` (:mod:`dlm.export`; recognised by the ``format``
+``"dlm-export"`` of its config.json, ``read_export_config``): one checkpoint's weights in model.safetensors (the
+backbone's names under ``EXPORT_PREFIX``), config.json holding the RunConfig, step, EMA flag and trained window,
+data_meta.json and the tokenizer files, so ``dlm eval DIR`` / ``dlm sample DIR`` give the run's numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import re
@@ -38,15 +44,20 @@ from dlm.errors import DlmError
 __all__ = [
     "CKPT_DIR",
     "CONFIG_FILE",
+    "EXPORT_FORMAT",
+    "EXPORT_PREFIX",
     "LOCK_FILE",
     "METRICS_FILE",
     "RUN_FILE",
     "LoadedRun",
+    "build_export_model",
     "checkpointed_window",
+    "export_run_config",
     "find_checkpoint",
     "list_checkpoints",
     "load_run",
     "match_state",
+    "read_export_config",
     "read_info",
     "read_jsonl",
     "read_metrics",
@@ -65,6 +76,10 @@ METRICS_FILE = "metrics.jsonl"
 LOCK_FILE = ".lock"  # held (flock) by the training process for the whole run, see dlm.io.exclusive_lock
 CKPT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+EXPORT_FORMAT = "dlm-export"  # config.json "format" of a `dlm export` directory
+EXPORT_PREFIX = "model."  # prefix of the backbone's tensor names in an export's model.safetensors
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_DATA_META = "data_meta.json"
 
 
 # ----------------------------------------------------------------------------- run files
@@ -76,9 +91,26 @@ def read_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise DlmError(f"{run_dir} is not a run directory (no {CONFIG_FILE})")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DlmError(f"corrupt {path}: {e}") from None
+    if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT:
+        raise DlmError(
+            f"{run_dir} is an exported model (dlm export), not a run directory: it can be evaluated and sampled "
+            "(dlm eval / dlm sample), not trained or exported again"
+        )
+    return RunConfig.from_dict(data)
+
+
+def read_export_config(directory: str | Path) -> dict[str, Any] | None:
+    """config.json of a ``dlm export`` directory (``format`` == ``EXPORT_FORMAT``); None for any other
+    directory (a run directory, a missing or unreadable config.json)."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT else None
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
@@ -208,12 +240,15 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def match_state(model: nn.Module, sd: dict[str, torch.Tensor], origin: str) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict with the tied names filled in, checked against ``model``: any missing, extra
-    or mis-shaped tensor raises DlmError naming ``origin``."""
+    """A checkpoint's state dict with the tied names filled in (from whichever of the two it holds: a checkpoint
+    keeps the first name, safetensors' ``save_model`` in an export may keep the other), checked against
+    ``model``: any missing, extra or mis-shaped tensor raises DlmError naming ``origin``."""
     sd = dict(sd)
     for alias, name in tied_aliases(model).items():
         if name in sd:
             sd[alias] = sd[name]
+        elif alias in sd:
+            sd[name] = sd[alias]
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -248,6 +283,8 @@ class LoadedRun:
     # where ``process.clip_window`` came from: "config", "search at step N" (``trained_window``); None for a
     # family without a clipped training window
     clip_window_source: str | None = None
+    # where the tokenizer files are when not in the data directory (an exported directory holds its own)
+    tokenizer_dir: Path | None = None
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.cfg, self.model, self.process, self.step, self.data_meta))
@@ -261,12 +298,17 @@ def load_run(
     ``ema=True`` loads ema.safetensors when the run kept an EMA, else the trained weights. A family with a
     clipped training window (``process.clip_window``: BD3-LM) carries the window it trained with at that
     checkpoint: the searched one (``trained_window``) with ``process.clip_search``, else the configured one.
+
+    ``run_dir`` may be a ``dlm export`` directory (``read_export_config``): its one checkpoint is loaded as it was
+    exported (``which``: last, best or its step; ``ema=False`` is refused when it holds the EMA weights only).
     """
     from dlm.data.specials import SpecialIds
     from dlm.model import build_model
     from dlm.process import get_process
 
     run_dir = Path(run_dir)
+    if (export := read_export_config(run_dir)) is not None:
+        return _load_export(run_dir, export, which, ema, device)
     cfg = read_run_config(run_dir)
     step, path = find_checkpoint(run_dir, which)
     data_meta = read_run_info(run_dir)["data_meta"]
@@ -283,6 +325,61 @@ def load_run(
     model.load_state_dict(match_state(model, read_weights(weights), str(weights)), strict=True)
     model.to(device).eval()
     return LoadedRun(cfg, model, process, step, data_meta, path, use_ema, window_source)
+
+
+def build_export_model(run_cfg: RunConfig) -> nn.Module:
+    """The backbone of an exported checkpoint, randomly initialised before its weights are loaded: the run's
+    model config with ``hf_path`` dropped (a gpt2-hf run's weights come from the export, not that directory)."""
+    from dlm.model import build_model
+
+    return build_model(dataclasses.replace(run_cfg.model, hf_path=None))
+
+
+def export_run_config(export: dict[str, Any], origin: str | Path) -> RunConfig:
+    """The RunConfig held by an export's config.json (``export``, read from ``origin``)."""
+    try:
+        return RunConfig.from_dict(export["run_config"])
+    except (KeyError, TypeError) as e:
+        raise DlmError(f"corrupt {origin}: no valid run_config ({e})") from None
+
+
+def _load_export(
+    directory: Path, export: dict[str, Any], which: str | int, ema: bool, device: str | torch.device
+) -> LoadedRun:
+    """``load_run`` of a ``dlm export`` directory (its config.json already read as ``export``)."""
+    from dlm.data.specials import SpecialIds
+    from dlm.process import get_process
+
+    cfg = export_run_config(export, directory / CONFIG_FILE)
+    try:
+        step, use_ema = int(export["checkpoint"]["step"]), bool(export["checkpoint"]["ema"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DlmError(f"corrupt {directory / CONFIG_FILE}: no valid checkpoint entry ({e})") from None
+    if which not in ("last", "best") and str(which) != str(step):
+        raise DlmError(f"{directory} is an export of step {step} only: --checkpoint must be last, best or {step}")
+    if use_ema and not ema:
+        raise DlmError(
+            f"{directory} holds the EMA weights only; export the run again with --no-ema for the trained weights"
+        )
+    meta_path = directory / EXPORT_DATA_META
+    try:
+        data_meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DlmError(f"exported directory {directory} is incomplete: cannot read {EXPORT_DATA_META} ({e})") from None
+    process = get_process(cfg.process, SpecialIds.from_dict(data_meta["tokenizer"]["specials"]))
+    window_source = None
+    if export.get("clip_window") is not None:
+        beta, omega = export["clip_window"]
+        process.clip_window, window_source = (float(beta), float(omega)), export.get("clip_window_source")
+    model = build_export_model(cfg)
+    weights = directory / EXPORT_WEIGHTS
+    sd = read_weights(weights)
+    if any(not k.startswith(EXPORT_PREFIX) for k in sd):
+        raise DlmError(f"{weights} is not a dlm export: its tensor names do not start with {EXPORT_PREFIX!r}")
+    sd = {k.removeprefix(EXPORT_PREFIX): v for k, v in sd.items()}
+    model.load_state_dict(match_state(model, sd, str(weights)), strict=True)
+    model.to(device).eval()
+    return LoadedRun(cfg, model, process, step, data_meta, directory, use_ema, window_source, tokenizer_dir=directory)
 
 
 def checkpointed_window(state: dict[str, Any]) -> tuple[float, float] | None:
