@@ -1,0 +1,119 @@
+"""The lm-eval adapter: the scoring core against direct sums and enumerations, and (with the lmeval extra) a local
+multiple-choice task that a memorised model must get 100% right and a model memorising wrong answers 0%."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dlm.data.specials import SpecialIds
+from dlm.errors import DlmError
+from dlm.eval.lmeval import continuation_logprob, continuation_logprobs
+from dlm.process import ProcessConfig, available_processes, get_process
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+K = 6  # tokenizer vocabulary; MASK is the appended id K
+SPECIALS = SpecialIds(bos=0, eos=1, pad=1, mask=K, vocab_size=K)
+
+
+def _run(name: str, context: int = 12, **options) -> SimpleNamespace:
+    """A sharp 1-layer model (``tests.helpers.sharp_tiny_model``'s recipe) time-conditioned when the family is."""
+    from dlm.model import ModelConfig, build_model
+
+    process = get_process(ProcessConfig(name=name, **options), SPECIALS)
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=process.vocab_size, context=context, n_layer=1, d_model=32, n_head=2)
+    model = build_model(replace(cfg, time_cond=process.time_conditioned))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return SimpleNamespace(model=model.eval().requires_grad_(False), process=process)
+
+
+def _logp_masked(run: SimpleNamespace, row: list[int], masked: list[int]) -> torch.Tensor:
+    """log p_theta(. | row with ``masked`` positions set to MASK), float64 [len(row), K] (the MASK column dropped)."""
+    z = torch.tensor([row])
+    z[0, masked] = SPECIALS.mask
+    logits = run.model(z, attn="bidirectional")[0].to(torch.float64)[:, :K]
+    return torch.log_softmax(logits, -1)
+
+
+def test_ar_logprob_is_the_sum_of_token_logprobs_and_greedy_is_the_argmax_check() -> None:
+    run = _run("ar")
+    requests = [([0, 2, 3], [4]), ([0, 5], [2, 3, 4]), ([], [3, 3]), ([2] * 20, [5, 1])]  # the last is truncated
+    got = continuation_logprobs(run, requests, batch_size=2)
+    for (c, y), s in zip(requests, got):
+        row = ((c or [SPECIALS.bos]) + y)[-13:]  # rows of context + 1 tokens
+        logp = torch.log_softmax(run.model(torch.tensor([row[:-1]]), attn="causal")[0].to(torch.float64), -1)
+        pos = range(len(row) - len(y), len(row))
+        assert s.exact and s.se is None
+        assert s.logprob == pytest.approx(sum(float(logp[i - 1, row[i]]) for i in pos), abs=1e-9)
+        assert s.greedy == all(int(logp[i - 1].argmax()) == row[i] for i in pos)
+        assert s.truncated == (len(c) + len(y) > 13)
+    # a continuation built greedily is greedy
+    ctx, cont = [0, 2], []
+    for _ in range(3):
+        row = ctx + cont
+        cont.append(int(run.model(torch.tensor([row]), attn="causal")[0, -1].argmax()))
+    assert continuation_logprob(run, ctx, cont, 1, None)[2] is True
+
+
+def test_ar_logprob_equals_the_family_nll_of_the_row_with_only_the_continuation_scored() -> None:
+    from dlm.data.batch import Batch
+
+    run = _run("ar")
+    c, y = [0, 3, 2, 5], [4, 4, 1]
+    row = torch.tensor([c + y])
+    mask = torch.tensor([[False] * len(c) + [True] * len(y)])
+    nll = run.process.nll(run.model, Batch(row, mask)).nats_B
+    assert continuation_logprob(run, c, y, 1, None)[0] == pytest.approx(-float(nll[0]), abs=1e-9)
+
+
+def test_mdlm_one_token_continuation_is_the_exact_conditional_under_full_masking() -> None:
+    """Linear schedule, m = 1: every draw masks the token with weight n c_1 = s_1 - s_0 = 1, so each draw (and the
+    mean) equals log p_theta(y | c, y masked), with SE 0."""
+    run = _run("mdlm", schedule="linear")
+    c, y = [0, 2, 5, 3], [4]
+    logprob, se, greedy, exact = continuation_logprob(run, c, y, 5, torch.Generator().manual_seed(0))
+    assert not exact and greedy is None and se == pytest.approx(0.0, abs=1e-12)
+    assert logprob == pytest.approx(float(_logp_masked(run, c + y, [4])[4, 4]), abs=1e-9)
+
+
+def test_mdlm_two_token_bound_mean_is_the_any_order_elbo_below_the_exact_mixture() -> None:
+    """m = 2, linear schedule: the bound is (1/2) sum over the 2 orders of log p(first | both masked) + log p(second
+    | first shown) (the any-order ELBO, enumerated), at most the log of the mixture over orders, which is the exact
+    log-likelihood of the order-random sampler; the mean of many draws matches the ELBO within 4 SE."""
+    run = _run("mdlm", schedule="linear")
+    c, y = [0, 2, 5], [3, 4]
+    row, (a, b) = c + y, (3, 4)
+    both = _logp_masked(run, row, [a, b])
+    only_a, only_b = _logp_masked(run, row, [a]), _logp_masked(run, row, [b])
+    orders = [float(both[a, row[a]] + only_b[b, row[b]]), float(both[b, row[b]] + only_a[a, row[a]])]
+    elbo = sum(orders) / 2
+    exact = math.log(sum(math.exp(o) for o in orders) / 2)
+    assert elbo <= exact
+    logprob, se, _, _ = continuation_logprob(run, c, y, 4000, torch.Generator().manual_seed(1))
+    assert se is not None and 0 < se < 0.05
+    assert abs(logprob - elbo) < 4 * se
+
+
+@pytest.mark.parametrize("name", [p for p in available_processes() if p != "ar"])
+def test_every_diffusion_family_gives_a_finite_bound_with_its_se(name: str) -> None:
+    run = _run(name, context=8, **({"block_size": 2} if name == "bd3lm" else {}))
+    got = continuation_logprobs(run, [([0, 2, 3, 5], [2, 4]), ([0, 1], [3, 2])], k=3, generator=torch.Generator())
+    for s in got:
+        assert not s.exact and s.greedy is None and math.isfinite(s.logprob) and s.logprob < 0
+        assert s.se is not None and s.se >= 0
+
+
+def test_bad_requests_are_refused() -> None:
+    run = _run("mdlm")
+    with pytest.raises(DlmError, match="K"):
+        continuation_logprobs(run, [([0], [2])], k=0)
+    with pytest.raises(DlmError, match="does not fit"):
+        continuation_logprobs(run, [([0], [2] * 12)], k=1)
