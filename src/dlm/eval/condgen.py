@@ -1,0 +1,555 @@
+"""Conditional generation: continue held-out prompts, score the continuations (issue 15; the SEDD study, app. A.4).
+
+Prompts (:func:`select_prompts`): the documents of a split are read back from the prepared rows
+(:func:`split_documents`: ``wrap`` data is one stream with an EOS after every document, ``pad`` data holds
+``[BOS] doc [EOS]`` per row); of the documents with at least P + C tokens, N are drawn without replacement by
+``numpy.random.default_rng(PROMPT_SEED)`` and kept in split order. Prompt x = doc[0:P], human continuation
+y* = doc[P:P+C]. Every row a model or the judge sees starts with the document boundary b
+(``dlm.eval.run.boundary_id``), as in training: (b, x_1..x_P, ...).
+
+Continuations (:func:`generate_continuations`), one per prompt and sampling seed, all exactly C tokens:
+
+    gen-c   draw rows of 1 + P + C positions with (b, x) fixed; y = positions 1+P .. P+C
+    keep-c  draw rows of the model context L with (b, x) fixed; y = the first C positions after the prompt
+            (the paper's "generate 1024, keep the first 100")
+
+A prefix family (AR) continues each prompt through its KV cache with ``stop_at_eos`` off, so its rows are as
+long as the diffusion rows; an any-position family holds the prompt as fixed ids, ``batch_size`` prompts a call.
+
+Scores of one sampling seed s (:func:`score_seed`), with J the judge (an AR run):
+
+    a_i     = -sum_{j=1..C} ln p_J(y_ij | b, x_i, y_i,<j)          nats of continuation i, prompt as context only
+    ppl_s   = exp(sum_i a_i / (N C))                               continuation perplexity (pooled per token)
+    f_i     = h_J(b, x_i, y_i)[last position]                      the judge's final hidden state (after its final
+                                                                   norm) at the continuation's last token
+    MAUVE_sm = area of the divergence frontier of the k-means histograms of {f_i(generated)} and {f_i(human)}
+               (``mauve.compute_mauve(p_features, q_features, num_buckets=k, mauve_scaling_factor=c, seed=m)``)
+
+and the diversity of the continuations (``diversity_summary``). The human continuations are scored the same way
+(the reference level, no sampling seed). Aggregates: mean and standard error over the sampling seeds (sample
+standard deviation / sqrt(seeds); null for one seed); MAUVE first averaged over the sampling seeds per MAUVE seed,
+then mean and SE over the MAUVE seeds (``se``), the SE over sampling seeds beside it (``se_seeds``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dlm.data.shards import ShardSplit, open_split, read_meta
+from dlm.errors import DlmError
+from dlm.eval.diversity import diversity_summary, mean_se
+from dlm.eval.genppl import gen_ppl_summary
+from dlm.eval.results import check_device, check_writable, result_path, reuse
+from dlm.eval.run import boundary_id, check_tokenizer, run_tokenizer
+from dlm.io import write_json_atomic
+from dlm.process.base import token_logprobs
+from dlm.rundir import LoadedRun, load_run
+
+__all__ = ["MODES", "condgen_run", "generate_continuations", "mauve_buckets", "mauve_score", "select_prompts"]
+__all__ += ["ContinuationJudge", "split_documents"]
+
+#: Version of this protocol, part of every record's settings (bump when old records become incomparable).
+CONDGEN_PROTOCOL = 1
+MODES = ("gen-c", "keep-c")
+PROMPT_SEED = 0  # the draw of the N documents; fixed, so every run and family sees the same prompts
+MAUVE_SCALING = 5.0  # mauve's default c, as in the paper (default parameters)
+MAUVE_MISSING = "pip install 'dlm[mauve]'"
+N_EXAMPLES = 3
+FEATURES_RULE = (
+    "the judge's final hidden state (after its final norm, the head's input) at the last token of the row "
+    "(boundary, prompt, continuation)"
+)
+BUCKETS_RULE = "k = max(2, round(N / 10)) k-means buckets, at most N (mauve's own rule, N the prompts per set)"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def split_documents(s: ShardSplit) -> list[np.ndarray]:
+    """The documents of a prepared split, in order, as int64 id arrays (no boundary tokens).
+
+    ``wrap``: the rows' real tokens are one stream, every document followed by EOS; documents are the runs
+    between EOSs. ``pad``: row r is [BOS?] doc [EOS] truncated to L; the document is what lies between (a
+    truncated document ends with the row).
+    """
+    eos = int(s.specials.eos)
+    lengths = np.asarray(s.lengths, dtype=np.int64)
+    if s.meta["mode"] == "wrap":
+        valid = np.arange(s.seq_len)[None, :] < lengths[:, None]
+        stream = np.asarray(s.ids)[valid].astype(np.int64)
+        cuts = np.flatnonzero(stream == eos)
+        starts = np.concatenate([[0], cuts[:-1] + 1]) if cuts.size else np.zeros(0, dtype=np.int64)
+        docs = [stream[a:b] for a, b in zip(starts, cuts, strict=True)]
+        if cuts.size == 0 or cuts[-1] + 1 < stream.size:  # a stream that does not end with EOS: its tail
+            docs.append(stream[(cuts[-1] + 1 if cuts.size else 0) :])
+        return [d for d in docs if d.size]
+    head = 0 if s.specials.bos is None else 1
+    docs = []
+    for r in range(len(s)):
+        doc = np.asarray(s.ids[r, head : int(lengths[r])], dtype=np.int64)
+        docs.append(doc[:-1] if doc.size and doc[-1] == eos else doc)
+    return docs
+
+
+@dataclass
+class PromptSet:
+    """N prompts and their human continuations: ``docs[i]`` is the index of the document in the split."""
+
+    prompts: list[list[int]]
+    human: list[list[int]]
+    docs: list[int]
+    eligible: int
+    total: int
+
+
+def select_prompts(s: ShardSplit, prompt_len: int, cont_len: int, n: int, seed: int = PROMPT_SEED) -> PromptSet:
+    """N documents of at least P + C tokens drawn without replacement (``default_rng(seed)``), in split order:
+    prompt = doc[:P], human continuation = doc[P:P+C]. Fewer such documents than N: one-line DlmError."""
+    docs = split_documents(s)
+    eligible = [i for i, d in enumerate(docs) if d.size >= prompt_len + cont_len]
+    if len(eligible) < n:
+        raise DlmError(
+            f"no document long enough for {n} prompts: {len(eligible)} of the {len(docs)} documents of split "
+            f"{s.name!r} have >= {prompt_len + cont_len} tokens (prompt {prompt_len} + continuation {cont_len}); "
+            "lower --n, --prompt-len or --cont-len, or use another split"
+        )
+    picked = sorted(np.random.default_rng(seed).choice(len(eligible), size=n, replace=False).tolist())
+    chosen = [eligible[i] for i in picked]
+    return PromptSet(
+        prompts=[docs[i][:prompt_len].tolist() for i in chosen],
+        human=[docs[i][prompt_len : prompt_len + cont_len].tolist() for i in chosen],
+        docs=chosen,
+        eligible=len(eligible),
+        total=len(docs),
+    )
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """Continuations of one sampling seed: the rows as drawn (boundary + prompt + generated, ``gen_length`` each),
+    the kept continuations (C ids each), per sampler call its NFE and rows, and the summed wall seconds."""
+
+    rows: list[list[int]]
+    continuations: list[list[int]]
+    nfe_per_call: list[int]
+    rows_per_call: list[int]
+    wall_s: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_continuations(
+    run: LoadedRun,
+    heads: Sequence[Sequence[int]],
+    *,
+    gen_length: int,
+    cont_len: int,
+    sampler: str,
+    steps: int | None,
+    temperature: float,
+    seed: int,
+    batch_size: int,
+) -> Generation:
+    """One continuation per head (boundary + prompt, all of one length H) from one generator seeded ``seed``.
+
+    Rows of ``gen_length`` positions with the head fixed; the continuation is positions H .. H+C-1. A prefix
+    family (``conditioning == "prefix"``) is called once per head (its prompt is one list for every row), with
+    ``stop_at_eos`` off when its sampler takes it; an any-position family ``batch_size`` heads a call, the
+    heads given as ``fixed_ids``. Wall time: perf_counter around each ``process.sample`` (device synchronised).
+    """
+    process, model = run.process, run.model
+    dev = next(model.parameters()).device
+    H = len(heads[0])
+    assert all(len(h) == H for h in heads) and H + cont_len <= gen_length, (H, cont_len, gen_length)
+    spec = process.sampler_specs()[sampler]
+    opts: dict[str, Any] = {"temperature": temperature}
+    if steps is not None:
+        opts["steps"] = steps
+    prefix = process.conditioning == "prefix"
+    if prefix and "stop_at_eos" in spec.accepted():
+        opts["stop_at_eos"] = False
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    step = 1 if prefix else batch_size
+    out = Generation([], [], [], [], 0.0)
+    for a in range(0, len(heads), step):
+        chunk = [list(map(int, h)) for h in heads[a : a + step]]
+        kw: dict[str, Any]
+        if prefix:
+            kw = {"prompt_ids": chunk[0]}
+        else:
+            fixed_NL = torch.full((len(chunk), gen_length), -1, dtype=torch.int64, device=dev)
+            fixed_NL[:, :H] = torch.tensor(chunk, dtype=torch.int64, device=dev)
+            kw = {"fixed_ids": fixed_NL}
+        _sync(dev)
+        t0 = time.perf_counter()
+        result = process.sample(model, len(chunk), gen_length, sampler=sampler, generator=gen, **kw, **opts)
+        _sync(dev)
+        out.wall_s += time.perf_counter() - t0
+        ids_NL = result.ids_NL.cpu()
+        assert ids_NL.shape[1] == gen_length and bool((result.lengths_N >= H + cont_len).all()), "a row stopped"
+        out.rows += ids_NL.tolist()
+        out.continuations += ids_NL[:, H : H + cont_len].tolist()
+        out.nfe_per_call.append(int(result.nfe))
+        out.rows_per_call.append(len(chunk))
+    return out
+
+
+# ----------------------------------------------------------------------------- judge
+
+
+class ContinuationJudge:
+    """An AR run scoring continuations given their prompts, and giving their MAUVE features.
+
+    Row i = (b, x_i, y_i) of 1 + P + C tokens; one causal forward with ``return_hidden`` gives h [N, 1+P+C, D];
+    the head on the states at positions P .. P+C-1 predicts y_i,1 .. y_i,C (float64 log-softmax):
+
+        a_i = -sum_{j=1..C} ln softmax(W h_i,P+j-1)[y_ij],    t_i = C,    f_i = h_i,P+C
+
+    so a_i = nll(b, x_i, y_i) - nll(b, x_i) of ``process.nll`` (the prompt is context only, never scored).
+    """
+
+    def __init__(self, run: LoadedRun, batch_size: int = 32) -> None:
+        if not getattr(run.process, "exact_likelihood", False):
+            raise DlmError(
+                f"the judge must be an AR run (an exact likelihood); its family {run.process.name} gives a bound"
+            )
+        self.model, self.process = run.model, run.process
+        self.boundary = boundary_id(run.data_meta, run.process.specials)
+        self.context = int(run.cfg.model.context)
+        self.batch_size = batch_size
+
+    def score(
+        self, prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(nats float64 [N], scored tokens int64 [N], features float32 [N, D]) of the continuations."""
+        P, C = len(prompts[0]), len(conts[0])
+        rows = [[self.boundary, *p, *c] for p, c in zip(prompts, conts, strict=True)]
+        assert all(len(r) == 1 + P + C for r in rows), "prompts and continuations of one length each"
+        if self.context < 1 + P + C:
+            raise DlmError(f"the judge's context ({self.context}) is shorter than boundary + prompt + continuation")
+        dev = next(self.model.parameters()).device
+        nats, feats = [], []
+        with torch.no_grad():
+            for a in range(0, len(rows), self.batch_size):
+                ids_BL = torch.tensor(rows[a : a + self.batch_size], dtype=torch.int64, device=dev)
+                h_BLD = self.model(ids_BL, attn=self.process.attention, return_hidden=True)
+                h_ND = h_BLD[:, P : P + C].reshape(-1, h_BLD.shape[-1])
+                logp_N = token_logprobs(self.model.head_logits(h_ND), ids_BL[:, P + 1 :].reshape(-1))
+                nats.append(-logp_N.view(ids_BL.shape[0], C).sum(1).cpu())
+                feats.append(h_BLD[:, -1].float().cpu().numpy())
+        return torch.cat(nats), torch.full((len(rows),), C, dtype=torch.int64), np.concatenate(feats)
+
+
+# ----------------------------------------------------------------------------- MAUVE
+
+
+def mauve_buckets(n: int) -> int:
+    """k-means buckets for N features per set: max(2, round(N / 10)), at most N (``BUCKETS_RULE``)."""
+    return max(2, min(n, round(n / 10)))
+
+
+def frontier_area(curve_M2: np.ndarray) -> float:
+    """MAUVE from mauve's divergence curve, points (exp(-c KL(Q|R_w)), exp(-c KL(P|R_w))) in the order of
+    the mixture weight w (the extreme points (1, 0) first, (0, 1) last):
+
+        MAUVE = (1/2) (integral of y dx + integral of x dy)    along the curve, trapezoids in w order
+
+    Equal to mauve-text 0.4.0's ``out.mauve`` when no two points tie; it sorts the points by each coordinate,
+    so when the two histograms are equal (every middle point is (1, 1)) its sort puts (1, 0) before (1, 1)
+    and it returns 0.75 instead of 1; the curve is monotone in w, so following w needs no sort.
+    """
+    x, y = np.asarray(curve_M2, dtype=np.float64).T
+    x, y = x[::-1], y[::-1]  # x ascending: from (0, 1) to (1, 0)
+    area_ydx = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    xr, yr = x[::-1], y[::-1]  # y ascending
+    area_xdy = float(np.sum(np.diff(yr) * (xr[1:] + xr[:-1]) / 2))
+    return 0.5 * (area_ydx + area_xdy)
+
+
+def _mauve_module() -> Any | None:
+    try:
+        import mauve
+    except ImportError:
+        return None
+    return mauve
+
+
+def mauve_score(p_ND: np.ndarray, q_ND: np.ndarray, *, seed: int, num_buckets: int, scaling: float) -> dict:
+    """MAUVE of generated (p) against human (q) features for one MAUVE seed: ``frontier_area`` of
+    ``mauve.compute_mauve``'s curve (``mauve``) and the package's own figure (``mauve_package``).
+    DlmError when mauve-text is not installed."""
+    mauve = _mauve_module()
+    if mauve is None:
+        raise DlmError(f"MAUVE needs the mauve-text package: {MAUVE_MISSING}")
+    out = mauve.compute_mauve(
+        p_features=np.asarray(p_ND, dtype=np.float32), q_features=np.asarray(q_ND, dtype=np.float32),
+        num_buckets=num_buckets, mauve_scaling_factor=scaling, seed=seed, verbose=False,
+    )  # fmt: skip
+    return {"mauve": frontier_area(out.divergence_curve), "mauve_package": float(out.mauve), "seed": seed}
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+def _agg(values: Sequence[float], over: str) -> dict[str, Any]:
+    mean, se = mean_se(list(values))
+    return {"mean": mean, "se": se, "n_seeds": len(values), "se_over": over}
+
+
+def _check_args(prompt_len: Any, cont_len: Any, n_prompts: Any, mode: str, seeds: Any, mauve_seeds: Any) -> None:
+    for name, v, lo in (("prompt length", prompt_len, 1), ("continuation length", cont_len, 1), ("--n", n_prompts, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise DlmError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if mode not in MODES:
+        raise DlmError(f"unknown conditional generation mode {mode!r} (choose from {', '.join(MODES)})")
+    for name, vals in (("seeds", seeds), ("MAUVE seeds", mauve_seeds)):
+        ok = isinstance(vals, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)
+        if not ok or not vals or len(set(vals)) != len(vals) or min(vals) < 0:
+            raise DlmError(f"{name} must be distinct integers >= 0 (at least one), got {vals!r}")
+
+
+def _check_lengths(run: LoadedRun, judge: LoadedRun, P: int, C: int, mode: str) -> int:
+    """The generated row length (gen-c: 1 + P + C, keep-c: the model context L), checked before any work."""
+    L = int(run.cfg.model.context)
+    if P + 1 >= L:
+        raise DlmError(f"prompt length {P} (+1 document boundary) leaves nothing to generate in the context of {L}")
+    if 1 + P + C > L:
+        raise DlmError(
+            f"prompt {P} + continuation {C} + 1 boundary = {1 + P + C} tokens exceed the model context of {L}"
+        )
+    J = int(judge.cfg.model.context)
+    if 1 + P + C > J:
+        raise DlmError(f"the judge's context of {J} is shorter than boundary + prompt + continuation ({1 + P + C})")
+    length = 1 + P + C if mode == "gen-c" else L
+    run.process.min_steps(length)  # a family that cuts rows into blocks refuses a length it cannot cut (one line)
+    return length
+
+
+def _judge_identity(judge_dir: Path, judge: LoadedRun) -> dict[str, Any]:
+    path = Path(judge_dir).resolve()
+    return {
+        "name": path.name,
+        "run_fingerprint": hashlib.sha256((path / "run.json").read_bytes()).hexdigest()[:16],
+        "checkpoint_step": judge.step,
+        "ema": judge.ema,
+        "tokenizer_fingerprint": judge.data_meta["tokenizer"]["fingerprint"],
+    }
+
+
+def _open(run: LoadedRun, data: str | Path | None, split: str) -> ShardSplit:
+    if data is None:
+        s = open_split(Path(run.cfg.data.dir), split)
+        check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"])
+    else:
+        s = open_split(Path(data), split)
+        check_tokenizer(run, s.meta["tokenizer"]["fingerprint"], s.meta["tokenizer"]["name"], data_dir=data)
+    return s
+
+
+def score_seed(
+    judge: ContinuationJudge, prompts: list[list[int]], conts: list[list[int]], human_feats: np.ndarray | None, *,
+    mseeds: Sequence[int], num_buckets: int,
+) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """The scores of one sampling seed (module docstring) and the continuations' features; no MAUVE (``mauve``
+    None) when ``human_feats`` is None."""
+    nats, toks, feats = judge.score(prompts, conts)
+    g = gen_ppl_summary(nats, toks)
+    scores: dict[str, Any] = {"ppl": g["gen_ppl_pooled"], "nll": g["nll"], "nll_se": g["nll_se"]}
+    scores["ppl_seq_mean"] = g["gen_ppl_seq_mean"]
+    scores["diversity"] = diversity_summary(conts)
+    if human_feats is not None:
+        m = [mauve_score(feats, human_feats, seed=s, num_buckets=num_buckets, scaling=MAUVE_SCALING) for s in mseeds]
+        mean, se = mean_se([r["mauve"] for r in m])
+        scores["mauve"] = {"mean": mean, "se": se, "per_mauve_seed": m}
+    return scores, feats
+
+
+def condgen_run(
+    run_dir: str | Path,
+    judge_dir: str | Path,
+    *,
+    data: str | Path | None = None,
+    split: str = "test",
+    prompt_len: int = 50,
+    cont_len: int = 50,
+    n_prompts: int = 32,
+    mode: str = "gen-c",
+    sampler: str | None = None,
+    steps: int | None = None,
+    seeds: Sequence[int] = (0,),
+    mauve_seeds: Sequence[int] = (0, 1, 2),
+    batch_size: int = 16,
+    device: str = "cpu",
+    force: bool = False,
+    log: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """Conditional generation of a run judged by an AR run (module docstring); returns (record, path).
+
+    Writes ``RUN/eval/condgen-{mode}-step{N}-{hash}.json`` (``dlm.eval.results``: the same settings reuse the
+    file unless ``force``). ``data``: another prepared corpus with the run's tokenizer (default: the run's own).
+    Every check of the input is made before any sampling: lengths, mode, seeds, the judge (an AR run with the
+    run's tokenizer and a context that holds the rows), the documents. Without mauve-text everything but
+    MAUVE is computed and ``record["mauve"]`` is ``{"missing": MAUVE_MISSING}``.
+    """
+    from dlm.compare.evaluate import resolve_setting
+
+    seeds, mauve_seeds = list(seeds), list(mauve_seeds)
+    _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DlmError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    dev = check_device(device)
+    if data is not None:
+        read_meta(data)
+    run = load_run(run_dir, device=device)
+    judge_run = load_run(judge_dir, device=device)
+    jt, rt = judge_run.data_meta["tokenizer"], run.data_meta["tokenizer"]
+    if jt["fingerprint"] != rt["fingerprint"]:
+        raise DlmError(
+            f"judge {judge_dir} reads tokenizer {jt['name']} with another vocabulary than the {rt['name']} of run "
+            f"{run_dir} (fingerprints differ); judge with an AR run trained on the same data"
+        )
+    judge = ContinuationJudge(judge_run, batch_size=max(batch_size, 32))
+    length = _check_lengths(run, judge_run, prompt_len, cont_len, mode)
+    name, steps = resolve_setting(run.process, sampler, steps, length)
+    s = _open(run, data, split)
+    ps = select_prompts(s, prompt_len, cont_len, n_prompts)
+    have_mauve = _mauve_module() is not None
+    k = mauve_buckets(n_prompts)
+    settings = {
+        "protocol": CONDGEN_PROTOCOL,
+        "mode": mode,
+        "prompt_len": prompt_len,
+        "cont_len": cont_len,
+        "n_prompts": n_prompts,
+        "prompt_seed": PROMPT_SEED,
+        "split": split,
+        "data": {k2: s.meta.get(k2) for k2 in ("inputs_hash", "mode", "seq_len")} | {"zero_shot": data is not None},
+        "family": run.process.name,
+        "sampler": name,
+        "steps": steps,
+        "temperature": 1.0,
+        "gen_length": length,
+        "seeds": seeds,
+        "mauve_seeds": mauve_seeds,
+        "mauve": {"available": have_mauve, "scaling": MAUVE_SCALING, "num_buckets": k, "features": "last-token"},
+        "batch_size": batch_size,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "device": dev.type,
+        "process": asdict(run.cfg.process),
+        "judge": _judge_identity(Path(judge_dir), judge_run),
+    }
+    path = result_path(run_dir, "condgen", f"{mode}-step{run.step}", settings)
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
+        return old, path
+    check_writable(path.parent)
+    record = _evaluate(run, judge, ps, settings, name, steps, length, log)
+    write_json_atomic(path, record)
+    return record, path
+
+
+def _evaluate(
+    run: LoadedRun, judge: ContinuationJudge, ps: PromptSet, settings: dict[str, Any], sampler: str,
+    steps: int | None, length: int, log: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Generate and score every sampling seed; the record (module docstring)."""
+    tok = run_tokenizer(run)
+    C, n = settings["cont_len"], settings["n_prompts"]
+    have_mauve, k, mseeds = settings["mauve"]["available"], settings["mauve"]["num_buckets"], settings["mauve_seeds"]
+    heads = [[boundary_id(run.data_meta, run.process.specials), *p] for p in ps.prompts]
+    h_nats, h_toks, h_feats = judge.score(ps.prompts, ps.human)
+    human = gen_ppl_summary(h_nats, h_toks)
+    per_seed, gens = [], []
+    for seed in settings["seeds"]:
+        g = generate_continuations(
+            run, heads, gen_length=length, cont_len=C, sampler=sampler, steps=steps, temperature=1.0, seed=seed,
+            batch_size=settings["batch_size"],
+        )  # fmt: skip
+        scores, _ = score_seed(
+            judge, ps.prompts, g.continuations, h_feats if have_mauve else None, mseeds=mseeds, num_buckets=k
+        )
+        nfe = sum(g.nfe_per_call) / len(g.nfe_per_call)
+        per_seed.append({"seed": seed, **scores, "nfe": nfe, "nfe_per_call": g.nfe_per_call, "wall_s": g.wall_s})
+        gens.append(g)
+        if log is not None:
+            shown = f", MAUVE {scores['mauve']['mean']:.3f}" if "mauve" in scores else ""
+            log(f"condgen {settings['mode']} seed {seed}: continuation PPL {scores['ppl']:.2f}{shown}")
+    over = "sampling seeds: sample std / sqrt(n_seeds); null for one seed"
+    div_keys = ("entropy_mean", "distinct_1", "distinct_2", "repetition_rate")
+    record: dict[str, Any] = {
+        "kind": "condgen",
+        "settings": settings,
+        "family": run.process.name,
+        "mode": settings["mode"],
+        "continuation_ppl": _agg([r["ppl"] for r in per_seed], over),
+        "continuation_nll": _agg([r["nll"] for r in per_seed], over),
+        "human_ppl": {"mean": human["gen_ppl_pooled"], "se": None, "n_seeds": 1, "nll": human["nll"]}
+        | {"nll_se": human["nll_se"], "se_over": "none: the human continuations do not depend on a seed"},
+        "diversity": {key: _agg([r["diversity"][key] for r in per_seed], over) for key in div_keys},
+        "human_diversity": diversity_summary(ps.human),
+        "mauve": _mauve_record(per_seed, mseeds, k) if have_mauve else {"missing": MAUVE_MISSING},
+        "nfe": sum(r["nfe"] for r in per_seed) / len(per_seed),
+        "nfe_note": "network calls per sampler call, mean over calls and seeds; a prefix family (AR) makes one call "
+        "per prompt, an any-position family one per batch of prompts (all its rows in the same calls)",
+        "wall_s": sum(r["wall_s"] for r in per_seed),
+        "wall_s_per_continuation": sum(r["wall_s"] for r in per_seed) / (n * len(per_seed)),
+        "prompts": {"documents": ps.docs, "eligible_documents": ps.eligible, "split_documents": ps.total},
+        "definitions": _definitions(),
+        "per_seed": per_seed,
+        "examples": [
+            {"prompt": tok.decode(ps.prompts[i]), "human": tok.decode(ps.human[i])}
+            | {"generated": tok.decode(gens[0].continuations[i]), "ids": gens[0].rows[i]}
+            for i in range(min(N_EXAMPLES, n))
+        ],
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return record
+
+
+def _mauve_record(per_seed: list[dict[str, Any]], mseeds: list[int], k: int) -> dict[str, Any]:
+    """MAUVE averaged over sampling seeds per MAUVE seed; mean and SE over MAUVE seeds, SE over sampling seeds."""
+    grid = np.array([[m["mauve"] for m in r["mauve"]["per_mauve_seed"]] for r in per_seed], dtype=np.float64)
+    mean, se = mean_se(grid.mean(axis=0).tolist())
+    _, se_seeds = mean_se(grid.mean(axis=1).tolist())
+    return {
+        "mean": mean,
+        "se": se,
+        "se_seeds": se_seeds,
+        "n_mauve_seeds": len(mseeds),
+        "n_seeds": len(per_seed),
+        "se_over": "MAUVE seeds (of the mean over sampling seeds); se_seeds: over sampling seeds (of the mean over "
+        "MAUVE seeds), null for one seed",
+        "num_buckets": k,
+        "buckets_rule": BUCKETS_RULE,
+        "scaling_factor": MAUVE_SCALING,
+        "features": FEATURES_RULE,
+        "p": "generated continuations",
+        "q": "human continuations",
+        "area_rule": "frontier_area of mauve-text's divergence curve (its own figure per seed: mauve_package)",
+    }
+
+
+def _definitions() -> dict[str, str]:
+    return {
+        "continuation_ppl": "exp(sum_i a_i / (N C)), a_i = -ln p_judge(y_i | boundary, prompt_i) over the C "
+        "continuation tokens only; mean over sampling seeds",
+        "human_ppl": "the same for the human continuations (the reference level)",
+        "mauve": f"MAUVE(generated, human) on the judge's features: {FEATURES_RULE}; {BUCKETS_RULE}",
+        "diversity": "dlm.eval.diversity.diversity_summary of the continuations, per seed; mean over seeds",
+        "nfe": "network function evaluations per sampler call",
+    }

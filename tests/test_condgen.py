@@ -1,0 +1,205 @@
+"""Conditional generation (dlm.eval.condgen, issue 15): prompts from document boundaries, the judge's continuation
+NLL against its own likelihood, prompts kept by every family, gen-c / keep-c lengths, MAUVE identities, the result
+file's reuse and the refusals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dlm.data.batch import Batch
+from dlm.data.shards import open_split, prepare
+from dlm.data.sources import get_source
+from dlm.data.tokenizers import build_tokenizer
+from dlm.errors import DlmError
+from dlm.eval import condgen
+from dlm.eval.condgen import (
+    ContinuationJudge,
+    condgen_run,
+    frontier_area,
+    generate_continuations,
+    mauve_score,
+    select_prompts,
+    split_documents,
+)
+from dlm.rundir import load_run
+from tests.helpers import tree_state
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DOCS = ["abcdefghij", "xy", "0123456789ABCDEF", "klmnopq"]
+
+
+def _corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "validation", "test"):
+        (root / f"{split}.txt").write_text("\n\n".join(DOCS) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["wrap", "pad"])
+def test_documents_prompts_and_human_continuations_exact(tmp_path: Path, mode: str) -> None:
+    corpus = _corpus(tmp_path / "corpus")
+    data = prepare(get_source(str(corpus)), "bytes", seq_len=8, mode=mode, out_dir=tmp_path / "d", log=lambda s: None)
+    s = open_split(data, "test")
+    tok = build_tokenizer("bytes")
+    docs = [d.tolist() for d in split_documents(s)]
+    # wrap: the stream runs across rows of 8; pad: one row per document, [BOS] doc [EOS] cut to 8 (7 doc tokens)
+    want = [tok.encode(d) if mode == "wrap" else tok.encode(d)[:7] for d in DOCS]
+    assert docs == want
+    ps = select_prompts(s, 3, 4, 2)  # documents with >= 7 tokens: 0, 2, 3 (pad: all three truncated to 7)
+    assert ps.eligible == 3 and ps.total == 4 and ps.docs == sorted(ps.docs) and len(set(ps.docs)) == 2
+    for i, d in zip(ps.docs, range(2), strict=True):
+        assert ps.prompts[d] == want[i][:3] and ps.human[d] == want[i][3:7]
+    assert select_prompts(s, 3, 4, 2).docs == ps.docs  # deterministic
+    with pytest.raises(DlmError, match=r"no document long enough for 4 prompts: 3 of the 4 documents"):
+        select_prompts(s, 3, 4, 4)
+
+
+def test_continuation_nll_is_the_judges_nll_of_the_continuation(tiny_ar_run: Path, tiny_data: Path) -> None:
+    run = load_run(tiny_ar_run)
+    judge = ContinuationJudge(run, batch_size=3)
+    ps = select_prompts(open_split(tiny_data, "train"), 5, 7, 5)
+    nats, toks, feats = judge.score(ps.prompts, ps.human)
+    rows = torch.tensor([[judge.boundary, *p, *h] for p, h in zip(ps.prompts, ps.human, strict=True)])
+    full = run.process.nll(run.model, Batch(rows, torch.ones_like(rows, dtype=torch.bool)))
+    head = run.process.nll(run.model, Batch(rows[:, :6], torch.ones(5, 6, dtype=torch.bool)))
+    torch.testing.assert_close(nats, full.nats_B - head.nats_B, rtol=1e-5, atol=1e-5)
+    assert toks.tolist() == [7] * 5 and feats.shape == (5, 32)
+    with torch.no_grad():
+        h_BLD = run.model(rows, attn="causal", return_hidden=True)
+    np.testing.assert_allclose(feats, h_BLD[:, -1].numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["ar", "mdlm"])
+def test_prompts_kept_and_gen_c_keep_c_lengths(tiny_ar_run: Path, tiny_mdlm_run: Path, tiny_data: Path, which) -> None:
+    run = load_run(tiny_ar_run if which == "ar" else tiny_mdlm_run)
+    ps = select_prompts(open_split(tiny_data, "train"), 6, 5, 5)
+    heads = [[257, *p] for p in ps.prompts]  # bytes: EOS 257 is the boundary of wrap data
+    for length in (12, 32):  # gen-c: 1 + P + C; keep-c: the context
+        g = generate_continuations(
+            run, heads, gen_length=length, cont_len=5, sampler=run.process.default_sampler,
+            steps=None if which == "ar" else 8, temperature=1.0, seed=3, batch_size=2,
+        )  # fmt: skip
+        assert [len(r) for r in g.rows] == [length] * 5
+        assert [r[:7] for r in g.rows] == heads
+        assert g.continuations == [r[7:12] for r in g.rows]
+        assert g.rows_per_call == ([1] * 5 if which == "ar" else [2, 2, 1])
+        # AR: one forward per generated token; MDLM's ddpm_cache: at most one per step
+        assert all((1 <= n <= 8) if which == "mdlm" else n == length - 7 for n in g.nfe_per_call)
+
+
+def _need_mauve() -> None:
+    if condgen._mauve_module() is None:
+        pytest.skip("mauve-text is not installed (pip install 'dlm[mauve]')")
+
+
+def test_mauve_identities() -> None:
+    _need_mauve()
+    rng = np.random.default_rng(0)
+    p = rng.normal(size=(20, 16)).astype(np.float32)
+    same = mauve_score(p, p.copy(), seed=0, num_buckets=2, scaling=5.0)
+    assert same["mauve"] == pytest.approx(1.0, abs=1e-9)
+    e_2D = np.eye(2, 16, dtype=np.float32) * 10  # two far directions: the histograms (1, 0) and (0, 1)
+    far = mauve_score(e_2D[0] + p * 0.01, e_2D[1] + p * 0.01, seed=0, num_buckets=2, scaling=5.0)
+    assert far["mauve"] < 0.02
+    for seed in range(3):  # no tie: the package's own figure
+        q = rng.normal(size=(40, 16)).astype(np.float32) + 0.3
+        r = mauve_score(rng.normal(size=(40, 16)).astype(np.float32), q, seed=seed, num_buckets=4, scaling=5.0)
+        assert r["mauve"] == pytest.approx(r["mauve_package"], abs=1e-12)
+    curve = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 1.0]])
+    assert frontier_area(curve) == 1.0
+
+
+def test_condgen_record_reuse_and_force(tiny_ar_run: Path, tiny_mdlm_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "mdlm"
+    shutil.copytree(tiny_mdlm_run, run)
+    kw = {"split": "train", "prompt_len": 6, "cont_len": 6, "n_prompts": 8, "seeds": (0, 1), "batch_size": 8}
+    logs: list[str] = []
+    record, path = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, log=logs.append, **kw)
+    assert path.parent == run / "eval" and path.name.startswith("condgen-keep-c-step20-")
+    assert json.loads(path.read_text()) == record
+    s = record["settings"]
+    assert s["gen_length"] == 32 and s["sampler"] == "ddpm" and s["steps"] == 8
+    assert record["continuation_ppl"]["n_seeds"] == 2 and record["continuation_ppl"]["se"] is not None
+    assert record["human_ppl"]["mean"] > 1 and record["nfe"] == 8
+    assert [len(r["nfe_per_call"]) for r in record["per_seed"]] == [1, 1]
+    mean = np.mean([r["ppl"] for r in record["per_seed"]])
+    assert record["continuation_ppl"]["mean"] == pytest.approx(mean)
+    if condgen._mauve_module() is not None:
+        m = record["mauve"]
+        assert (m["n_mauve_seeds"], m["n_seeds"], m["num_buckets"]) == (3, 2, 2) and 0 <= m["mean"] <= 1
+    assert record["examples"][0]["ids"][1:7] == [ord(c) for c in record["examples"][0]["prompt"]]
+    again, path2 = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, log=logs.append, **kw)
+    assert path2 == path and again == record and logs[-1].startswith("reused")
+    forced, _ = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, force=True, **kw)
+    assert forced["continuation_ppl"] == record["continuation_ppl"]  # seeded: the same draws
+    _, other = condgen_run(run, tiny_ar_run, mode="gen-c", steps=8, **kw)
+    assert other != path and other.name.startswith("condgen-gen-c-step20-")
+
+
+def test_without_mauve_everything_else_runs(tiny_ar_run: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    monkeypatch.setitem(sys.modules, "mauve", None)  # `import mauve` raises ImportError
+    record, _ = condgen_run(run, tiny_ar_run, split="train", prompt_len=4, cont_len=4, n_prompts=4)
+    assert record["mauve"] == {"missing": "pip install 'dlm[mauve]'"}
+    assert record["settings"]["mauve"]["available"] is False and record["continuation_ppl"]["mean"] > 1
+    assert record["nfe"] == 4  # AR: one call per prompt, one forward per generated token
+
+
+def _other_tokenizer_judge(tiny_ar_run: Path, root: Path) -> Path:
+    judge = root / "judge"
+    shutil.copytree(tiny_ar_run, judge)
+    info = json.loads((judge / "run.json").read_text())
+    info["data_meta"]["tokenizer"]["fingerprint"] = "0" * 64
+    (judge / "run.json").write_text(json.dumps(info))
+    return judge
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"prompt_len": 32}, "leaves nothing to generate in the context of 32"),
+        ({"cont_len": 0}, "continuation length must be an integer >= 1"),
+        ({"prompt_len": 20, "cont_len": 12}, "= 33 tokens exceed the model context of 32"),
+        ({"n_prompts": 50}, "no document long enough for 50 prompts: "),
+        ({"mode": "gen-all"}, "unknown conditional generation mode"),
+        ({"judge": "mdlm"}, "the judge must be an AR run"),
+        ({"judge": "other"}, "with another vocabulary than the bytes of run"),
+    ],
+)
+def test_refusals_before_any_work(tiny_ar_run, tiny_mdlm_run, tmp_path, change, match) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_mdlm_run, run)
+    judge = {"mdlm": tiny_mdlm_run, "other": None}.get(change.pop("judge", None), tiny_ar_run)
+    judge = judge or _other_tokenizer_judge(tiny_ar_run, tmp_path)
+    kw = {"split": "train", "prompt_len": 6, "cont_len": 6, "n_prompts": 4} | change
+    before = tree_state(run)
+    with pytest.raises(DlmError, match=match) as e:
+        condgen_run(run, judge, **kw)
+    assert "\n" not in str(e.value) and tree_state(run) == before
+
+
+def test_cli_command_parses_and_refuses(tiny_ar_run: Path, tmp_path: Path, capsys) -> None:
+    from dlm.cli_condgen import add_commands, int_list
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    argv = ["condgen", str(run), "--judge", str(tiny_ar_run), "--split", "train", "--prompt-len", "4"]
+    args = parser.parse_args([*argv, "--cont-len", "4", "--n", "3", "--mauve-seeds", "0"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "continuation PPL (judge)" in out and "human continuation PPL" in out and "-> " in out
+    assert int_list("0,1", "--seeds") == [0, 1]
+    with pytest.raises(DlmError, match="--seeds must be comma-separated integers"):
+        int_list("0,x", "--seeds")
