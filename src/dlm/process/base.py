@@ -151,6 +151,20 @@ class SamplerOptions:
     The stop rules apply to unconditional and prefix sampling only: a request that sets one together with
     fixed positions after the prompt (infilling, whose rows are full length) is refused. A stopped row is
     never rejected or resampled; what stopped it is recorded (``SampleResult.stop_N``).
+
+    Options of the remasking and ordered-unmasking samplers of the absorbing families (``dlm.process.unmasking``;
+    the defaults leave every other sampler unchanged, and only the samplers that read them accept them):
+    remask_strategy:   ``remdm``: how the remasking probability sigma_t is set: cap (min(eta, sigma_max)),
+                       rescale (eta sigma_max) or conf (sigma_max spread over the unmasked positions by a softmax
+                       of minus their confidence at decoding).
+    remask_eta:        ``remdm``: eta in [0, 1] of cap / rescale (conf ignores it).
+    remask_t_on:       ``remdm`` loop: remasking only for t in [t_off, t_on), alpha held at alpha(t_on) there
+    remask_t_off:      (None: remask at every step, no loop); 1 >= t_on > t_off >= 0.
+    unmask_score:      ``confidence`` / ``entropy_bounded``: the order in which masked positions are revealed, by
+                       p_theta at the position: confidence (max prob), margin (top1 - top2), entropy (lowest first)
+                       or drawn (the probability of the token drawn there: LLaDA's low-confidence remasking).
+    entropy_bound:     ``entropy_bounded``: gamma >= 0 (nats), the EB-sampler's budget on sum H - max H of the
+                       positions revealed together.
     """
 
     steps: int | None = None
@@ -161,6 +175,12 @@ class SamplerOptions:
     use_cache: bool = True
     stop_at_eos: bool = True
     stop_entropy: float | None = None
+    remask_strategy: str = "cap"
+    remask_eta: float = 0.02
+    remask_t_on: float | None = None
+    remask_t_off: float | None = None
+    unmask_score: str = "confidence"
+    entropy_bound: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -192,6 +212,8 @@ class SamplerSpec:
     extra_options:    further ``SamplerOptions`` fields it reads (e.g. AR's ``use_cache``, ``stop_at_eos``).
     option_defaults:  the family's own defaults of options it accepts, where they differ from ``SamplerOptions``'s
                       (e.g. BD3-LM: ``stop_at_eos`` False, its rows are full length unless asked).
+    check:            refuses bad values of the sampler's own options (a one-line ``DlmError``), called by
+                      ``options`` before any network call (None: nothing to check).
     """
 
     run: SamplerFn
@@ -201,6 +223,7 @@ class SamplerSpec:
     nfe_within_steps: bool = True
     extra_options: tuple[str, ...] = ()
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[SamplerOptions], None] | None = None
 
     def accepted(self) -> tuple[str, ...]:
         """The option names this sampler accepts."""
@@ -218,7 +241,10 @@ class SamplerSpec:
             )
         assert set(self.accepted()) <= {f.name for f in fields(SamplerOptions)}
         assert set(self.option_defaults) <= set(self.accepted())
-        return SamplerOptions(**{**self.option_defaults, **opts})
+        options = SamplerOptions(**{**self.option_defaults, **opts})
+        if self.check is not None:
+            self.check(options)
+        return options
 
 
 def check_stop_options(options: SamplerOptions, given: Mapping[str, Any], start: SampleStart) -> None:

@@ -1,7 +1,7 @@
 """BD3-LM's block sampling (SPEC §3.6): the network as the denoiser of one block at a time (``BlockDenoiser``, with
 an optional KV cache of the finished blocks and a sliding window past the model context), the stop rules between
-blocks (``StopRules``), and ``sample_blocks``, which runs any absorbing sampler (ddpm, ddpm_cache, first_hitting)
-block after block. ``SAMPLERS`` is the table ``BD3LMProcess.sampler_specs`` returns.
+blocks (``StopRules``), and ``sample_blocks``, which runs any absorbing sampler (ddpm, ddpm_cache, first_hitting and
+those of ``dlm.process.unmasking``) block after block. ``SAMPLERS`` is the table ``BD3LMProcess.sampler_specs`` returns.
 
 The process itself (config checks, masks, loss, bound) lives in ``dlm.process.bd3lm``; this module only needs
 its ``block_size``, ``schedule``, ``transition``, ``mask_id``, ``specials`` and block-causal ``attention``.
@@ -10,13 +10,14 @@ its ``block_size``, ``schedule``, ``transition``, ``mask_id``, ``specials`` and 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process import absorbing
+from dlm.process import absorbing, unmasking
 from dlm.process.base import (
     Process,
     SampleResult,
@@ -270,12 +271,18 @@ def sample_blocks(
     return SampleResult(ids_NL, stops.lengths_N, denoiser.nfe, start.prompt_len, traj_NL, list(stops.reasons))
 
 
-def _block_sampler(inner: absorbing.AbsorbingSampler, uses_steps: bool = True) -> SamplerFn:
+def _block_sampler(
+    inner: absorbing.AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True
+) -> SamplerFn:
+    """``sample_blocks`` with ``inner`` in every block; ``names``: the further ``SamplerOptions`` ``inner`` reads
+    (``dlm.process.unmasking``), bound as keywords of the same names."""
+
     def run(
         process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
     ) -> SampleResult:
         assert o.steps is not None, "the dispatcher resolves the steps"
-        return sample_blocks(cast("BD3LMProcess", process), model, start, o, gen, inner, uses_steps)
+        bound = partial(inner, **{name: getattr(o, name) for name in names}) if names else inner
+        return sample_blocks(cast("BD3LMProcess", process), model, start, o, gen, bound, uses_steps)
 
     return run
 
@@ -295,6 +302,9 @@ SAMPLERS: Mapping[str, SamplerSpec] = {
         extra_options=_EXTRA,
         option_defaults=_DEFAULTS,
     ),
+    # remdm, confidence, llada, entropy_bounded inside each block (``steps`` split over the blocks as above;
+    # entropy_bounded takes as many calls as its rule needs)
+    **unmasking.sampler_specs(_block_sampler, _EXTRA, _DEFAULTS),
 }
 
 __all__ = [

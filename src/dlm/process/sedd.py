@@ -75,7 +75,7 @@ import torch
 from torch import Tensor
 
 from dlm.data.batch import Batch
-from dlm.process import absorbing, uniform
+from dlm.process import absorbing, uniform, unmasking
 from dlm.process.absorbing import AbsorbingSample
 from dlm.process.base import (
     CONTINUOUS_TIME_FIELDS,
@@ -84,6 +84,7 @@ from dlm.process.base import (
     Process,
     ProcessConfig,
     SampleResult,
+    SamplerFn,
     SamplerOptions,
     SamplerSpec,
     SampleStart,
@@ -400,8 +401,10 @@ class SEDDProcess(Process):
     # ------------------------------------------------------------------------------------------- sampling
 
     def sampler_specs(self) -> Mapping[str, SamplerSpec]:
-        """``euler`` and ``analytic``, for either transition (``uniform`` holds the uniform-state ones)."""
-        return {"euler": SamplerSpec(_euler), "analytic": SamplerSpec(_analytic)}
+        """``euler`` and ``analytic``, for either transition (``uniform`` holds the uniform-state ones); absorbing
+        also the remasking / ordered unmasking samplers of ``dlm.process.unmasking``."""
+        own = {"euler": SamplerSpec(_euler), "analytic": SamplerSpec(_analytic)}
+        return {**own, **_UNMASKING} if self.absorbing else own
 
 
 def _run(
@@ -449,3 +452,27 @@ def _analytic(
     process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
 ) -> SampleResult:
     return _run(process, model, start, o, gen, "analytic")
+
+
+def _unmasking_sampler(
+    fn: absorbing.AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True
+) -> SamplerFn:
+    """A ``dlm.process.unmasking`` sampler on SEDD-absorbing (p_theta = s_theta (e^sigma - 1), ``denoiser``), from
+    all-MASK with fixed positions kept; ``names``: the further ``SamplerOptions`` it reads, as keywords."""
+    del uses_steps
+
+    def run(
+        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+    ) -> SampleResult:
+        assert isinstance(process, SEDDProcess) and process.absorbing and o.steps is not None
+        out = fn(
+            process.denoiser(model), process.transition.start(start.fixed_NL), process.schedule, o.steps, gen,
+            start.fixed_NL >= 0, mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
+            return_trajectory=o.return_trajectory, **{name: getattr(o, name) for name in names},
+        )  # fmt: skip
+        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
+
+    return run
+
+
+_UNMASKING = unmasking.sampler_specs(_unmasking_sampler)
