@@ -10,7 +10,7 @@ import torch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.model import ModelConfig, build_model
-from dlm.process import ARProcess, ProcessConfig, get_process
+from dlm.process import ARProcess, ProcessConfig, ar, get_process
 from dlm.process.ar import STOP_CHECK_EVERY
 
 V = 11
@@ -208,3 +208,21 @@ def test_static_path_rewinds_the_default_generator_too():
     model.static_decode = True
     assert int(out.lengths_N.max()) < 48 and ends["static"][1] > ends["growing"][1]  # surplus steps were run
     assert torch.equal(ends["static"][0], ends["growing"][0]) and torch.equal(ends["static"][2], ends["growing"][2])
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("opts", [dict(), dict(prompt_ids=[3, 4, 5], temperature=0.9, top_k=8, top_p=0.95)])
+def test_block_uniforms_draw_the_per_token_ids(n, opts, monkeypatch):
+    """Uniforms drawn STOP_CHECK_EVERY tokens at a time (what a CPU generator driving a CUDA model does) give the
+    ids, lengths and final generator state of the per-token draws, with and without an early stop of every row."""
+    model = _model(seed=4)
+    for proc in (_ar(), _ar(eos=_likely_token(model))):
+        monkeypatch.setattr(ar, "BLOCK_UNIFORMS", True)
+        block, u_block = _sample(model, proc, n, 45, "static", seed=n, **opts)
+        monkeypatch.setattr(ar, "BLOCK_UNIFORMS", False)
+        token, u_token = _sample(model, proc, n, 45, "static", seed=n, **opts)
+        grow, u_grow = _sample(model, proc, n, 45, "growing", seed=n, **opts)
+        assert torch.equal(block.ids_NL, token.ids_NL) and torch.equal(block.ids_NL, grow.ids_NL)
+        assert torch.equal(block.lengths_N, grow.lengths_N) and block.stop_N == grow.stop_N
+        assert torch.equal(u_block, u_token) and torch.equal(u_block, u_grow) and block.nfe == token.nfe
+    assert int(block.lengths_N.max()) < 45  # the second process stopped every row early: the rewind was exercised

@@ -33,9 +33,13 @@ from dlm.process.base import (
     token_logprobs,
 )
 from dlm.process.losses import rows_weighted_loss
-from dlm.process.sampling import sample_categorical
+from dlm.process.sampling import _uniforms, sample_categorical
 
 STOP_CHECK_EVERY = 16  # static decoding asks the device "has every row stopped?" once per this many tokens
+# Static decoding draws the uniforms of STOP_CHECK_EVERY tokens in one call (one host-to-device copy per block
+# instead of one per token) when None and the generator lives on another device than the model (a CPU generator
+# driving a GPU model); True / False force it on / off (tests).
+BLOCK_UNIFORMS: bool | None = None
 
 
 def ancestral(
@@ -102,10 +106,14 @@ def _draw(
     specials: SpecialIds,
     o: SamplerOptions,
     generator: torch.Generator | None,
+    u_N: Tensor | None = None,
 ) -> Tensor:
     """Sample position ``pos`` of every row into ids_NL (pad for stopped rows), update the EOS bookkeeping in
-    place on the device (no host synchronisation), and return the tokens [N]."""
-    tok_N = sample_categorical(logits_NV, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator)
+    place on the device (no host synchronisation), and return the tokens [N]. ``u_N``: the row uniforms, drawn
+    beforehand (else N are drawn from ``generator``)."""
+    tok_N = sample_categorical(
+        logits_NV, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, generator=generator, u_N=u_N
+    )
     tok_N = torch.where(done_N, specials.pad, tok_N)
     ids_NL[:, pos] = tok_N
     if o.stop_at_eos:
@@ -131,6 +139,12 @@ def _static_decode(
     The generator's state after each draw since the last stop check is kept (host copies, no device work),
     so that when every row turns out to have stopped at step s* < the check, the draws of steps after s*
     are undone: the stream continues exactly where the per-token-check paths leave it.
+
+    Block uniforms (``BLOCK_UNIFORMS``; by default for a generator on another device than the model): the
+    uniforms of the tokens up to the next stop check, [k <= STOP_CHECK_EVERY, N], are drawn in one call and
+    copied to the device once. A generator's numbers do not depend on how a run of draws is split into calls
+    of the same dtype on a CPU generator, so the tokens are those of one draw of N per token; a rewind restores
+    the state before the block and draws again the uniforms of the tokens up to s*.
     """
     n, length = ids_NL.shape
     device = ids_NL.device
@@ -140,11 +154,20 @@ def _static_decode(
     logits_NV = model(ids_NL[:, :P], attn=attn, cache=cache)[:, -1]
     decoder = model.decoder(cache) if length - P > 1 else None  # (capturing costs a few forwards on CUDA)
     rng = _stream(generator, device) if o.stop_at_eos else None
-    states: dict[int, Tensor] = {}
+    blocks = BLOCK_UNIFORMS if BLOCK_UNIFORMS is not None else generator is not None and generator.device != device
+    states: dict[int, Tensor] = {}  # per token, or (blocks) the state before the current block at its first pos
+    u_kN: Tensor | None = None
     nfe = 1
     for pos in range(P, length):
-        tok_N = _draw(logits_NV, pos, ids_NL, lengths_N, done_N, specials, o, generator)
-        if rng is not None:
+        j = (pos - P) % STOP_CHECK_EVERY
+        if blocks and j == 0:
+            if rng is not None:
+                states[pos] = rng.get_state()
+            u_kN = _uniforms((min(STOP_CHECK_EVERY, length - pos), n), generator, device)
+        tok_N = _draw(
+            logits_NV, pos, ids_NL, lengths_N, done_N, specials, o, generator, None if u_kN is None else u_kN[j]
+        )
+        if rng is not None and not blocks:
             states[pos] = rng.get_state()
         if pos + 1 == length:
             break
@@ -156,7 +179,13 @@ def _static_decode(
         logits_NV = decoder.step(tok_N)
         nfe += 1
     if rng is not None and bool(done_N.all()):
-        rng.set_state(states[int(lengths_N.max()) - 1])
+        last = int(lengths_N.max()) - 1  # the step of the last stop: the per-token paths drew up to it
+        if blocks:
+            first = last - (last - P) % STOP_CHECK_EVERY  # the block it lies in (the current one)
+            rng.set_state(states[first])
+            _uniforms((last - first + 1, n), rng, device)
+        else:
+            rng.set_state(states[last])
     return nfe
 
 
