@@ -117,3 +117,94 @@ def test_bad_requests_are_refused() -> None:
         continuation_logprobs(run, [([0], [2])], k=0)
     with pytest.raises(DlmError, match="does not fit"):
         continuation_logprobs(run, [([0], [2] * 12)], k=1)
+
+
+# ----------------------------------------------------------------------------------------------- with lm_eval
+
+QUIZ = [
+    ("cat", ["meow", "woof", "moo"], 0),
+    ("dog", ["meow", "woof", "moo"], 1),
+    ("cow", ["meow", "woof", "moo"], 2),
+    ("owl", ["hoot", "quack"], 0),
+    ("duck", ["hoot", "quack"], 1),
+]
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+{choices}doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _write_task(folder, name: str = "dlm_quiz", choices: bool = True):
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in QUIZ))
+    line = 'doc_to_choice: "{{choices}}"\n' if choices else ""
+    (folder / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, choices=line))
+    return folder
+
+
+class LookupAR(torch.nn.Module):
+    """A causal "network" that memorised texts: after any prefix of one of them it puts (almost) all mass on that
+    text's next token; elsewhere its logits are flat."""
+
+    def __init__(self, texts: list[list[int]], vocab_size: int, context: int) -> None:
+        super().__init__()
+        self.next = {tuple(t[: i + 1]): t[i + 1] for t in texts for i in range(len(t) - 1)}
+        self.vocab_size, self.context = vocab_size, context
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a parameter, so the model has a device
+
+    def forward(self, ids_BL: torch.Tensor, attn: object = "causal", **_: object) -> torch.Tensor:
+        assert attn == "causal"
+        logits = torch.zeros(*ids_BL.shape, self.vocab_size)
+        for b, row in enumerate(ids_BL.tolist()):
+            for i in range(len(row)):
+                if (nxt := self.next.get(tuple(row[: i + 1]))) is not None:
+                    logits[b, i, nxt] = 30.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def lm_eval_ready():
+    return pytest.importorskip("lm_eval", reason="the lmeval extra (pip install 'dlm[lmeval]') is not installed")
+
+
+def _memorised_accuracy(run_dir, folder, shift: int) -> dict:
+    """Accuracy of a lookup model that memorised 'Q: ...\\nA: <choice answer + shift>' on the local quiz."""
+    from dlm.eval.lmeval import lm_class, run_tasks, task_manager
+    from dlm.eval.run import run_tokenizer
+    from dlm.rundir import load_run
+
+    run = load_run(run_dir)
+    tok = run_tokenizer(run)
+    texts = [tok.encode(f"Q: {q}\nA: {c[(a + shift) % len(c)]}") for q, c, a in QUIZ]
+    run.model = LookupAR(texts, run.process.vocab_size, run.cfg.model.context)
+    loaded = task_manager(["dlm_quiz"], folder).load(["dlm_quiz"])
+    lm = lm_class()(run, tok)
+    out = run_tasks(lm, loaded, limit=None, seed=0)
+    assert len(lm.scored) == sum(len(c) for _, c, _ in QUIZ)  # one request per choice
+    return out["results"]["dlm_quiz"]
+
+
+def test_a_model_that_memorised_the_answers_scores_100_and_one_that_memorised_wrong_ones_0(
+    lm_eval_ready, tiny_ar_run, tmp_path
+) -> None:
+    folder = _write_task(tmp_path / "tasks")
+    right = _memorised_accuracy(tiny_ar_run, folder, shift=0)
+    assert right["acc,none"] == 1.0 and right["acc_norm,none"] == 1.0
+    wrong = _memorised_accuracy(tiny_ar_run, folder, shift=1)
+    assert wrong["acc,none"] == 0.0 and wrong["acc_norm,none"] == 0.0

@@ -39,10 +39,18 @@ tokenizer never adds one).
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import math
+import os
+import random
+import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +59,23 @@ from torch import Tensor
 from dlm.data.batch import Batch
 from dlm.data.tokenizers import Tokenizer
 from dlm.errors import DlmError
+from dlm.eval.results import check_device, check_writable, result_path, reuse
+from dlm.eval.run import run_tokenizer
+from dlm.io import write_json_atomic
 from dlm.process.base import eval_mode, model_context, model_device, token_logprobs
+from dlm.rundir import load_run
 
-__all__ = ["Scored", "continuation_logprob", "continuation_logprobs", "encode_pair", "next_token_family", "row_limit"]
+__all__ = [
+    "Scored",
+    "continuation_logprob",
+    "continuation_logprobs",
+    "encode_pair",
+    "evaluate_tasks",
+    "import_lm_eval",
+    "lm_class",
+    "next_token_family",
+    "row_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -188,3 +210,322 @@ def _bound(run: Any, ids_RL: Tensor, scored_RL: Tensor, k: int, generator: torch
     return [
         Scored(-float(mean_R[r]), None if se_R is None else float(se_R[r]), None, False) for r in range(len(mean_R))
     ]
+
+
+# ----------------------------------------------------------------------------------------------- the lm_eval model
+
+EXTRA_HINT = "pip install 'dlm[lmeval]'"
+
+
+def import_lm_eval() -> Any:
+    """The ``lm_eval`` package with its evaluator and task manager; a one-line DlmError naming the extra when it
+    is not installed."""
+    try:
+        import lm_eval
+        import lm_eval.api.model
+        import lm_eval.evaluator
+        import lm_eval.tasks
+    except ImportError as e:
+        raise DlmError(f"lm-eval tasks need the lm-eval package ({e.name} is missing): {EXTRA_HINT}") from None
+    return lm_eval
+
+
+def lm_class() -> type:
+    """``DlmLM``, the ``lm_eval.api.model.LM`` subclass that scores requests with a dlm run (built on first use,
+    so this module imports without lm_eval)."""
+    global _LM_CLASS
+    if _LM_CLASS is None:
+        _LM_CLASS = _make_lm_class(import_lm_eval())
+    return _LM_CLASS
+
+
+_LM_CLASS: type | None = None
+
+
+def _make_lm_class(lm_eval: Any) -> type:
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class DlmLM(lm_eval.api.model.LM):
+        """A dlm run as an lm-eval model. ``loglikelihood``: ``continuation_logprobs`` (exact for a next-token
+        family, else the K-draw bound; is_greedy False where undefined). ``loglikelihood_rolling``: the sum over
+        lm-eval's rolling windows (rows of ``row_limit`` tokens, one token of context after the first window, as
+        its HF model). ``generate_until``: the family's default sampler continuing the prompt (AR: its KV cache;
+        diffusion: ``max_gen_toks`` positions after the prompt, fixed length), greedy unless ``do_sample``, cut
+        at the first stop string; the prompt is left-truncated to leave ``max_gen_toks`` within the context.
+        Every scored request is recorded in ``self.scored`` as (task name, ``Scored``)."""
+
+        def __init__(self, run: Any, tok: Tokenizer, *, k: int = 1, batch_size: int = 32, seed: int = 0) -> None:
+            super().__init__()
+            self.run, self.tok, self.k, self.batch = run, tok, k, batch_size
+            self.generator = torch.Generator(device=model_device(run.model)).manual_seed(seed)
+            self.scored: list[tuple[str, Scored]] = []
+
+        def _score(self, pairs: list[tuple[list[int], list[int]]], names: list[str]) -> list[Scored]:
+            out = continuation_logprobs(self.run, pairs, k=self.k, generator=self.generator, batch_size=self.batch)
+            self.scored += list(zip(names, out))
+            return out
+
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            pairs = [encode_pair(self.tok, *r.args) for r in requests]
+            scored = self._score(pairs, [str(getattr(r, "task_name", "")) for r in requests])
+            return [(s.logprob, bool(s.greedy)) for s in scored]
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+            limit, specials = row_limit(self.run), self.run.process.specials
+            prefix = specials.bos if specials.bos is not None else specials.eos
+            owner, pairs, names = [], [], []
+            for i, r in enumerate(requests):
+                windows = get_rolling_token_windows(self.tok.encode(r.args[0]), prefix, limit - 1, 1)
+                for ctx, cont in map(make_disjoint_window, windows):
+                    owner.append(i)
+                    pairs.append((ctx, cont))
+                    names.append(str(getattr(r, "task_name", "")))
+            totals = [0.0] * len(requests)
+            for i, s in zip(owner, self._score(pairs, names)):
+                totals[i] += s.logprob
+            return totals
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+            return [self._generate(*r.args) for r in requests]
+
+        def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            context_len = model_context(self.run.model) or 0
+            gen = min(int(kwargs.get("max_gen_toks", 256)), context_len - 1)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
+            prompt = self.tok.encode(context)[-(context_len - gen) :] if context else []
+            process = self.run.process
+            if not prompt and process.conditioning == "prefix":
+                prompt = [process.specials.bos if process.specials.bos is not None else process.specials.eos]
+            res = process.sample(
+                self.run.model, 1, len(prompt) + gen, prompt_ids=prompt, generator=self.generator,
+                temperature=temperature,
+            )  # fmt: skip
+            text = self.tok.decode(res.ids_NL[0, len(prompt) : int(res.lengths_N[0])].tolist())
+            for stop in until:
+                text = text.split(stop)[0]
+            return text
+
+    return DlmLM
+
+
+# ----------------------------------------------------------------------------------------------- tasks of a run
+
+#: Version of this adapter's scoring (row building, bound, tokenization); part of every result's settings.
+LMEVAL_PROTOCOL = 1
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from "a,b" or a list, in order, without blanks or repeats; DlmError when none is left."""
+    items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = list(dict.fromkeys(t.strip() for t in items if t.strip()))
+    if not names:
+        raise DlmError("give at least one task name (--tasks a,b)")
+    return names
+
+
+def _dir_fingerprint(directory: Path) -> str:
+    """sha256 over the relative paths and bytes of every file under ``directory`` (local task definitions)."""
+    h = hashlib.sha256()
+    for p in sorted(directory.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(directory)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """HF_DATASETS_OFFLINE / HF_HUB_OFFLINE = 1 while the tasks load and run (``offline``), restored after; the
+    datasets library reads them when first imported, so this holds for a process that has not imported it yet."""
+    names = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    before = {n: os.environ.get(n) for n in names}
+    for n in names:
+        os.environ[n] = "1" if offline else "0"
+    try:
+        yield
+    finally:
+        for n, v in before.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def registry_manager(task_dir: Path | None) -> Any:
+    """lm-eval's ``TaskManager`` over its whole registry (it indexes ~15,000 task files: seconds), ``task_dir``'s
+    files on top."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=None if task_dir is None else str(task_dir))
+
+
+def task_manager(names: list[str], task_dir: Path | None) -> Any:
+    """A ``TaskManager`` that knows every name: the local directory alone when it holds them all (fast), else
+    lm-eval's registry with the directory on top; DlmError for a name neither knows."""
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is not None:
+        local = TaskManager(include_path=str(task_dir), include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    tm = registry_manager(task_dir)
+    missing = [n for n in names if n not in tm.all_tasks]
+    if missing:
+        raise DlmError(
+            f"unknown lm-eval task {', '.join(map(repr, missing))}: list the names with `lm-eval ls tasks`, or give "
+            "a directory of task YAML files with --task-dir"
+        )
+    return tm
+
+
+def check_choices(loaded: dict[str, Any], limit: int | None) -> None:
+    """Every multiple-choice task names its choices (``doc_to_choice``) and each evaluated document has at least
+    one; DlmError naming the task otherwise."""
+    for name, task in loaded["tasks"].items():
+        if task.get_config("output_type") != "multiple_choice":
+            continue
+        if task.get_config("doc_to_choice") is None:
+            raise DlmError(f"task {name} is multiple_choice but its file gives no choices (doc_to_choice)")
+        for i, doc in enumerate(itertools.islice(task.eval_docs, limit)):
+            if not task.doc_to_choice(doc):
+                raise DlmError(f"task {name}: document {i} has no choices (doc_to_choice gives an empty list)")
+
+
+def run_tasks(lm: Any, loaded: dict[str, Any], *, limit: int | None, seed: int) -> dict[str, Any]:
+    """lm-eval's ``evaluate`` on loaded tasks (zero-shot unless a task says otherwise, few-shot draws seeded):
+    its ``results`` per task and the number of documents evaluated. (``simple_evaluate`` is not used: it spends
+    seconds collecting environment information.)"""
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+
+    random.seed(seed)
+    np.random.seed(seed)
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=seed)
+    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    return {"results": out["results"], "n-samples": out.get("n-samples", {})}
+
+
+def _metrics(values: dict[str, Any]) -> dict[str, float | None]:
+    """lm-eval's ``{"acc,none": x, "acc_stderr,none": s, ...}`` as ``{"acc": x, "acc_stderr": s}`` (filters other
+    than "none" kept in the name); "N/A" and other non-numbers become None."""
+    out: dict[str, float | None] = {}
+    for key, v in values.items():
+        if "," not in key:
+            continue
+        metric, filt = key.split(",", 1)
+        name = metric if filt == "none" else f"{metric},{filt}"
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        out[name] = float(v) if ok else None
+    return out
+
+
+def task_record(lm: Any, results: dict[str, Any], loaded: dict[str, Any]) -> dict[str, Any]:
+    """Per task: its metrics with their standard errors (lm-eval's), documents, requests scored, the mean SE of a
+    request's bound over the K draws (None when exact), requests whose context was left-truncated."""
+    by_task: dict[str, list[Scored]] = defaultdict(list)
+    for name, s in lm.scored:
+        by_task[name].append(s)
+    out = {}
+    for name, values in results["results"].items():
+        scored = by_task.get(name, [])
+        ses = [s.se for s in scored if s.se is not None]
+        task = loaded["tasks"].get(name)
+        out[name] = {
+            "metrics": _metrics(values),
+            "documents": results["n-samples"].get(name, {}).get("effective"),
+            "requests": len(scored),
+            "mean_request_se": sum(ses) / len(ses) if ses else None,
+            "truncated_requests": sum(s.truncated for s in scored),
+            "output_type": None if task is None else task.get_config("output_type"),
+        }
+    return out
+
+
+def evaluate_tasks(
+    run_dir: str | Path,
+    tasks: str | Sequence[str],
+    *,
+    k: int = 4,
+    limit: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    task_dir: str | Path | None = None,
+    which: str | int = "last",
+    ema: bool = True,
+    device: str = "cpu",
+    force: bool = False,
+    online: bool = False,
+    log: Any = None,
+) -> tuple[dict[str, Any], Path]:
+    """lm-eval tasks on a run's checkpoint; returns (record, path of ``RUN/eval/lmeval-step{N}-{hash}.json``).
+
+    ``tasks``: names from lm-eval's registry or from ``task_dir`` (task YAML files, lm-eval's ``include_path``).
+    ``k``: Monte-Carlo draws per request of a diffusion bound (an exact family scores once, K recorded as 1).
+    ``limit``: documents per task (None: all). Nothing downloads unless ``online`` (HF_*_OFFLINE=1 around the
+    run): task data must be in the local Hugging Face cache or local files. A result with the same settings is
+    reused (``log`` says so) unless ``force``. Every input is checked before the run is loaded.
+    """
+    names = parse_tasks(tasks)
+    for what, v in (("K (Monte-Carlo draws per request)", k), ("batch size", batch_size), ("limit", limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise DlmError(f"{what} must be an integer >= 1, got {v!r}")
+    check_device(device)
+    folder = None if task_dir is None else Path(task_dir).resolve()
+    if folder is not None and not folder.is_dir():
+        raise DlmError(f"--task-dir {task_dir} is not a directory")
+    lm_eval = import_lm_eval()
+    run = load_run(run_dir, which=which, ema=ema, device=device)
+    tok = run_tokenizer(run)
+    exact = next_token_family(run.process)
+    settings = {
+        "protocol": LMEVAL_PROTOCOL,
+        "tasks": names,
+        "task_dir": None if folder is None else _dir_fingerprint(folder),
+        "k": 1 if exact else k,
+        "limit": limit,
+        "batch_size": batch_size,
+        "seed": seed,
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "process": asdict(run.cfg.process),
+        "lm_eval_version": lm_eval.__version__,
+        "device": torch.device(device).type,
+    }
+    path = result_path(run_dir, "lmeval", f"step{run.step}", settings)
+    if (old := reuse(path, settings, force=force, log=log)) is not None:
+        return old, path
+    check_writable(path.parent)
+    t0 = time.perf_counter()
+    with _hub_offline(not online):
+        tm = task_manager(names, folder)
+        try:
+            loaded = tm.load(names)
+        except (FileNotFoundError, ConnectionError) as e:
+            raise DlmError(f"cannot load the data of task(s) {', '.join(names)} offline: {e}") from None
+        check_choices(loaded, limit)
+        lm = lm_class()(run, tok, k=settings["k"], batch_size=batch_size, seed=seed)
+        results = run_tasks(lm, loaded, limit=limit, seed=seed)
+    record = {
+        "metric": "lmeval",
+        "family": run.process.name,
+        "likelihood": "exact" if exact else f"lower bound (-bound of the family), mean of K = {settings['k']} draws",
+        "exact": exact,
+        "k": settings["k"],
+        "tasks": task_record(lm, results, loaded),
+        "requests": len(lm.scored),
+        "lm_eval_version": lm_eval.__version__,
+        "tokenization": "lm-eval's HF convention: encode(context + continuation) split after encode(context)",
+        "truncation": f"rows of at most {row_limit(run)} tokens; longer contexts lose their oldest tokens",
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "seed": seed,
+        "wall_s": time.perf_counter() - t0,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings,
+    }
+    write_json_atomic(path, record)
+    return record, path
