@@ -228,3 +228,18 @@ def test_bd3lm_searched_window_travels(runs):
     assert loaded.clip_window_source == original.clip_window_source == "search at step 4"
     kw = {"n": 2, "length": 16, "seed": 2, "steps": 4}
     assert [r["ids"] for r in sample_run(exported, **kw)[0]] == [r["ids"] for r in sample_run(run, **kw)[0]]
+
+
+def test_a_tensor_missing_from_the_export_is_an_error(runs, tmp_path):
+    """Neither loader fills a missing tensor with its random initialisation (the mixin's default is not strict)."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["ar"][3], broken)
+    sd = load_file(broken / "model.safetensors")
+    dropped = sorted(k for k in sd if "norm_f" in k)[0]
+    save_file({k: v for k, v in sd.items() if k != dropped}, broken / "model.safetensors")
+    with pytest.raises(DlmError, match=rf"missing \['{dropped.removeprefix('model.')}'\]"):
+        load_run(broken)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        export_module().PretrainedDlm.from_pretrained(str(broken))

@@ -76,6 +76,12 @@ class PretrainedDlm(
         super().__init__()
         self.model = build_export_model(export_run_config(config, "config.json"))  # names: EXPORT_PREFIX + ...
 
+    @classmethod
+    def _from_pretrained(cls, *, strict: bool = True, **kwargs: Any) -> PretrainedDlm:
+        """The mixin's loader, strict by default: a tensor missing from model.safetensors is an error, not a
+        randomly initialised weight."""
+        return super()._from_pretrained(strict=strict, **kwargs)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
