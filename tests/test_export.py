@@ -175,7 +175,7 @@ def test_refused_inputs(runs, tmp_path, capsys):
     for name in ("config.json", "run.json"):
         shutil.copy(run / name, bare / name)
     before = tree_state(tmp_path, run)
-    assert _export_cli(["export", str(bare), str(tmp_path / "x")]) == 2
+    assert _export_cli(["export", str(bare), str(tmp_path / "x" / "y")]) == 2
     assert "has no checkpoints" in capsys.readouterr().err
     assert _export_cli(["export", str(run), str(run.parent), "--force"]) == 2
     assert "holds) the run directory" in capsys.readouterr().err

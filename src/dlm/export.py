@@ -133,7 +133,6 @@ def _check_target(run_dir: Path, out_dir: Path, force: bool) -> None:
         raise DlmError(f"export directory {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise DlmError(f"export directory {out_dir} is not empty; use --force to replace it")
-    check_writable(out.parent)
 
 
 def export_run(
@@ -151,6 +150,7 @@ def export_run(
     _check_target(run_dir, out_dir, force)
     run = load_run(run_dir, which=which, ema=ema)
     tok = run_tokenizer(run)
+    check_writable(out_dir.resolve().parent)  # makes the parent: only once the run and its tokenizer are read
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.resolve().parent))
     try:
         files = write_tokenizer_files(tok, tmp)
