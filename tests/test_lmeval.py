@@ -208,3 +208,72 @@ def test_a_model_that_memorised_the_answers_scores_100_and_one_that_memorised_wr
     assert right["acc,none"] == 1.0 and right["acc_norm,none"] == 1.0
     wrong = _memorised_accuracy(tiny_ar_run, folder, shift=1)
     assert wrong["acc,none"] == 0.0 and wrong["acc_norm,none"] == 0.0
+
+
+def _cli(argv: list[str]) -> int:
+    """``dlm ARGV`` with only the lm-eval command registered (``dlm.cli.main``'s error handling: DlmError raises)."""
+    import argparse
+
+    from dlm.cli_lmeval import add_commands
+
+    parser = argparse.ArgumentParser(prog="dlm")
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["lm-eval", *argv])
+    return args.func(args)
+
+
+def test_evaluate_tasks_writes_one_result_per_setting_and_reuses_it(lm_eval_ready, tiny_mdlm_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    run = shutil.copytree(tiny_mdlm_run, tmp_path / "run")
+    folder = _write_task(tmp_path / "tasks")
+    argv = [str(run), "--tasks", "dlm_quiz", "--task-dir", str(folder), "--k", "2", "--limit", "3"]
+    assert _cli(argv) == 0
+    files = sorted((run / "eval").glob("lmeval-*.json"))
+    assert len(files) == 1 and "acc" in capsys.readouterr().out
+    record = json.loads(files[0].read_text())
+    task = record["tasks"]["dlm_quiz"]
+    assert not record["exact"] and record["k"] == 2 and record["lm_eval_version"] == lm_eval_ready.__version__
+    assert task["documents"] == 3 and task["requests"] == record["requests"] == 3 + 3 + 3
+    assert 0.0 <= task["metrics"]["acc"] <= 1.0 and task["metrics"]["acc_stderr"] is not None
+    assert task["mean_request_se"] is not None and task["mean_request_se"] > 0
+    before = files[0].stat().st_mtime_ns
+    assert _cli(argv) == 0 and "reused" in capsys.readouterr().out
+    assert files[0].stat().st_mtime_ns == before
+    assert _cli([*argv[:-1], "2"]) == 0 and len(list((run / "eval").glob("lmeval-*.json"))) == 2
+
+
+def test_bad_input_is_refused_in_one_line(lm_eval_ready, tiny_ar_run, tmp_path, monkeypatch) -> None:
+    import dlm.eval.lmeval as lmeval
+
+    folder = _write_task(tmp_path / "tasks")
+    _write_task(tmp_path / "bad", name="no_choices", choices=False)
+    base = [str(tiny_ar_run), "--task-dir"]
+    with pytest.raises(DlmError, match="K .* must be an integer >= 1"):
+        _cli([*base, str(folder), "--tasks", "dlm_quiz", "--k", "0"])
+    with pytest.raises(DlmError, match="gives no choices"):
+        _cli([*base, str(tmp_path / "bad"), "--tasks", "no_choices"])
+    # lm-eval's whole registry takes seconds to index: the local directory stands in for it here
+    local = lm_eval_ready.tasks.TaskManager
+    monkeypatch.setattr(lmeval, "registry_manager", lambda d: local(include_path=str(d), include_defaults=False))
+    with pytest.raises(DlmError, match=r"unknown lm-eval task 'no_such_task': .*lm-eval ls tasks"):
+        _cli([*base, str(folder), "--tasks", "dlm_quiz,no_such_task"])
+    assert not (tiny_ar_run / "eval").exists() or not list((tiny_ar_run / "eval").glob("lmeval-*"))
+
+
+def test_a_missing_extra_names_it(monkeypatch) -> None:
+    import builtins
+
+    import dlm.eval.lmeval as lmeval
+
+    real_import = builtins.__import__
+
+    def no_lm_eval(name, *args, **kwargs):
+        if name == "lm_eval" or name.startswith("lm_eval."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_lm_eval)
+    with pytest.raises(DlmError, match=r"pip install 'dlm\[lmeval\]'"):
+        lmeval.import_lm_eval()

@@ -405,7 +405,7 @@ def run_tasks(lm: Any, loaded: dict[str, Any], *, limit: int | None, seed: int) 
         if task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=seed)
-    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    out = evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=1000, log_samples=False)
     return {"results": out["results"], "n-samples": out.get("n-samples", {})}
 
 
