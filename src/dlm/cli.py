@@ -1,4 +1,4 @@
-"""The ``dlm`` command: prepare | train | eval | sample | infill | demo | compare | report | experiment.
+"""The ``dlm`` command: prepare, train, evaluate, sample, compare, report and export runs.
 
 Bad input ends in one line ``dlm: error: ...`` on stderr and exit status 2. Hub access is off
 unless the user sets ``DLM_ONLINE=1`` (needed only to fetch a Hugging Face dataset or model).
@@ -7,6 +7,7 @@ unless the user sets ``DLM_ONLINE=1`` (needed only to fetch a Hugging Face datas
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -539,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_prepare, _add_train, _add_eval, _add_sample, _add_infill, _add_demo):
         add(sub)
     add_commands(sub)  # compare, report, experiment
+    for module in ("cli_export", "cli_lmeval", "cli_condgen"):  # export; lm-eval; condgen (each imports lazily)
+        importlib.import_module(f"dlm.{module}").add_commands(sub)
     return p
 
 

@@ -78,8 +78,9 @@ def _check_other_split(run: LoadedRun, s: ShardSplit) -> None:
 
 
 def run_tokenizer(run: LoadedRun) -> Tokenizer:
-    """The run's tokenizer, loaded from its data directory and checked with :func:`check_tokenizer`."""
-    tok = load_tokenizer(run.data_meta["tokenizer"]["name"], Path(run.cfg.data.dir))
+    """The run's tokenizer, loaded from its data directory (an exported run: its own copy of the tokenizer files)
+    and checked with :func:`check_tokenizer`."""
+    tok = load_tokenizer(run.data_meta["tokenizer"]["name"], run.tokenizer_dir or Path(run.cfg.data.dir))
     check_tokenizer(run, tok.fingerprint(), tok.name)
     return tok
 
