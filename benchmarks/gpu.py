@@ -15,7 +15,8 @@ printing and writing the table of issue 14 (JSON with the device, torch / CUDA v
              tokens, tok/s = new tokens / median wall time. A row whose full length does not fit its deadline
              (estimated from a short warm-up) is measured on fewer tokens and says so.
 - diffusion: MDLM ``ddpm_cache`` (``process.sample``), B = 1 and 64, S in {32, 64, 256, 1024} at L = 1024:
-             seconds per network call = median wall time / nfe.
+             seconds per network call = median wall time / nfe, with the eager denoiser and with the denoiser
+             captured as a CUDA graph (``dlm.model.graphs``; the row says whether the ids agree).
 
 Every timing is bracketed by device synchronisation, after warm-up, the median of repeats; the sampling rows
 use random weights (the speed does not depend on them). ``--smoke`` runs every section on tiny shapes (CPU,
@@ -48,10 +49,11 @@ from dlm.config import RunConfig, load_config
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.model import ModelConfig, build_model, flops_per_token
-from dlm.process import ProcessConfig, get_process
+from dlm.process import ProcessConfig, absorbing, get_process
 from dlm.train.loop import _train_step
 from dlm.train.optim import build_optimizer, lr_at, set_lr
 from dlm.train.runtime import seed_everything, setup_runtime, wrap_model
+from dlm.train.setup import training_loss
 from nanogpt_ref import RefConfig, RefGPT, RefStep, ref_optimizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -203,8 +205,8 @@ def time_steps(step: Callable[[], Any], plan: Plan, sec: Section, share: float) 
 def dlm_train_row(plan: Plan, family: str, sec: Section, share: float, loss_compiled: bool = False) -> dict[str, Any]:
     """dlm's training step for ``family`` (ar | mdlm) as ``dlm train`` builds it, on random token rows.
 
-    ``loss_compiled``: an experiment, not what ``dlm train`` does: ``torch.compile(process.loss)`` over the plain
-    model, so the loss is in the compiled region with the network (issue 14), instead of the compiled model."""
+    ``loss_compiled``: ``train.compile_loss`` (``setup.training_loss``: ``torch.compile(process.loss)`` over the
+    plain model, so the loss is in the compiled region with the network, issue 14) instead of the compiled model."""
     cfg = run_config(plan, family)
     t = cfg.train
     process = get_process(cfg.process, specials(plan.vocab))
@@ -213,8 +215,7 @@ def dlm_train_row(plan: Plan, family: str, sec: Section, share: float, loss_comp
     seed_everything(t.seed)
     model = build_model(cfg.model).to(rt.device)
     fwd = wrap_model(model, rt, compile=t.compile and not loss_compiled)
-    if loss_compiled:
-        process = _CompiledLoss(process)
+    loss_fn = training_loss(process, loss_compiled)
     opt = build_optimizer(model, t, rt.device)
     gen = torch.Generator(device=rt.device).manual_seed(0)
     loader = random_batches(plan)
@@ -223,22 +224,12 @@ def dlm_train_row(plan: Plan, family: str, sec: Section, share: float, loss_comp
     def step() -> float:
         set_lr(opt, lr_at(k[0], t, t.max_steps))
         k[0] += 1
-        return _train_step(fwd, model, process, loader, gen, opt, None, 1, t.grad_clip, rt)[0]  # type: ignore[arg-type]
+        return _train_step(fwd, model, process, loader, gen, opt, None, 1, t.grad_clip, rt, loss_fn)[0]  # type: ignore[arg-type]
 
     row = time_steps(step, plan, sec, share)
     row.update(model="dlm", family=family, vocab=cfg.model.vocab_size, flops_per_token=_train_flops(cfg.model, plan))
     row["loss_compiled"] = loss_compiled
     return row
-
-
-class _CompiledLoss:
-    """A process whose ``loss`` is ``torch.compile(process.loss)`` (model and loss traced together)."""
-
-    def __init__(self, process: Any) -> None:
-        # the loss returns float(...) statistics: captured as graph outputs, else a graph break whose resume
-        # function guards on the value and recompiles every step
-        torch._dynamo.config.capture_scalar_outputs = True
-        self.loss = torch.compile(process.loss)
 
 
 def ref_train_row(plan: Plan, sec: Section, share: float) -> dict[str, Any]:
@@ -342,33 +333,48 @@ def decode_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
 
 
 def diffusion_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
-    """MDLM ddpm_cache seconds per network call for each (B, S) that fits the deadline."""
+    """MDLM ddpm_cache seconds per network call for each (B, S) that fits the deadline: the eager denoiser
+    (``s_per_call``) and the captured one (``captured_s_per_call``: ``absorbing.CAPTURE_DENOISER = True``, a CUDA
+    graph replayed per call on a GPU, the static-buffer eager path on a CPU; the same samples)."""
     process, model = sampling_model(plan, "mdlm")
     L = plan.diff_length
 
-    def call(n: int, steps: int) -> Any:
+    def call(n: int, steps: int, capture: bool = False) -> Any:
         gen = torch.Generator(device=plan.device).manual_seed(0)
-        return process.sample(model, n, L, sampler="ddpm_cache", steps=steps, generator=gen)
+        before, absorbing.CAPTURE_DENOISER = absorbing.CAPTURE_DENOISER, capture
+        try:
+            return process.sample(model, n, L, sampler="ddpm_cache", steps=steps, generator=gen)
+        finally:
+            absorbing.CAPTURE_DENOISER = before
 
     rows: list[dict[str, Any]] = []
     for n in plan.diff_batches:
         t_warm, res = timed(partial(call, n, 4), plan.device)  # warm-up; estimates the time of a call
+        timed(partial(call, n, 4, True), plan.device)
         per_call = t_warm / max(1, res.nfe)
         for steps in plan.diff_steps:
             estimate = per_call * steps
-            if sec.left() < 2 * estimate:
+            if sec.left() < 3 * estimate:  # eager: a warm-up and a timed call; captured: at most as long
                 why = f"estimated {estimate:.1f} s per call set, {max(sec.left(), 0):.1f} s left in the section"
                 rows.append({"batch": n, "steps": steps, "skipped": why})
                 continue
             timed(partial(call, n, steps), plan.device)
-            runs = _repeat(partial(call, n, steps), plan, sec, estimate)
+            runs = _repeat(partial(call, n, steps), plan, sec, 2 * estimate)
+            graphed = _repeat(partial(call, n, steps, True), plan, sec, estimate)
             med, nfe = statistics.median(t for t, _ in runs), runs[0][1].nfe
+            med_g = statistics.median(t for t, _ in graphed)
             per_call = med / nfe
             rows.append({
                 "batch": n, "steps": steps, "length": L, "nfe": nfe, "times_s": [t for t, _ in runs],
-                "median_s": med, "s_per_call": per_call,
+                "median_s": med, "s_per_call": per_call, "captured_times_s": [t for t, _ in graphed],
+                "captured_s_per_call": med_g / nfe,
+                "captured_same_ids": bool(torch.equal(graphed[0][1].ids_NL, runs[0][1].ids_NL)),
             })  # fmt: skip
-            print(f"  ddpm_cache B={n:<3} S={steps:<5}{1e3 * per_call:>9.2f} ms/call  ({med:.2f} s, nfe {nfe})")
+            print(
+                f"  ddpm_cache B={n:<3} S={steps:<5}{1e3 * per_call:>9.2f} ms/call eager, "
+                f"{1e3 * med_g / nfe:.2f} captured  ({med:.2f} s, nfe {nfe})",
+                flush=True,
+            )
     return rows
 
 
@@ -401,7 +407,11 @@ def print_table(out: dict[str, Any]) -> None:
             print(f"decode B={r['batch']:<4}{r['tok_s']:>12,.0f} tok/s  {r['ms_per_step']:.2f} ms/step{note}")
     for r in out["diffusion"]:
         head = f"ddpm_cache B={r['batch']:<3} S={r['steps']:<5}"
-        print(head + (f" skipped: {r['skipped']}" if "skipped" in r else f"{1e3 * r['s_per_call']:>9.2f} ms/call"))
+        if "skipped" in r:
+            print(f"{head} skipped: {r['skipped']}")
+        else:
+            graphed = f"{1e3 * r['captured_s_per_call']:.2f} captured"
+            print(f"{head}{1e3 * r['s_per_call']:>9.2f} ms/call eager, {graphed}")
 
 
 def main() -> None:

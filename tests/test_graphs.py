@@ -1,9 +1,13 @@
 """The captured denoiser (dlm.model.graphs, absorbing.capture_denoiser): the samplers draw identical samples through
 the wrapper's CPU path (static input and output buffers, eager forward) and without it, for ddpm, ddpm_cache and
 first_hitting and through MDLM and SEDD; the wrapper's output is one buffer that the next call overwrites; when the
-samplers wrap by default; refusals; on CUDA the captured samples equal the eager ones."""
+samplers wrap by default; refusals; on CUDA the captured samples equal the eager ones. And ``train.compile_loss``
+(the loss compiled with the forward): the trainer's plumbing on CPU, the compiled step's values on CUDA (compiling
+takes minutes on 2 CPU cores)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from torch import Tensor
 
 import dlm.process.mdlm  # registers "mdlm"
 import dlm.process.sedd  # noqa: F401  (registers "sedd")
+from dlm.config import RunConfig, config_hash
+from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.model import ModelConfig, build_model
@@ -18,6 +24,8 @@ from dlm.model.graphs import DenoiserGraph, capturable, is_capturable
 from dlm.process import ProcessConfig, absorbing, get_process
 from dlm.process.absorbing import capture_denoiser, ddpm, ddpm_cache, first_hitting
 from dlm.process.schedules import get_schedule
+from dlm.train.setup import training_loss
+from tests.helpers import smoke_train
 
 K = 5  # tokens 0..K-1, MASK = K
 MASK = K
@@ -169,3 +177,52 @@ def test_captured_samples_equal_eager_on_cuda(sampler) -> None:
         assert graph.captured
         torch.testing.assert_close(second, first, rtol=0, atol=1e-5)
         torch.testing.assert_close(second, denoise(z0, t), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- the loss in the compiled region
+
+
+def test_compile_loss_reaches_the_training_step_and_leaves_the_run_hash(tmp_path: Path, monkeypatch) -> None:
+    """``--train.compile_loss`` hands ``torch.compile`` the family's loss (not the model) and every micro-batch
+    goes through what it returns (torch.compile replaced by a counting pass-through: compiling takes minutes
+    here); the key is operational, so the run's hash is that of the same run without it."""
+    compiled, calls = [], {"n": 0}
+
+    def fake_compile(fn, *args, **kwargs):
+        compiled.append(fn)
+
+        def run(*a, **kw):
+            calls["n"] += 1
+            return fn(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    smoke_train(tmp_path, ["--process.name=mdlm", "--train.compile_loss=true"], steps=3, val_every=3)
+    assert len(compiled) == 1 and compiled[0].__name__ == "loss" and calls["n"] == 3
+    a, b = RunConfig(), RunConfig()
+    b.train.compile_loss = True
+    assert config_hash(a) == config_hash(b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["ar", "mdlm"])
+def test_compiled_loss_equals_the_eager_loss_on_cuda(family) -> None:
+    """One step's loss and gradients through ``training_loss(process, True)`` equal the eager loss's (fp32)."""
+    specials = SpecialIds(bos=0, eos=1, pad=1, mask=MASK, vocab_size=K)
+    proc = get_process(ProcessConfig(name=family), specials)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=proc.vocab_size, context=32, n_layer=2, n_head=2, d_model=64)).cuda()
+    ids = torch.randint(2, K, (8, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    batch = Batch(ids, torch.ones_like(ids, dtype=torch.bool))
+    results = []
+    for compile_loss in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, _ = training_loss(proc, compile_loss)(model, batch, generator=torch.Generator("cuda").manual_seed(1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)

@@ -71,6 +71,8 @@ class TrainConfig:
                     where it measured 20x slower than fp32 on the 2-core dev machine, docs/LOG.md).
                     fp16 is not offered.
     compile:        torch.compile the model.
+    compile_loss:   torch.compile the family's training loss together with the model's forward (one compiled
+                    region: the noise, the forward and the head's cross-entropy; ``compile`` is then implied).
     batch_size:     sequences per micro-batch per rank.
     grad_accum:     micro-batches per optimizer step (ignored when global_batch is set).
     global_batch:   sequences per optimizer step over all ranks; 0 = batch_size * grad_accum * world size,
@@ -103,6 +105,7 @@ class TrainConfig:
     dist: Literal["none", "ddp", "fsdp"] = "none"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    compile_loss: bool = False
     batch_size: int = 16
     grad_accum: int = 1
     global_batch: int = 0
@@ -171,6 +174,7 @@ OPERATIONAL_KEYS = (
             "wandb",
             "eval_with_ema",
             "compile",
+            "compile_loss",
             "device",
         )
     )

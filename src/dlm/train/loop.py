@@ -68,7 +68,7 @@ from dlm.train.runtime import (
     setup_runtime,
     shutdown_runtime,
 )
-from dlm.train.setup import Progress, Session, lock_run, prepare_session, resume_hash
+from dlm.train.setup import LossFn, Progress, Session, lock_run, prepare_session, resume_hash
 from dlm.train.setup import resolve_data as resolve_data  # re-exported: callers import it from here
 
 
@@ -230,14 +230,18 @@ def _train_step(
     grad_accum: int,
     grad_clip: float,
     rt: Runtime,
+    loss_fn: LossFn | None = None,
 ) -> tuple[float, float, bool]:
-    """One optimizer step over ``grad_accum`` micro-batches; (loss, grad norm, finite). Not finite: no update."""
+    """One optimizer step over ``grad_accum`` micro-batches; (loss, grad norm, finite). Not finite: no update.
+    ``loss_fn``: the training loss (``setup.training_loss``: compiled with ``train.compile_loss``), default
+    ``process.loss``."""
+    loss_of = process.loss if loss_fn is None else loss_fn
     loss_sum = torch.zeros((), device=rt.device)
     for micro in range(grad_accum):
         batch = next(loader).to(rt.device)
         with rt.grad_sync(fwd, enabled=micro == grad_accum - 1):
             with rt.autocast():
-                loss, _ = process.loss(fwd, batch, generator=gen)
+                loss, _ = loss_of(fwd, batch, generator=gen)
             (loss / grad_accum).backward()
         loss_sum += loss.detach().float()
     loss_t = rt.all_reduce(loss_sum / grad_accum, "mean")
@@ -451,8 +455,9 @@ def _loop(s: Session, run_dir: Path, rt: Runtime, logger: RunLogger | None) -> d
             lr = lr_at(prog.step, t, total)
             set_lr(s.optimizer, lr)
             loss, gnorm, finite = _train_step(
-                s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt
-            )
+                s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt,
+                s.loss_fn,
+            )  # fmt: skip
             prog.step += 1
             prog.tokens += s.tokens_per_step
             prog.nonfinite += not finite

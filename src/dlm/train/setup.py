@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,18 @@ class Session:
     n_params: int
     flops_per_token: float
     peak_flops: float | None
+    loss_fn: LossFn | None = None  # the training loss (``training_loss``); None = process.loss
+
+
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def training_loss(process: Process, compile_loss: bool) -> LossFn:
+    """``process.loss``, or (``train.compile_loss``) ``torch.compile(process.loss)``: called with the plain (or
+    DDP-wrapped) model, dynamo traces the noise draw, the forward and the head's cross-entropy into one region
+    (issue 14), where ``train.compile`` compiles the forward only. The values are the uncompiled loss's within
+    float rounding (tests/test_graphs.py, CUDA-marked: compiling takes minutes on 2 CPU cores)."""
+    return torch.compile(process.loss) if compile_loss else process.loss
 
 
 def _check_resume(stored: RunConfig, cfg: RunConfig, run_dir: Path, train_split: ShardSplit) -> list[tuple[int, Path]]:
@@ -275,7 +288,7 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
     seed_everything(t.seed)
     model = build_model(cfg.model).to(rt.device)
     _check_start(cfg, model, process, train_split, rt)
-    fwd = wrap_model(model, rt, compile=t.compile)
+    fwd = wrap_model(model, rt, compile=t.compile and not t.compile_loss)
     optimizer = build_optimizer(model, t, rt.device)
     ema = EMA(model, t.ema) if t.ema > 0 else None
     loader = Loader(train_split, t.batch_size, seed=t.seed, rank=rt.rank, world_size=rt.world_size)
@@ -310,6 +323,7 @@ def prepare_session(cfg: RunConfig, run_dir: Path, resume: bool, rt: Runtime, he
         n_params=count_params(model),
         flops_per_token=flops_per_token(cfg.model, train_split.seq_len, copies=process.train_copies)["train"],
         peak_flops=peak_flops(rt.device),
+        loss_fn=training_loss(process, t.compile_loss),
     )
 
 
