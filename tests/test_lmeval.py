@@ -3,6 +3,7 @@ multiple-choice task that a memorised model must get 100% right and a model memo
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -80,8 +81,14 @@ def test_mdlm_one_token_continuation_is_the_exact_conditional_under_full_masking
     run = _run("mdlm", schedule="linear")
     c, y = [0, 2, 5, 3], [4]
     logprob, se, greedy, exact = continuation_logprob(run, c, y, 5, torch.Generator().manual_seed(0))
-    assert not exact and greedy is None and se == pytest.approx(0.0, abs=1e-12)
-    assert logprob == pytest.approx(float(_logp_masked(run, c + y, [4])[4, 4]), abs=1e-9)
+    logp = _logp_masked(run, c + y, [4])[4]
+    assert greedy == (int(logp.argmax()) == 4)
+    assert not exact and se == pytest.approx(0.0, abs=1e-12)
+    assert logprob == pytest.approx(float(logp[4]), abs=1e-9)
+    # the greedy check of a one-token continuation: the argmax of p_theta at the masked position
+    best = int(logp.argmax())
+    for token in range(2, K):
+        assert continuation_logprob(run, c, [token], 1, torch.Generator())[2] == (token == best)
 
 
 def test_mdlm_two_token_bound_mean_is_the_any_order_elbo_below_the_exact_mixture() -> None:
@@ -109,6 +116,19 @@ def test_every_diffusion_family_gives_a_finite_bound_with_its_se(name: str) -> N
     for s in got:
         assert not s.exact and s.greedy is None and math.isfinite(s.logprob) and s.logprob < 0
         assert s.se is not None and s.se >= 0
+    one = continuation_logprobs(run, [([0, 2, 3], [4]), ([0, 5, 2, 3], [1])], k=2, generator=torch.Generator())
+    assert all(isinstance(s.greedy, bool) for s in one)  # rows of odd and even length (BD3-LM: blocks of 2)
+
+
+def test_a_block_family_scores_rows_cut_or_filled_to_whole_blocks() -> None:
+    """BD3-LM, L' = 4: a row of 6 drops its 2 oldest context tokens (marked truncated); a row of 3 gets one
+    boundary id on the left. Both equal the bound of the aligned row as given."""
+    run = _run("bd3lm", context=12, block_size=4, schedule="linear")
+    (long, short) = continuation_logprobs(run, [([0, 5, 2, 3, 2], [4]), ([2, 3], [4])], k=1, generator=None)
+    assert long.truncated and not short.truncated
+    aligned = continuation_logprobs(run, [([2, 3, 2], [4]), ([0, 2, 3], [4])], k=1, generator=None)
+    assert [long.logprob, short.logprob] == pytest.approx([s.logprob for s in aligned], abs=1e-9)
+    assert not any(s.truncated for s in aligned)
 
 
 def test_bad_requests_are_refused() -> None:
@@ -277,3 +297,65 @@ def test_a_missing_extra_names_it(monkeypatch) -> None:
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     with pytest.raises(DlmError, match=r"pip install 'dlm\[lmeval\]'"):
         lmeval.import_lm_eval()
+
+
+class CharTok:
+    """A tokenizer over "abcd" (ids 2..5 of ``SPECIALS``), enough for the adapter's encode/decode."""
+
+    def encode(self, text: str) -> list[int]:
+        return [2 + "abcd".index(ch) for ch in text]
+
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return "".join("abcd"[i - 2] for i in ids if i >= 2)
+
+
+class BigramAR(torch.nn.Module):
+    """logits at position l depend on token l alone (a random table), so any window's context gives the same."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(3 * torch.randn(K, K, generator=torch.Generator().manual_seed(0)))
+        self.context = context
+
+    def forward(self, ids_BL: torch.Tensor, attn: object = "causal", **_: object) -> torch.Tensor:
+        return self.table[ids_BL]
+
+
+def _request(*args):
+    return SimpleNamespace(args=args, task_name="t")
+
+
+def test_rolling_loglikelihood_scores_every_token_once_across_windows(lm_eval_ready) -> None:
+    from dlm.eval.lmeval import lm_class
+
+    run = SimpleNamespace(model=BigramAR(context=8), process=get_process(ProcessConfig(name="ar"), SPECIALS))
+    text = "abcdabdcaabbccddacbd" * 2  # 40 tokens: 5 windows of rows of 9
+    ids = [SPECIALS.bos, *CharTok().encode(text)]
+    with torch.no_grad():
+        logp = torch.log_softmax(run.model.table.double(), -1)
+    expected = sum(float(logp[a, b]) for a, b in itertools.pairwise(ids))
+    lm = lm_class()(run, CharTok())
+    short, long = lm.loglikelihood_rolling([_request(text[:5]), _request(text)])
+    assert long == pytest.approx(expected, abs=1e-9) and len(lm.scored) == 1 + 5
+    assert short == pytest.approx(continuation_logprob(run, [], CharTok().encode(text[:5]), 1, None)[0], abs=1e-12)
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_stop_string(lm_eval_ready) -> None:
+    from dlm.eval.lmeval import lm_class
+
+    run = _run("ar", context=16)
+    prompt = "abca"
+    ids = CharTok().encode(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(run.model(torch.tensor([ids]), attn="causal")[0, -1].argmax()))
+            if ids[-1] == SPECIALS.eos:
+                break
+    greedy = CharTok().decode(ids[4:])
+    stop = greedy[2] if len(greedy) > 2 else "zz"
+    lm = lm_class()(run, CharTok())
+    out = lm.generate_until([_request(prompt, {"until": [stop], "max_gen_toks": 6})])
+    assert out == [greedy.split(stop)[0]]
+    mdlm = lm_class()(_run("mdlm", context=16), CharTok())
+    (text,) = mdlm.generate_until([_request(prompt, {"max_gen_toks": 5})])
+    assert set(text) <= set("abcd") and len(text) <= 5

@@ -115,19 +115,32 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
+def row_multiple(process: Any) -> int:
+    """A family whose rows must be a multiple of a block (BD3-LM: L' = ``block_size``) says so; else 1."""
+    return int(getattr(process, "block_size", 1) or 1)
+
+
 def _row(run: Any, context: Sequence[int], continuation: Sequence[int], limit: int) -> tuple[list[int], int, bool]:
-    """(row ids, number of scored positions m, context truncated) of one request (module docstring)."""
+    """(row ids, number of scored positions m, context truncated) of one request (module docstring). A block
+    family's row is cut to a multiple of its block by dropping the oldest context tokens, or, when the context is
+    too short for that, filled on the left with the boundary id up to the next multiple."""
     m = len(continuation)
     if m > limit - 1:
         raise DlmError(
             f"a continuation of {m} tokens does not fit the model's rows of {limit} tokens (one context token at least)"
         )
-    ctx = list(context)
-    if not ctx:
-        specials = run.process.specials
-        ctx = [specials.bos if specials.bos is not None else specials.eos]
-    whole = ctx + list(continuation)
-    return whole[-limit:], m, len(whole) > limit
+    specials = run.process.specials
+    boundary = specials.bos if specials.bos is not None else specials.eos
+    whole = (list(context) or [boundary]) + list(continuation)
+    row, truncated = whole[-limit:], len(whole) > limit
+    mult, extra = row_multiple(run.process), len(row) % row_multiple(run.process)
+    if extra and len(row) - extra >= m + 1:
+        row, truncated = row[extra:], True
+    elif extra:
+        row = [boundary] * (mult - extra) + row
+        if len(row) > limit:
+            raise DlmError(f"a continuation of {m} tokens does not fit the model's blocks of {mult} within {limit}")
+    return row, m, truncated
 
 
 def continuation_logprob(
@@ -207,9 +220,31 @@ def _bound(run: Any, ids_RL: Tensor, scored_RL: Tensor, k: int, generator: torch
     nats_RK = process.nll(run.model, batch, generator).nats_B.to(torch.float64).view(-1, k).cpu()
     mean_R = nats_RK.mean(1)
     se_R = nats_RK.std(1) / math.sqrt(k) if k > 1 else None
+    greedy_R = _single_token_greedy(run, ids_RL, scored_RL, generator)
     return [
-        Scored(-float(mean_R[r]), None if se_R is None else float(se_R[r]), None, False) for r in range(len(mean_R))
+        Scored(-float(mean_R[r]), None if se_R is None else float(se_R[r]), greedy_R[r], False)
+        for r in range(len(mean_R))
     ]
+
+
+def _single_token_greedy(
+    run: Any, ids_RL: Tensor, scored_RL: Tensor, generator: torch.Generator | None
+) -> list[bool | None]:
+    """A diffusion family's greedy check of a one-token continuation (LAMBADA-style): its default sampler at
+    temperature 0, every other position fixed, in the fewest steps it takes (one, or one per block), draws exactly
+    the continuation token (MDLM: y = argmax_v p_theta(v | c, y masked)). None for longer continuations."""
+    one_R = scored_RL.sum(1) == 1
+    out: list[bool | None] = [None] * ids_RL.shape[0]
+    if not bool(one_R.any()):
+        return out
+    rows_N = one_R.nonzero().squeeze(1)
+    fixed_NL = ids_RL[rows_N].masked_fill(scored_RL[rows_N], -1)
+    process, L = run.process, ids_RL.shape[1]
+    steps = {"steps": process.min_steps(L)} if process.step_sampler else {}
+    res = process.sample(run.model, len(rows_N), L, fixed_ids=fixed_NL, generator=generator, temperature=0.0, **steps)
+    for r, hit in zip(rows_N.tolist(), (res.ids_NL == ids_RL[rows_N]).all(1).tolist()):
+        out[r] = bool(hit)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the lm_eval model
