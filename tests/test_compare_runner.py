@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from dlm.cli import main
+from tests.compare_fixture import parse_html
 from tests.helpers import assert_refused, tree_state
 
-# the smoke spec, a little smaller still: one speed batch size, two sampling step counts
+# the smoke spec, a little smaller still: one speed batch size, two sampling step counts; two temperatures (the sweep)
 FAST = ["--evaluation.speed.batch_sizes", "1", "--evaluation.samples.steps", "4,8"]
+FAST += ["--evaluation.samples.temperatures", "0.9,1.0"]
 
 
 def _compare(out: Path, *extra: str) -> int:
@@ -60,8 +62,9 @@ def test_smoke_writes_every_file_and_row(smoke: tuple[Path, str]) -> None:
     assert len(like) == 8
     assert {x["arm"]: x["relation"] for x in like} == {"ar": "=", "mdlm": "≤", "d3pm": "≤", "sedd": "≤"}
     samples = [x for x in r["rows"] if x["kind"] == "samples"]
-    # AR: one sampler without steps; every diffusion arm: its default sampler at 4 and 8 steps
-    assert len(samples) == 2 * (1 + 3 * 2)
+    # per seed and temperature: AR one sampler without steps; mdlm two entries, d3pm and sedd their default
+    # sampler, each at 4 and 8 steps
+    assert len(samples) == 2 * 2 * (1 + 2 * 2 + 2 * 2)
     assert {x["steps"] for x in samples if x["arm"] == "ar"} == {None}
     assert {x["steps"] for x in samples if x["arm"] == "mdlm"} == {4, 8}
     assert all(x["gen_ppl_seq_mean"] > 1 and x["entropy_mean"] > 0 and x["n"] == 2 for x in samples)
@@ -70,6 +73,56 @@ def test_smoke_writes_every_file_and_row(smoke: tuple[Path, str]) -> None:
     assert r["judge"]["likelihood"]["relation"] == "="
     assert "arm ar seed 0: train from scratch" in log and "ETA" in log
     assert "report:" in log
+
+
+def test_zero_shot_corpus_and_sampler_sweep(smoke: tuple[Path, str]) -> None:
+    """The smoke spec's further evaluations: every run scored on the First Folio prepared with the comparison's
+    tokenizer (a zeroshot row per run, the report's table), and the sweep (2 sampler entries of mdlm, one with a
+    sampler option, x steps x 2 temperatures): rows keyed by label and temperature, plain entries' files as before
+    the sweep (no options or label in their settings), speed for plain entries only."""
+    from dlm.data.shards import read_meta
+
+    out, log = smoke
+    r = _results(out)
+    zs = [x for x in r["rows"] if x["kind"] == "zeroshot"]
+    assert sorted((x["arm"], x["seed"]) for x in zs) == sorted(
+        (a, s) for a in ("ar", "mdlm", "d3pm", "sedd") for s in (0, 1)
+    )
+    assert {x["evaluation"] for x in zs} == {"zeroshot:folio"} and all(x["tokens"] > 0 for x in zs)
+    assert {x["arm"]: x["relation"] for x in zs} == {"ar": "=", "mdlm": "≤", "d3pm": "≤", "sedd": "≤"}
+    for x in zs:
+        rec = json.loads((out / x["file"]).read_text())
+        assert rec["zero_shot"] and Path(rec["data"]["dir"]) == (out / "zeroshot" / "folio").resolve()
+        assert rec["nll"] == x["nll"] and rec["split"] == "test"
+    meta, data = read_meta(out / "zeroshot" / "folio"), read_meta(out / "data")
+    assert meta["source"]["spec"] == "shakespeare-folio" and meta["tokenizer"] == data["tokenizer"]
+    (p,) = r["protocol"]["zero_shot"]
+    assert p["name"] == "folio" and p["split"] == "test" and p["tokens"] == meta["splits"]["test"]["tokens"]
+    zagg = [a for a in r["aggregate"] if a["kind"] == "zeroshot"]
+    assert len(zagg) == 4 and all(a["evaluation"] == "zeroshot:folio" and a["n_seeds"] == 2 for a in zagg)
+    assert "zero-shot folio (test): NLL = " in log
+    samples = [x for x in r["rows"] if x["kind"] == "samples"]
+    mdlm = {(x["sampler"], x["sampler_name"], x["steps"], x["temperature"]) for x in samples if x["arm"] == "mdlm"}
+    sweep = (("ddpm", "ddpm"), ("remdm-0.05", "remdm"))
+    assert mdlm == {(lab, name, s, t) for lab, name in sweep for s in (4, 8) for t in (0.9, 1.0)}
+    for x in samples:
+        settings = json.loads((out / x["file"]).read_text())["settings"]
+        assert settings["temperature"] == x["temperature"]
+        if x["sampler"] == "remdm-0.05":
+            assert settings["options"] == {"remask_eta": 0.05} and settings["label"] == "remdm-0.05"
+            assert "remdm-0.05-steps" in x["file"]
+        else:
+            assert "options" not in settings and "label" not in settings
+        assert ("-temp0.9-" in x["file"]) == (x["temperature"] == 0.9)
+    speed = {x["sampler"] for x in r["rows"] if x["kind"] == "speed" and x["arm"] == "mdlm"}
+    assert speed == {"ddpm"}
+    sagg = [a for a in r["aggregate"] if a["kind"] == "samples" and a["arm"] == "mdlm"]
+    assert len(sagg) == 8 and all(a["n_seeds"] == 2 for a in sagg)
+    tables, _ = parse_html((out / "report.html").read_text())
+    assert set(tables["zeroshot"]) == {f"zeroshot-folio-{a}" for a in ("ar", "mdlm", "d3pm", "sedd")}
+    assert tables["zeroshot"]["zeroshot-folio-ar"][3].startswith("= ")
+    assert "quality-mdlm-remdm-0.05-4-t0.9" in tables["quality"]
+    assert (out / "figures" / "genppl_entropy.png").is_file()
 
 
 def test_aggregate_is_the_mean_and_std_of_the_seed_rows(smoke: tuple[Path, str]) -> None:

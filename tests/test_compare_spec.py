@@ -99,6 +99,8 @@ def test_overrides() -> None:
             "sedd",
             "--arms.mdlm.name",
             "sedd2",
+            "--arms.sedd2.samplers",
+            "euler",  # the smoke preset's mdlm sweep entries are mdlm samplers
             "--arms.2.overrides.process.T",
             "8",
             "--shared.train.lr",
@@ -114,7 +116,7 @@ def test_overrides() -> None:
     assert spec.seeds == (3, 4, 5)
     assert spec.budget.steps == 7
     assert [a.name for a in spec.arms] == ["ar", "sedd2", "d3pm", "sedd"]
-    assert spec.arms[1].family == "sedd"
+    assert spec.arms[1].family == "sedd" and spec.arms[1].samplers == ("euler",)
     assert spec.evaluation.samples.steps == (2, 8)
     assert spec.corpus.seq_len == 64
     cfg = arm_run_config(spec, spec.arm("d3pm"), 5)

@@ -46,6 +46,7 @@ def validate_spec(spec: CompareSpec) -> CompareSpec:
         raise DlmError(f"seeds: duplicated seed in {list(spec.seeds)}")
     _validate_budget(spec.budget)
     _validate_evaluation(spec.evaluation, spec.corpus)
+    _validate_zero_shot(spec.evaluation)
     for i, arm in enumerate(spec.arms):
         cfg = arm_run_config(spec, arm, spec.seeds[0])
         _check_samplers(cfg, arm, i, spec.evaluation.samples.steps, spec.corpus)
@@ -91,6 +92,9 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
     _require("evaluation.samples.n", s.n, s.n >= 1, "must be >= 1")
     _require("evaluation.samples.steps", s.steps, bool(s.steps) and all(v >= 1 for v in s.steps), "must be >= 1")
     _require("evaluation.samples.temperature", s.temperature, s.temperature >= 0, "must be >= 0")
+    _require("evaluation.samples.temperatures", s.temperatures, all(t >= 0 for t in s.temperatures), "must be >= 0")
+    _require("evaluation.samples.temperatures", s.temperatures, len(set(s.temperatures)) == len(s.temperatures),
+             "must not repeat a temperature")  # fmt: skip
     _require("evaluation.samples.batch_size", s.batch_size, s.batch_size >= 1, "must be >= 1")
     _require("evaluation.judge.steps", e.judge.steps, e.judge.steps >= 0, "must be >= 0")
     v = e.variance
@@ -111,19 +115,35 @@ def _validate_evaluation(e: Evaluation, corpus: Corpus) -> None:
         raise DlmError(f"evaluation.evaluator: expected judge-ar, hf:DIR or true-language, got {ev!r}")
 
 
+def _validate_zero_shot(e: Evaluation) -> None:
+    """Each zero-shot corpus: a unique name, exactly one of source and data_dir, KEY=VALUE source options."""
+    seen: set[str] = set()
+    for i, z in enumerate(e.zero_shot):
+        where = f"evaluation.zero_shot.{i}"
+        if not _ARM_NAME.fullmatch(z.name):
+            raise DlmError(f"{where}.name: {z.name!r} must be letters, digits, '.', '_' or '-'")
+        if z.name in seen:
+            raise DlmError(f"{where}.name: duplicate zero-shot corpus name {z.name!r}")
+        seen.add(z.name)
+        if bool(z.source.strip()) == (z.data_dir is not None):
+            raise DlmError(f"{where}: give exactly one of source (a corpus to prepare) and data_dir (a prepared one)")
+        if z.data_dir is not None and not Path(z.data_dir).is_dir():
+            raise DlmError(f"{where}.data_dir: {z.data_dir!r} is not a directory")
+        ok = z.max_batches is None or z.max_batches >= 1
+        _require(f"{where}.max_batches", z.max_batches, ok, "must be >= 1 (null: as the likelihood)")
+        bad = [o for o in z.source_options if "=" not in o or not o.split("=", 1)[0].strip()]
+        _require(f"{where}.source_options", list(z.source_options), not bad, "must be KEY=VALUE strings")
+
+
 def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...], corpus: Corpus) -> None:
     """Every sampler of ``arm`` exists for its family, and every step count is within the family's limits for the
     corpus's rows (``max_steps``, ``min_steps``: e.g. a block family needs one step per block)."""
+    from dlm.compare.sweep import check_entries
     from dlm.data.specials import SpecialIds
     from dlm.process import get_process
 
     process = get_process(cfg.process, SpecialIds(bos=0, eos=1, pad=2, mask=8, vocab_size=8))
-    for sampler in arm.samplers:
-        if sampler not in process.samplers:
-            raise DlmError(
-                f"arms.{i}.samplers: unknown sampler {sampler!r} for family {arm.family!r} "
-                f"(available: {', '.join(process.samplers)})"
-            )
+    check_entries(process, arm.samplers, f"arms.{i}.samplers", arm.family)
     limit = process.max_steps()
     steps = arm.steps or default_steps
     if process.step_sampler and limit is not None and max(steps) > limit:

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,9 +80,12 @@ def resolve_setting(process: Process, sampler: str | None, steps: int | None, le
     return name, _check_int("steps", process.default_steps(length) if steps is None else steps, 1)
 
 
-def readable_name(sampler: str, steps: int | None, checkpoint_step: int) -> str:
-    """``{sampler}-steps{S|none}-step{N}``: the readable part of the samples and quality file names."""
-    return f"{sampler}-steps{'none' if steps is None else steps}-step{checkpoint_step}"
+def readable_name(sampler: str, steps: int | None, checkpoint_step: int, temperature: float = 1.0) -> str:
+    """``{sampler}-steps{S|none}[-temp{T}]-step{N}``: the readable part of the samples and quality file names
+    (``sampler``: the sweep entry's label; the temperature only when it is not 1)."""
+    temp = "" if float(temperature) == 1.0 else f"-temp{float(temperature):g}"
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", sampler)
+    return f"{name}-steps{'none' if steps is None else steps}{temp}-step{checkpoint_step}"
 
 
 def _data_fingerprints(run: LoadedRun) -> dict[str, Any]:
@@ -107,8 +111,14 @@ def sample_set(
     force: bool = False,
     log: Log = None,
     progress: Callable[[int, int | None], None] | None = None,
+    options: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """``n`` unconditional samples of a run's last checkpoint (EMA weights when kept) for one (sampler, steps).
+
+    ``options``: further sampler options (``SamplerOptions`` fields, e.g. a remasking rate) and ``label`` the
+    sweep entry's name (``dlm.compare.sweep``); both enter the settings only when given, so a plain sampler's
+    settings (and file) are what they were before the sweep existed.
 
     Each row starts with the document boundary and runs up to the data's row length ``seq_len`` (an AR row may
     stop earlier at its EOS); rows are drawn ``batch_size`` at a time from one ``torch.Generator`` seeded with
@@ -144,7 +154,12 @@ def sample_set(
         "process": asdict(run.cfg.process),
         "data": _data_fingerprints(run),
     }
-    path = result_path(run_dir, "samples", readable_name(name, steps, run.step), settings)
+    if options:
+        settings["options"] = dict(sorted(options.items()))
+    if label is not None and label != name:
+        settings["label"] = label
+    readable = readable_name(settings.get("label", name), steps, run.step, temperature)
+    path = result_path(run_dir, "samples", readable, settings)
     if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
@@ -154,6 +169,8 @@ def sample_set(
         "settings": settings,
         **{k: settings[k] for k in ("family", "sampler", "steps", "temperature", "n", "length", "seed")},
         **{k: settings[k] for k in ("batch_size", "checkpoint_step", "ema")},
+        "label": settings.get("label", name),
+        "options": settings.get("options", {}),
         "prompt_ids": prompt,
         "tokenizer": tok.name,
         "device": str(dev),
@@ -181,7 +198,7 @@ def _draw(
     """The samples of ``settings`` drawn batch by batch from one generator: (per-sample records, NFE per batch,
     total wall seconds); each batch timed by perf_counter around ``process.sample``, the device synchronised."""
     name, steps, n, bs, length = (settings[k] for k in ("sampler", "steps", "n", "batch_size", "length"))
-    opts: dict[str, Any] = {"temperature": settings["temperature"]}
+    opts: dict[str, Any] = {**settings.get("options", {}), "temperature": settings["temperature"]}
     if steps is not None:
         opts["steps"] = steps
     if run.process.sampler_specs()[name].trajectory:
@@ -449,7 +466,8 @@ def quality_set(
         "evaluator": evaluator.identity(),
         "window": window,
     }
-    readable = readable_name(rec["sampler"], rec["steps"], rec["checkpoint_step"])
+    label = rec.get("label") or rec["sampler"]
+    readable = readable_name(label, rec["steps"], rec["checkpoint_step"], rec.get("temperature", 1.0))
     path = result_path(run_dir, "quality", readable, settings)
     assert path.parent == samples_path.parent, (path, samples_path)
     if (old := reuse(path, settings, force=force, log=log)) is not None:
@@ -473,7 +491,9 @@ def quality_set(
         "samples_file": samples_path.name,
         "family": rec.get("family"),
         "sampler": rec["sampler"],
+        "label": label,
         "steps": rec["steps"],
+        "temperature": rec.get("temperature"),
         "checkpoint_step": rec["checkpoint_step"],
         "nfe": rec["nfe"],
         "wall_s_per_sequence": rec["wall_s_per_sequence"],

@@ -39,6 +39,21 @@ def stat(agg: Mapping[str, Any], name: str, part: str = "mean") -> float | None:
     return float(out) if isinstance(out, int | float) and math.isfinite(out) else None
 
 
+def temperature(agg: Mapping[str, Any]) -> float | None:
+    """The sampling temperature of a samples row or aggregate (a number, or a stat of one), None when absent."""
+    t = agg.get("temperature")
+    if isinstance(t, Mapping):
+        t = t.get("mean")
+    return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else None
+
+
+def point_label(p: Mapping[str, Any]) -> str:
+    """``S=16`` / ``T=0.9`` / ``S=16,T=0.9``: a sweep point's step count and its temperature when not 1."""
+    parts = [] if p.get("steps") is None else [f"S={p['steps']}"]
+    t = p.get("temperature")
+    return ",".join(parts + ([f"T={t:g}"] if t is not None and t != 1.0 else []))
+
+
 def arm_order(results: Mapping[str, Any]) -> list[str]:
     """The arms in the order of results.json's runs (then of its rows)."""
     seen: dict[str, None] = {}
@@ -52,8 +67,8 @@ def aggregates(results: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
     order = {a: i for i, a in enumerate(arm_order(results))}
 
     def key(a: Mapping[str, Any]) -> tuple:
-        steps, batch = a.get("steps"), a.get("batch_size")
-        return (order.get(a["arm"], len(order)), str(a.get("sampler")), steps or 0, batch or 0)
+        steps, batch, temp = a.get("steps"), a.get("batch_size"), temperature(a)
+        return (order.get(a["arm"], len(order)), str(a.get("sampler")), steps or 0, temp or 0.0, batch or 0)
 
     return sorted((a for a in results.get("aggregate", []) if a.get("kind") == kind), key=key)
 
@@ -75,6 +90,7 @@ def speed_quality_points(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         source = f"speed protocol, batch {sp.get('batch_size')}" if sps is not None and sp else "sampling run"
         out.append(
             {"arm": a["arm"], "sampler": a.get("sampler"), "steps": a.get("steps"), "n_seeds": a.get("n_seeds")}
+            | {"temperature": temperature(a), "nfe": stat(a, "nfe"), "ter": stat(a, "ter"), "ser": stat(a, "ser")}
             | {"gen_ppl": stat(a, "gen_ppl_seq_mean"), "gen_ppl_std": stat(a, "gen_ppl_seq_mean", "std")}
             | {"entropy": stat(a, "entropy_mean"), "sampling_s": stat(a, "wall_s_per_sequence")}
             | {"seconds_per_sequence": sps if sps is not None else stat(a, "wall_s_per_sequence"), "source": source}
@@ -156,8 +172,8 @@ def _fig_val(results: Mapping[str, Any], metrics: Metrics) -> Any:
 
 
 def _curves(points: Sequence[Mapping[str, Any]], y: str) -> tuple[dict[tuple, list], list[Mapping[str, Any]]]:
-    """Points with a value ``y``: those with a step count grouped by (arm, sampler), sorted by steps; and the
-    ones without (AR)."""
+    """Points with a value ``y``: those with a step count grouped by (arm, sampler, temperature), sorted by
+    steps; and the ones without (AR)."""
     curves: dict[tuple, list] = {}
     flat = []
     for p in points:
@@ -166,7 +182,7 @@ def _curves(points: Sequence[Mapping[str, Any]], y: str) -> tuple[dict[tuple, li
         if p["steps"] is None:
             flat.append(p)
         else:
-            curves.setdefault((p["arm"], p["sampler"]), []).append(p)
+            curves.setdefault((p["arm"], p["sampler"], p.get("temperature")), []).append(p)
     return {k: sorted(v, key=lambda p: p["steps"]) for k, v in curves.items()}, flat
 
 
@@ -176,7 +192,7 @@ def _fig_genppl_steps(results: Mapping[str, Any], metrics: Metrics) -> Any:
         return "no gen PPL at any sampling step count (no sample rows with gen_ppl_seq_mean)"
     colours = _colours(results)
     fig, ax = _new_figure()
-    for (arm, sampler), pts in curves.items():
+    for (arm, sampler, temp), pts in curves.items():
         ax.errorbar(
             [p["steps"] for p in pts],
             [p["gen_ppl"] for p in pts],
@@ -184,11 +200,12 @@ def _fig_genppl_steps(results: Mapping[str, Any], metrics: Metrics) -> Any:
             marker="o",
             capsize=3,
             color=colours.get(arm),
-            label=f"{arm} ({sampler})",
+            label=f"{arm} ({sampler}{'' if temp in (None, 1.0) else f', T={temp:g}'})",
         )
     for p in flat:
         c = colours.get(p["arm"])
-        ax.axhline(p["gen_ppl"], color=c, ls="--", label=f"{p['arm']} ({p['sampler']}, no steps)")
+        t = point_label(p)
+        ax.axhline(p["gen_ppl"], color=c, ls="--", label=f"{p['arm']} ({p['sampler']}{', ' + t if t else ''})")
         if p["gen_ppl_std"]:
             ax.axhspan(p["gen_ppl"] - p["gen_ppl_std"], p["gen_ppl"] + p["gen_ppl_std"], color=c, alpha=0.12)
     ax.set_xscale("log", base=2)
@@ -197,23 +214,57 @@ def _fig_genppl_steps(results: Mapping[str, Any], metrics: Metrics) -> Any:
     return fig
 
 
-def _fig_genppl_entropy(results: Mapping[str, Any], metrics: Metrics) -> Any:
-    points = [p for p in speed_quality_points(results) if p["entropy"] is not None]
-    curves, flat = _curves(points, "gen_ppl")
-    if not curves and not flat:
-        return "no sample rows with both gen PPL and entropy"
+def _sweep_curves(points: Sequence[Mapping[str, Any]], x: str, y: str) -> dict[tuple, list]:
+    """Points with ``x`` and ``y`` grouped by (arm, sampler): one curve per sampler of an arm over its step
+    counts x temperatures, sorted by ``x`` so that the curve traces the trade-off."""
+    curves: dict[tuple, list] = {}
+    for p in points:
+        if p.get(x) is not None and p.get(y) is not None:
+            curves.setdefault((p["arm"], p["sampler"]), []).append(p)
+    return {k: sorted(v, key=lambda p: (p[x], p[y])) for k, v in curves.items()}
+
+
+def _frontier_panel(ax: Any, results: Mapping[str, Any], x: str, y: str, note: bool = True) -> None:
+    """One curve per (arm, sampler) of ``y`` against ``x`` (points = steps x temperature, each labelled);
+    the samplers without steps (AR) marked by squares."""
     colours = _colours(results)
-    fig, ax = _new_figure()
-    for (arm, sampler), pts in curves.items():
-        ax.plot([p["entropy"] for p in pts], [p["gen_ppl"] for p in pts], "o-", color=colours.get(arm))
-        ax.lines[-1].set_label(f"{arm} ({sampler})")
-        for p in pts:
-            ax.annotate(f"S={p['steps']}", (p["entropy"], p["gen_ppl"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
-    for p in flat:
-        ax.plot([p["entropy"]], [p["gen_ppl"]], "s", ms=8, color=colours.get(p["arm"]), label=f"{p['arm']}")
-    ax.set(xlabel="unigram entropy per sample (nats, mean)", ylabel="gen PPL (mean of per-sample exp)")
+    styles: dict[str, int] = {}
+    for (arm, sampler), pts in _sweep_curves(speed_quality_points(results), x, y).items():
+        flat = all(p["steps"] is None for p in pts)
+        k = styles.setdefault(arm, 0)
+        styles[arm] += 1
+        ax.plot([p[x] for p in pts], [p[y] for p in pts], "s--" if flat else "o" + _LINESTYLES[k % 4],
+                ms=8 if flat else 5, color=colours.get(arm), label=f"{arm} ({sampler})")  # fmt: skip
+        for p in pts if note else ():
+            if text := point_label(p):
+                ax.annotate(text, (p[x], p[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.legend(fontsize=7)
+
+
+def _fig_genppl_entropy(results: Mapping[str, Any], metrics: Metrics) -> Any:
+    if not _sweep_curves(speed_quality_points(results), "entropy", "gen_ppl"):
+        return "no sample rows with both gen PPL and entropy"
+    fig, ax = _new_figure()
+    _frontier_panel(ax, results, "entropy", "gen_ppl")
+    ax.set(xlabel="unigram entropy per sample (nats, mean)", ylabel="gen PPL (mean of per-sample exp)")
+    return fig
+
+
+def _fig_frontier_formal(results: Mapping[str, Any], metrics: Metrics) -> Any:
+    import matplotlib.pyplot as plt
+
+    points = speed_quality_points(results)
+    if not _sweep_curves(points, "ser", "ter") and not _sweep_curves(points, "nfe", "ter"):
+        return "no sample rows with TER and SER (or NFE)"
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.2))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.9, wspace=0.22)
+    _frontier_panel(axes[0], results, "ser", "ter")
+    axes[0].set(xlabel="SER (share of samples out of support)", ylabel="TER (true-language gen PPL)")
+    _frontier_panel(axes[1], results, "nfe", "ter", note=False)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set(xlabel="NFE (network calls per batch, log2)", ylabel="TER")
+    for ax in axes:
+        ax.grid(alpha=0.3)
     return fig
 
 
@@ -229,7 +280,7 @@ def _fig_pareto(results: Mapping[str, Any], metrics: Metrics) -> Any:
     for p in points:
         groups.setdefault((p["arm"], p["sampler"]), []).append(p)
     for (arm, sampler), pts in groups.items():
-        pts.sort(key=lambda p: p["steps"] or 0)
+        pts.sort(key=lambda p: (p["temperature"] or 0.0, p["steps"] or 0))
         ax.plot([p["seconds_per_sequence"] for p in pts], [p["quality"] for p in pts], "o-", color=colours.get(arm))
         ax.lines[-1].set_label(f"{arm} ({sampler})")
     front = pareto_front([(p["seconds_per_sequence"], p["quality"]) for p in points])
@@ -268,12 +319,14 @@ def _ter_ser_panel(ax: Any, rows: Sequence[Mapping[str, Any]], field: str, colou
         if a.get("steps") is None:
             ax.axhline(stat(a, field), color=colours.get(a["arm"]), ls="--", label=f"{a['arm']} ({a.get('sampler')})")
         else:
-            curves.setdefault((a["arm"], a.get("sampler")), []).append(a)
-    for (arm, sampler), pts in curves.items():
+            curves.setdefault((a["arm"], a.get("sampler"), temperature(a)), []).append(a)
+    for (arm, sampler, temp), pts in curves.items():
         pts.sort(key=lambda a: a["steps"])
         steps, values = [a["steps"] for a in pts], [stat(a, field) for a in pts]
         yerr = [stat(a, field, "std") or 0.0 for a in pts]
-        ax.errorbar(steps, values, yerr=yerr, marker="o", capsize=3, color=colours.get(arm), label=f"{arm} ({sampler})")
+        t = "" if temp in (None, 1.0) else f", T={temp:g}"
+        label = f"{arm} ({sampler}{t})"
+        ax.errorbar(steps, values, yerr=yerr, marker="o", capsize=3, color=colours.get(arm), label=label)
     ax.grid(alpha=0.3)
     if field == "ser":
         ax.set_ylim(-0.03, 1.03)  # a share: the whole range, so that 0.10 and 0.12 do not look far apart
@@ -293,7 +346,12 @@ _FIGURES: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
         "samplers without steps (AR) as a line ± std",
         _fig_genppl_steps,
     ),
-    ("genppl_entropy", "Gen PPL against entropy", "each arm a curve over its step counts", _fig_genppl_entropy),
+    (
+        "genppl_entropy",
+        "Quality–diversity frontier: gen PPL against entropy",
+        "one curve per arm and sampler over its step counts S x temperatures T; squares: AR (no steps)",
+        _fig_genppl_entropy,
+    ),
     (
         "speed_quality",
         "Speed–quality",
@@ -334,6 +392,10 @@ def draw_figures(results: Mapping[str, Any], metrics: Metrics, fig_dir: Path) ->
     figures = list(_FIGURES)
     if any(r.get("kind") == "samples" and (r.get("ter"), r.get("ser")) != (None, None) for r in results["rows"]):
         figures.append(("ter_ser", "TER and SER against sampling steps", "AR as a dashed line", _fig_ter_ser))
+        figures.append((
+            "frontier_formal", "Frontier on the true language: TER against SER and against NFE",
+            "one curve per arm and sampler over its step counts S x temperatures T; squares: AR", _fig_frontier_formal,
+        ))  # fmt: skip
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for name, title, caption, draw in figures:

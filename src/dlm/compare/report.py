@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlm.compare.figures import FigureFile, aggregates, arm_order, draw_figures, speed_quality_points, stat
+from dlm.compare.figures import (
+    FigureFile,
+    aggregates,
+    arm_order,
+    draw_figures,
+    point_label,
+    speed_quality_points,
+    stat,
+    temperature,
+)
 from dlm.errors import DlmError
 from dlm.io import write_text_atomic
 from dlm.rundir import read_metrics
@@ -162,21 +171,27 @@ def quality_table(results: Mapping[str, Any]) -> Table:
     """Arm x sampler x steps: gen PPL both ways, entropy, distinct-1/2, repetition, NFE, s/sequence (mean ± std
     over seeds); TER/SER columns on a formal corpus."""
     formal = any((stat(a, "ter"), stat(a, "ser")) != (None, None) for a in aggregates(results, "samples"))
+    temps = any(temperature(a) not in (None, 1.0) for a in aggregates(results, "samples"))
     table = Table(
         "quality",
         "quality",
-        ["arm", "sampler", "steps", "samples × seeds", "gen PPL (mean of per-sample exp)", "gen PPL (exp pooled)"]
+        ["arm", "sampler", "steps"]
+        + (["temperature"] if temps else [])
+        + ["samples × seeds", "gen PPL (mean of per-sample exp)", "gen PPL (exp pooled)"]
         + ["entropy (nats)", "distinct-1", "distinct-2", "repetition rate", "NFE", "s/sequence (sampling)"]
         + (["TER", "SER"] if formal else []),
     )
     for a in aggregates(results, "samples"):
         n = next((r.get("n") for r in results["rows"] if r.get("kind") == "samples" and r["arm"] == a["arm"]), None)
-        cells = [a["arm"], str(a.get("sampler")), _steps(a.get("steps")), f"{n} × {a.get('n_seeds')}"]
-        cells += [mean_std(a, "gen_ppl_seq_mean", 2), mean_std(a, "gen_ppl_pooled", 2), mean_std(a, "entropy_mean")]
+        t = temperature(a)
+        cells = [a["arm"], str(a.get("sampler")), _steps(a.get("steps"))] + ([fmt(t, 2)] if temps else [])
+        cells += [f"{n} × {a.get('n_seeds')}", mean_std(a, "gen_ppl_seq_mean", 2), mean_std(a, "gen_ppl_pooled", 2)]
+        cells += [mean_std(a, "entropy_mean")]
         cells += [mean_std(a, "distinct_1", 3), mean_std(a, "distinct_2", 3), mean_std(a, "repetition_rate", 3)]
         cells += [mean_std(a, "nfe", 1), mean_std(a, "wall_s_per_sequence")]
         cells += [mean_std(a, "ter"), mean_std(a, "ser", 3)] if formal else []
-        table.rows.append((f"quality-{a['arm']}-{a.get('sampler')}-{_steps(a.get('steps'))}", cells))
+        tid = "" if t in (None, 1.0) else f"-t{t:g}"
+        table.rows.append((f"quality-{a['arm']}-{a.get('sampler')}-{_steps(a.get('steps'))}{tid}", cells))
     return table
 
 
@@ -396,6 +411,7 @@ def _document(
             f"diffusion bounds, {_batches_text(lik.get('max_batches'))}; scored: {lik.get('scored')}.",
         ),
         *likelihood_tables(results),
+        *_zero_shot_items(results),
         *variance_items(results),
         Block("h2", "Sample quality"),
         Block(
@@ -426,6 +442,13 @@ def _document(
     defs.rows = [(f"def-{k}", [k, str(v)]) for k, v in (results.get("definitions") or {}).items()]
     doc += [Block("h2", "Definitions"), defs, Block("h2", "Spec (spec.yaml)"), Block("pre", spec_text)]
     return doc
+
+
+def _zero_shot_items(results: Mapping[str, Any]) -> list[Item]:
+    from dlm.compare.report_tables import zero_shot_section
+
+    section = zero_shot_section(results)
+    return [] if section is None else [Block("h2", "Zero-shot likelihood"), Block("note", section[0]), section[1]]
 
 
 def _matched_items(results: Mapping[str, Any]) -> list[Item]:
@@ -538,17 +561,18 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
     lik = {a["arm"]: a for a in aggregates(results, "likelihood")}
     split = (results.get("protocol", {}).get("likelihood") or {}).get("split")
     lines = [f"{results.get('name')}: likelihood NLL nats/token on {split} ('=' exact, '≤' bound; ± std over seeds)"]
-    points = {(p["arm"], p["sampler"], p["steps"]): p for p in speed_quality_points(results)}
+    points = {(p["arm"], p["sampler"], p["steps"], p["temperature"]): p for p in speed_quality_points(results)}
     for arm in arm_order(results):
         a = lik.get(arm)
         n = f"({a.get('n_seeds')} seeds)" if a else ""
         lines.append(f"{arm:<14} NLL {_relation(results, arm)} {mean_std(a, 'nll')} {n}".rstrip())
         for s in (s for s in aggregates(results, "samples") if s["arm"] == arm):
-            p = points[(arm, s.get("sampler"), s.get("steps"))]
+            p = points[(arm, s.get("sampler"), s.get("steps"), temperature(s))]
             quality = f"gen PPL {mean_std(s, 'gen_ppl_seq_mean', 2)} (seq mean)"
             if (stat(s, "ter"), stat(s, "ser")) != (None, None):
                 quality = f"TER {mean_std(s, 'ter')}, SER {mean_std(s, 'ser', 3)}"
             entropy = mean_std(s, "entropy_mean", 3)
             sps = fmt(p["seconds_per_sequence"])
-            lines.append(f"  {s.get('sampler')} S={_steps(s.get('steps'))}: {quality}, entropy {entropy}, {sps} s/seq")
+            at = point_label(p) or f"S={_steps(s.get('steps'))}"
+            lines.append(f"  {s.get('sampler')} {at}: {quality}, entropy {entropy}, {sps} s/seq")
     return lines

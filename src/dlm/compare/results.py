@@ -1,8 +1,9 @@
 """Aggregation of a comparison: DIR/results.json and DIR/results.csv from the per-run result files.
 
-One row per (arm, seed, evaluation) (likelihood; samples = one sampler x step count with its quality; speed =
-one sampler x step count x batch size; speed_protocol = the thesis protocol), then one aggregate row per
-(kind, arm, sampler, steps, batch size) over the seeds: for every numeric field
+One row per (arm, seed, evaluation) (likelihood; zeroshot = the likelihood on one zero-shot corpus, evaluation
+"zeroshot:NAME"; samples = one sampler x step count x temperature with its quality; speed = one sampler x step
+count x batch size; speed_protocol = the thesis protocol), then one aggregate row per (kind, arm, sampler, steps,
+temperature, batch size, evaluation) over the seeds: for every numeric field
 
     mean = (1/n) sum_i x_i,   std = sqrt( sum_i (x_i - mean)^2 / (n - 1) )  (null for n = 1),   min, max
 
@@ -31,11 +32,17 @@ RESULTS_FILE = "results.json"
 CSV_FILE = "results.csv"
 VARIANCE_FIELDS = ("t_samples", "batches", "nll_per_token", "seq_var_per_token", "batch_elbo_var", "grad_var",
                    "grad_mean_sq_norm", "grad_noise_ratio")  # fmt: skip
-GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "batch_size")
+GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "temperature", "batch_size", "evaluation")
 _ROW_IDENTITY = {"kind", "arm", "family", "seed", "sampler", "steps", "batch_size", "split", "file", "relation"}
+_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name"}
 
 DEFINITIONS: dict[str, str] = {
-    "kind": "likelihood | samples | speed | speed_protocol | variance",
+    "kind": "likelihood | zeroshot | samples | speed | speed_protocol | variance",
+    "evaluation": "zeroshot:NAME for the likelihood on the zero-shot corpus NAME (evaluation.zero_shot); else null",
+    "corpus": "zeroshot: the zero-shot corpus's name; its directory, source and split in protocol.zero_shot",
+    "temperature": "samples: softmax temperature of the sampler (one point of the sweep)",
+    "sampler": "samples, speed: the sweep entry's label (the sampler's name unless the entry sets options)",
+    "sampler_name": "samples: the family's sampler that drew them (the label's sampler)",
     "seq_var_per_token": "variance: mean over sequences of the variance of the per-token likelihood estimate over "
     "K single-draw estimates, (nats/token)^2; 0 for AR (exact)",
     "batch_elbo_var": "variance: variance of the per-batch mean NLL estimate over batches and time draws",
@@ -109,7 +116,8 @@ def _samples_row(
     return {
         **base,
         "kind": "samples",
-        "sampler": srec["sampler"],
+        "sampler": srec.get("label") or srec["sampler"],
+        "sampler_name": srec["sampler"],
         "steps": srec["steps"],
         "temperature": srec["temperature"],
         "n": srec["n"],
@@ -150,6 +158,9 @@ def build_rows(records: Iterable[Any], root: Path) -> list[dict[str, Any]]:
         base = {"arm": r.arm, "family": r.family, "seed": r.seed}
         if r.likelihood is not None:
             rows.append(_likelihood_row(base, *r.likelihood, root))
+        for name, zrec, zpath in getattr(r, "zero_shot", []):
+            row = _likelihood_row(base, zrec, zpath, root)
+            rows.append({**row, "kind": "zeroshot", "evaluation": f"zeroshot:{name}", "corpus": name})
         for srec, spath, qrec, _ in r.samples:
             rows.append(_samples_row(base, srec, spath, qrec, root))
         if r.speed is not None:
@@ -212,7 +223,10 @@ def overlaps(agg: list[dict[str, Any]]) -> list[str]:
         (a, b, "gen_ppl_seq_mean", f"gen PPL at {a['steps']} steps")
         for i, a in enumerate(samp)
         for b in samp[i + 1 :]
-        if a["arm"] != b["arm"] and a["steps"] == b["steps"] and a["steps"] is not None
+        if a["arm"] != b["arm"]
+        and a["steps"] == b["steps"]
+        and a["steps"] is not None
+        and a.get("temperature") == b.get("temperature")
     ]
     for a, b, field, what in pairs:
         ia, ib = _interval(a, field), _interval(b, field)
@@ -235,11 +249,13 @@ def matched(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for ar in (r for r in samples if r["family"] == "ar"):
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in samples:
-            if r["family"] != "ar" and r["seed"] == ar["seed"] and r["steps"] is not None:
+            same = r["seed"] == ar["seed"] and r.get("temperature") == ar.get("temperature")
+            if r["family"] != "ar" and same and r["steps"] is not None:
                 groups.setdefault((r["arm"], r["sampler"]), []).append(r)
         for (arm, sampler), group in groups.items():
             out.append({
                 "arm": arm, "sampler": sampler, "seed": ar["seed"], "ar_arm": ar["arm"],
+                "temperature": ar.get("temperature"),
                 "matched_ter": matched_speedup(ar, group, "ter"), "matched_ser": matched_speedup(ar, group, "ser"),
             })  # fmt: skip
     return out
@@ -253,6 +269,26 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _zero_shot_protocol(cdir: Any, zdirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Per zero-shot corpus: its directory, source, tokenizer, the split scored and its size."""
+    from dlm.compare.zeroshot import zero_shot_split
+    from dlm.data.shards import read_meta
+
+    out = []
+    for z in cdir.spec.evaluation.zero_shot:
+        meta = read_meta(zdirs[z.name])
+        split = zero_shot_split(cdir.spec, z)
+        sp = meta["splits"].get(split) or {}
+        out.append({
+            "name": z.name, "dir": _rel(zdirs[z.name], cdir.root), "source": meta["source"].get("spec"),
+            "source_options": list(z.source_options), "tokenizer": meta["tokenizer"]["name"],
+            "tokenizer_from": meta["tokenizer"].get("from"), "seq_len": meta["seq_len"], "mode": meta["mode"],
+            "split": split, "documents": sp.get("documents"), "tokens": sp.get("tokens"),
+            "max_batches": z.max_batches if z.max_batches is not None else cdir.spec.evaluation.likelihood.max_batches,
+        })  # fmt: skip
+    return out
 
 
 def _protocol(cdir: Any, data_dir: Path, evaluator: dict[str, Any] | None, device: str) -> dict[str, Any]:
@@ -283,7 +319,8 @@ def _protocol(cdir: Any, data_dir: Path, evaluator: dict[str, Any] | None, devic
             "scored": SCORED_RULE,
         },
         "budget": {k: getattr(b, k) for k in ("steps", "tokens", "minutes") if getattr(b, k) is not None},
-        "samples": {"n": sm.n, "steps": list(sm.steps), "temperature": sm.temperature, "seed": sm.seed},
+        "samples": {"n": sm.n, "steps": list(sm.steps), "temperature": sm.temperature, "seed": sm.seed}
+        | ({"temperatures": list(sm.temperatures)} if sm.temperatures else {}),
         "speed": {
             "batch_sizes": list(sp.batch_sizes),
             "repeats": sp.repeats,
@@ -341,8 +378,10 @@ def write_results(
     judge_likelihood: tuple[dict[str, Any], Path] | None,
     wall: dict[str, float],
     device: str,
+    zdirs: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """Write DIR/results.json and DIR/results.csv (atomically) and return the results."""
+    """Write DIR/results.json and DIR/results.csv (atomically) and return the results; ``zdirs``: the zero-shot
+    corpora's directories by name (``protocol.zero_shot``)."""
     import datetime as _dt
 
     from dlm.compare.spec import spec_hash
@@ -365,7 +404,8 @@ def write_results(
         "spec": cdir.spec.to_dict(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "wall_s": wall,
-        "protocol": _protocol(cdir, data_dir, evaluator, device),
+        "protocol": _protocol(cdir, data_dir, evaluator, device)
+        | ({"zero_shot": _zero_shot_protocol(cdir, zdirs)} if zdirs else {}),
         "runs": _runs(cdir, records),
         "rows": rows,
         "aggregate": agg,

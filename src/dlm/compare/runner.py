@@ -2,12 +2,14 @@
 
 Stages, each reading what the one before wrote (docs/COMPARE.md has the files):
 
-    1. data      DIR/data prepared from ``spec.corpus`` (reused when it holds the same inputs), or corpus.data_dir
+    1. data      DIR/data prepared from ``spec.corpus`` (reused when it holds the same inputs), or corpus.data_dir;
+                 each zero-shot corpus into DIR/zeroshot/NAME with that corpus's tokenizer (``compare.zeroshot``)
     2. judge     evaluator judge-ar: one AR run DIR/judge (``evaluation.judge``), trained once, its likelihood
     3. train     every (arm, seed) in spec order: missing = train, partial = ``train --resume``, finished = skip
-    4. evaluate  per run: likelihood (exact / bound), samples per sampler x step count, their quality (gen PPL
-                 by the evaluator, diversity; TER/SER on a formal corpus), estimator variances (when
-                 evaluation.variance.batches > 0), sampling speed (the first seed's run)
+    4. evaluate  per run: likelihood (exact / bound), zero-shot likelihood on each zero-shot corpus, samples per
+                 sampler x step count x temperature (``compare.sweep``), their quality (gen PPL by the
+                 evaluator, diversity; TER/SER on a formal corpus), estimator variances (when
+                 evaluation.variance.batches > 0), sampling speed (the first seed's run; plain samplers)
     5. results   DIR/results.json and DIR/results.csv (``dlm.compare.results``)
     6. report    DIR/report.md, DIR/report.html, DIR/figures/ (``dlm.compare.report``)
 
@@ -35,6 +37,7 @@ from typing import Any
 
 from dlm.compare.spec import Arm, CompareSpec, arm_run_config, judge_run_config, source_options
 from dlm.compare.state import CompareDir, RunState, open_compare_dir, run_state
+from dlm.compare.sweep import SampleSetting, sweep_settings, temperatures
 from dlm.config import RunConfig
 from dlm.errors import DlmError
 
@@ -65,6 +68,7 @@ class RunRecord:
     samples: list[tuple[dict[str, Any], Path, dict[str, Any], Path]] = dataclasses.field(default_factory=list)
     speed: tuple[dict[str, Any], Path] | None = None
     variance: tuple[dict[str, Any], Path] | None = None
+    zero_shot: list[tuple[str, dict[str, Any], Path]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -245,21 +249,20 @@ def _train_all(cdir: CompareDir, data_dir: Path, clock: _Clock, force: bool, log
 # ----------------------------------------------------------------------------- 4. evaluation
 
 
-def sampler_settings(cfg: RunConfig, arm: Arm, default_steps: tuple[int, ...]) -> list[tuple[str, int | None]]:
-    """(sampler, steps) pairs evaluated for ``arm``: its samplers (default: the family's default sampler), each
-    at every step count (the arm's, else ``default_steps``) when it takes steps, else once with None."""
+def sampler_settings(cfg: RunConfig, arm: Arm, samples: Any) -> list[SampleSetting]:
+    """The sweep of ``arm`` (``dlm.compare.sweep.sweep_settings``): its sampler entries (default: the family's
+    default sampler) x step counts (the arm's, else ``samples.steps``) x ``samples``' temperatures."""
     from dlm.data.specials import SpecialIds
     from dlm.process import get_process
 
     process = get_process(cfg.process, SpecialIds(bos=0, eos=1, pad=2, mask=8, vocab_size=8))
-    specs = process.sampler_specs()
-    out: list[tuple[str, int | None]] = []
-    for name in arm.samplers or (process.resolve_sampler(None),):
-        if specs[name].takes_steps:
-            out += [(name, s) for s in (arm.steps or default_steps)]
-        else:
-            out.append((name, None))
-    return out
+    return sweep_settings(process, arm.samplers, arm.steps or samples.steps, temperatures(samples))
+
+
+def _speed_settings(settings: list[SampleSetting]) -> list[tuple[str | None, int | None]]:
+    """The (sampler, steps) pairs the speed stage times: plain entries only (no sampler options), once each
+    (the temperature does not change the work)."""
+    return list(dict.fromkeys((s.sampler, s.steps) for s in settings if s.plain))
 
 
 def _device(spec: CompareSpec) -> str:
@@ -319,7 +322,9 @@ def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, hf_judge: Any, 
     return lambda run_dir: judge
 
 
-def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any], device: str, log: Log) -> RunRecord:
+def _evaluate_run(
+    cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any], device: str, log: Log, zdirs: dict[str, Path]
+) -> RunRecord:
     from dlm.compare.evaluate import quality_set, sample_set
     from dlm.compare.speedset import speed_set
     from dlm.eval.progress import Progress
@@ -334,17 +339,21 @@ def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any
     rel = "=" if lk["exact"] else "≤"
     se = f" ± {lk['nll_se']:.4f}" if lk["nll_se"] is not None else ""
     log(f"  likelihood ({lk['split']}): NLL {rel} {lk['nll']:.4f}{se} nats/token, BPT {lk['bpt']:.3f}")
+    if zdirs:
+        from dlm.compare.zeroshot import evaluate_zero_shot
+
+        rec.zero_shot = evaluate_zero_shot(run_dir, spec, zdirs, device, log)
     cfg = arm_run_config(spec, arm, s.seed)
-    settings = sampler_settings(cfg, arm, ev.samples.steps)
+    settings = sampler_settings(cfg, arm, ev.samples)
     sm = ev.samples
-    for sampler, steps in settings:
+    for st in settings:
         srec, spath = sample_set(
-            run_dir, sampler=sampler, steps=steps, n=sm.n, seed=sm.seed, temperature=sm.temperature,
-            batch_size=sm.batch_size, device=device,
+            run_dir, sampler=st.sampler, steps=st.steps, n=sm.n, seed=sm.seed, temperature=st.temperature,
+            batch_size=sm.batch_size, device=device, options=dict(st.options), label=st.label,
         )  # fmt: skip
         qrec, qpath = quality_set(spath, evaluator=evaluator(run_dir))
         rec.samples.append((srec, spath, qrec, qpath))
-        log("  " + _quality_line(sampler, steps, srec, qrec))
+        log("  " + _quality_line(srec.get("label") or srec["sampler"], st.steps, srec, qrec))
     if ev.variance.batches:
         from dlm.eval.variance import variance_run
 
@@ -357,7 +366,7 @@ def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any
     if s.seed == spec.seeds[0]:
         sp = ev.speed
         rec.speed = speed_set(
-            run_dir, settings=settings, batch_sizes=list(sp.batch_sizes), repeats=sp.repeats,
+            run_dir, settings=_speed_settings(settings), batch_sizes=list(sp.batch_sizes), repeats=sp.repeats,
             protocol_tokens=sp.protocol_tokens, device=device, log=lambda m: log("  " + m),
         )  # fmt: skip
     return rec
@@ -365,6 +374,7 @@ def _evaluate_run(cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any
 
 def _quality_line(sampler: str, steps: int | None, srec: dict[str, Any], qrec: dict[str, Any]) -> str:
     at = f"{sampler}" + (f" {steps} steps" if steps is not None else "")
+    at += f" T={srec['temperature']:g}" if srec.get("temperature", 1.0) != 1.0 else ""
     parts = [f"samples {at}: n={srec['n']}, NFE {srec['nfe']:.0f}, {srec['wall_s_per_sequence']:.3f} s/sequence"]
     g, d, f = qrec.get("gen_ppl"), qrec.get("diversity"), qrec.get("formal")
     if g:
@@ -378,14 +388,20 @@ def _quality_line(sampler: str, steps: int | None, srec: dict[str, Any], qrec: d
 
 
 def _evaluate_all(
-    cdir: CompareDir, plan: list[RunState], evaluator: Callable[[Path], Any], device: str, clock: _Clock, log: Log
+    cdir: CompareDir,
+    plan: list[RunState],
+    evaluator: Callable[[Path], Any],
+    device: str,
+    clock: _Clock,
+    log: Log,
+    zdirs: dict[str, Path],
 ) -> list[RunRecord]:
     out = []
     for k, s in enumerate(plan, 1):
         log(f"== evaluate [{k}/{len(plan)}] arm {s.arm} seed {s.seed} | elapsed {clock.elapsed()} | "
             f"{clock.eta(0, len(plan) - k + 1)}")  # fmt: skip
         t0 = time.perf_counter()
-        out.append(_evaluate_run(cdir, s, evaluator, device, log))
+        out.append(_evaluate_run(cdir, s, evaluator, device, log, zdirs))
         clock.eval_s += time.perf_counter() - t0
         clock.eval_runs += 1
     return out
@@ -407,6 +423,14 @@ def run_compare(
     with open_compare_dir(out, spec, force=force) as cdir:
         t = time.perf_counter()
         data_dir = _prepare_data(cdir, force, log)
+        zdirs: dict[str, Path] = {}
+        if spec.evaluation.zero_shot:
+            from dlm.compare.zeroshot import prepare_zero_shot
+
+            def retire(path: Path, why: str) -> None:
+                _retire(cdir, path, why, log)
+
+            zdirs = prepare_zero_shot(cdir.root, spec, data_dir, retire, force, log)
         if hf_judge is not None and hf_judge.arm_tokenizer is None:
             _probe_hf(hf_judge, data_dir)
         wall["data"] = time.perf_counter() - t
@@ -424,10 +448,10 @@ def run_compare(
             log("== judge likelihood")
             judge_likelihood = evaluate_run(judge_dir, device=device, log=log)
         evaluator = _evaluator_factory(cdir, judge_dir, hf_judge, device)
-        records = _evaluate_all(cdir, plan, evaluator, device, clock, log)
+        records = _evaluate_all(cdir, plan, evaluator, device, clock, log, zdirs)
         wall["evaluate"] = time.perf_counter() - t
         wall["total"] = time.perf_counter() - clock.start
-        results = write_results(cdir, data_dir, records, judge_dir, judge_likelihood, wall, device)
+        results = write_results(cdir, data_dir, records, judge_dir, judge_likelihood, wall, device, zdirs)
         if report:
             from dlm.compare.report import build_report, summary_lines
 

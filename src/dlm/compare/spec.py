@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dlm.compare.sweep import SamplerEntry, normalize_entries
 from dlm.config import RunConfig, _coerce, _read_yaml, _suggest, load_config, parse_overrides
 from dlm.errors import DlmError
 
@@ -42,6 +43,7 @@ __all__ = [
     "SampleEval",
     "SpeedEval",
     "VarianceEval",
+    "ZeroShot",
     "arm_run_config",
     "available_compare_presets",
     "dump_spec",
@@ -107,14 +109,16 @@ class Arm:
                L' tokens: process.block_size L'; its default name is bd3lm-L').
     overrides: run-config overrides of this arm only, nested or dotted (``{process: {T: 100}}`` or
                ``{process.T: 100}``; kept dotted and typed); applied after the shared ones.
-    samplers:  samplers evaluated for this arm; empty = the family's default sampler.
+    samplers:  samplers evaluated for this arm; empty = the family's default sampler. Each a name or a mapping
+               ``{name: remdm, label: remdm-0.02, remask_eta: 0.02}`` of a name, a label for rows and figures
+               and sampler options (``dlm.compare.sweep``); validated against the family's samplers.
     steps:     sampling step counts for this arm's step samplers; empty = evaluation.samples.steps.
     """
 
     name: str = ""
     family: str = "ar"
     overrides: dict[str, Any] = field(default_factory=dict)
-    samplers: tuple[str, ...] = ()
+    samplers: tuple[SamplerEntry, ...] = ()
     steps: tuple[int, ...] = ()
 
 
@@ -149,19 +153,21 @@ class LikelihoodEval:
 
 @dataclass
 class SampleEval:
-    """Unconditional samples, each arm x sampler x step count.
+    """Unconditional samples, each arm x sampler x step count x temperature (the sweep: ``dlm.compare.sweep``).
 
-    n:           samples per (arm, seed, sampler, step count).
-    steps:       step counts of step samplers (AR ignores them: one network call per token).
-    seed:        seed of the sampling noise.
-    temperature: softmax temperature of every sampler.
-    batch_size:  rows sampled at once (the samples depend on it when n exceeds it: one generator runs through).
+    n:            samples per (arm, seed, sampler, step count, temperature).
+    steps:        step counts of step samplers (AR ignores them: one network call per token).
+    seed:         seed of the sampling noise.
+    temperature:  softmax temperature of every sampler when ``temperatures`` is empty.
+    temperatures: the temperatures swept (e.g. [0.8, 0.9, 1.0]); empty = [temperature].
+    batch_size:   rows sampled at once (the samples depend on it when n exceeds it: one generator runs through).
     """
 
     n: int = 16
     steps: tuple[int, ...] = (64, 256)
     seed: int = 0
     temperature: float = 1.0
+    temperatures: tuple[float, ...] = ()
     batch_size: int = 16
 
 
@@ -193,6 +199,28 @@ class VarianceEval:
 
 
 @dataclass
+class ZeroShot:
+    """A second corpus every run is scored on: zero-shot likelihood (``dlm.eval.run.evaluate_run(data=DIR)``).
+
+    name:           its label in results ("zeroshot:NAME") and the report; default: the source's name.
+    source:         a corpus to prepare into DIR/zeroshot/NAME with the comparison corpus's tokenizer (a trained
+                    one is reused, not retrained: ``dlm.data.shards.prepare(tokenizer_from=)``), row length
+                    and mode; e.g. shakespeare with source_options [edition=folio].
+    source_options: options of the source as KEY=VALUE strings.
+    data_dir:       a prepared directory instead of a source (it must use the comparison corpus's tokenizer).
+    split:          the split scored; "" = evaluation.likelihood.split.
+    max_batches:    score at most this many batches of it (>= 1); null = as evaluation.likelihood.max_batches.
+    """
+
+    name: str = ""
+    source: str = ""
+    source_options: tuple[str, ...] = ()
+    data_dir: str | None = None
+    split: str = ""
+    max_batches: int | None = None
+
+
+@dataclass
 class JudgeSpec:
     """The judge of evaluator judge-ar: an AR model trained once per comparison on the same corpus (DIR/judge).
 
@@ -220,6 +248,7 @@ class Evaluation:
     judge:      the judge-ar model's size and training.
     speed:      speed settings.
     variance:   estimator variances (likelihood over its draws, gradient over batches); off by default.
+    zero_shot:  further corpora every run is scored on (zero-shot likelihood); none by default.
     device:     where evaluation runs: auto (CUDA when available), cpu or cuda.
     """
 
@@ -229,6 +258,7 @@ class Evaluation:
     judge: JudgeSpec = field(default_factory=JudgeSpec)
     speed: SpeedEval = field(default_factory=SpeedEval)
     variance: VarianceEval = field(default_factory=VarianceEval)
+    zero_shot: list[ZeroShot] = field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
@@ -421,6 +451,8 @@ def _build(cls: type, d: Any, where: str) -> Any:
 def _value(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, {} if value is None else value, path)
+    if tp == tuple[SamplerEntry, ...]:  # Arm.samplers: names or {name, label, options}
+        return normalize_entries(value, path)
     origin = typing.get_origin(tp)
     if origin is list:  # list[Arm]
         if not isinstance(value, list):
@@ -438,6 +470,8 @@ def spec_from_dict(d: dict[str, Any]) -> CompareSpec:
     spec = _build(CompareSpec, {} if d is None else d, "")
     for arm in spec.arms:
         arm.name = arm.name or arm.family.replace(":", "-")  # bd3lm:4 -> bd3lm-4
+    for z in spec.evaluation.zero_shot:
+        z.name = z.name or re.sub(r"[^A-Za-z0-9._-]+", "-", z.source or Path(z.data_dir or "").name).strip("-")
     return spec
 
 
@@ -477,7 +511,7 @@ def _set_override(spec: CompareSpec, key: str, value: str | None) -> None:
             if tp is not bool:
                 raise DlmError(f"--{key}: missing value")
             value = "true"
-        setattr(obj, part, _coerce(value, tp, where))
+        setattr(obj, part, _value(tp, value, where) if tp == tuple[SamplerEntry, ...] else _coerce(value, tp, where))
         return
 
 

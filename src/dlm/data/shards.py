@@ -220,7 +220,7 @@ def prepare(
     (module docstring); for a fixed tokenizer (bytes, gpt2, ...) only the name is checked.
     """
     _check_request(seq_len, mode, dtype)
-    reused = None if tokenizer_from is None else _tokenizer_from(Path(tokenizer_from), tokenizer_spec)
+    reused = None if tokenizer_from is None else load_reused_tokenizer(Path(tokenizer_from), tokenizer_spec)
     h = inputs_hash(source, tokenizer_spec, seq_len, mode, dtype, reused[0].fingerprint() if reused else None)
     out = (
         Path(out_dir)
@@ -332,7 +332,7 @@ def _prepare_locked(
     return out
 
 
-def _tokenizer_from(data_dir: Path, tokenizer_spec: str) -> tuple[Tokenizer, Path] | None:
+def load_reused_tokenizer(data_dir: Path, tokenizer_spec: str) -> tuple[Tokenizer, Path] | None:
     """(the tokenizer of the prepared ``data_dir``, its resolved path), checked to be ``tokenizer_spec`` and to
     load with the fingerprint its meta.json records; None for a fixed tokenizer (nothing to reuse: the same
     everywhere). One-line ``DlmError`` otherwise."""
