@@ -3,7 +3,8 @@ the wrapper's CPU path (static input and output buffers, eager forward) and with
 first_hitting and through MDLM and SEDD; the wrapper's output is one buffer that the next call overwrites; when the
 samplers wrap by default; refusals; on CUDA the captured samples equal the eager ones. And ``train.compile_loss``
 (the loss compiled with the forward): the trainer's plumbing on CPU, the compiled step's values on CUDA (compiling
-takes minutes on 2 CPU cores)."""
+takes minutes on 2 CPU cores), and the static-shape row selection of ``losses.rows_weighted_loss`` that a compiled
+region uses."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dlm.data.specials import SpecialIds
 from dlm.errors import DlmError
 from dlm.model import ModelConfig, build_model
 from dlm.model.graphs import DenoiserGraph, capturable, is_capturable
-from dlm.process import ProcessConfig, absorbing, get_process
+from dlm.process import ProcessConfig, absorbing, get_process, losses
 from dlm.process.absorbing import capture_denoiser, ddpm, ddpm_cache, first_hitting
 from dlm.process.schedules import get_schedule
 from dlm.train.setup import training_loss
@@ -226,3 +227,64 @@ def test_compiled_loss_equals_the_eager_loss_on_cuda(family) -> None:
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_head", "full_logits"])
+def test_static_row_selection_equals_the_gathered_loss_and_gradients(fused, monkeypatch) -> None:
+    """Every row through the head with weight 0 off the selection (static shapes) = the gathered rows: the loss
+    and every gradient, with an excluded column that unselected rows hold as their target (else 0 * inf)."""
+    model = _tiny_model(time_cond=False)
+    g = torch.Generator().manual_seed(5)
+    z = torch.randint(0, K + 1, (4, 12), generator=g)
+    targets = torch.randint(0, K, (4, 12), generator=g)
+    rows = torch.rand(4, 12, generator=g) < 0.5
+    targets[~rows & (torch.rand(4, 12, generator=g) < 0.5)] = MASK  # outside the rows: the excluded column
+    u = torch.rand(4, 12, generator=g)
+
+    def run(hidden: bool) -> Tensor:
+        return model(z, attn="bidirectional", return_hidden=hidden)
+
+    owner = model if fused else (lambda *a, **kw: model(*a, **kw))  # a plain callable has no fused head
+    assert (losses.fused_head(owner) is not None) == fused
+    results = []
+    for static in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = losses.rows_weighted_loss(owner, run, targets, u, rows, exclude=MASK, static=static)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.isfinite(b) and float(a) > 0
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-7)
+    other = losses.rows_weighted_loss(owner, run, targets, u, ~rows & (targets != MASK), exclude=MASK, static=True)
+    assert not torch.allclose(other, a)  # another selection, another loss: the equality above can fail
+
+
+def test_static_rows_by_default_inside_a_compiled_region_only(monkeypatch) -> None:
+    """``STATIC_ROWS = None``: the gather (one nonzero) in eager code, the static form while dynamo traces."""
+    model = _tiny_model(time_cond=False)
+    z = torch.full((2, 6), MASK)
+    rows, u = torch.rand(2, 6) < 0.5, torch.ones(2, 6)
+    seen = {"nonzero": 0}
+    original = torch.Tensor.nonzero
+
+    def counted(self, *a, **kw):
+        seen["nonzero"] += 1
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "nonzero", counted)
+
+    def run(hidden: bool) -> Tensor:
+        return model(z, attn="bidirectional", return_hidden=hidden)
+
+    with torch.no_grad():
+        eager = losses.rows_weighted_loss(model, run, z.clamp(max=K - 1), u, rows, exclude=MASK)
+        assert seen["nonzero"] == 1
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        traced = losses.rows_weighted_loss(model, run, z.clamp(max=K - 1), u, rows, exclude=MASK)
+        assert seen["nonzero"] == 1
+        monkeypatch.setattr(losses, "STATIC_ROWS", False)  # the switch wins over the compiled-region default
+        losses.rows_weighted_loss(model, run, z.clamp(max=K - 1), u, rows, exclude=MASK)
+        assert seen["nonzero"] == 2
+    torch.testing.assert_close(traced, eager, rtol=1e-6, atol=1e-6)

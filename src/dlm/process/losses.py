@@ -31,6 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CHUNK_ELEMENTS = 1 << 25  # default chunk: rows such that [chunk, V] float32 logits take at most 128 MiB
+# How ``rows_weighted_loss`` applies a row selection: False = gather the selected rows (one nonzero: a host
+# synchronisation on a GPU, and a dynamic shape); True = every row through the head with weight 0 off the
+# selection (static shapes, no synchronisation, the head's work on every row); None = static inside a compiled
+# region (``torch.compiler.is_compiling()``: no graph break at the nonzero), else the gather.
+STATIC_ROWS: bool | None = None
 
 
 def logits_cross_entropy(logits_NV: Tensor, targets_N: Tensor, exclude: int | None = None) -> Tensor:
@@ -215,16 +220,31 @@ def rows_weighted_loss(
     rows_BL: Tensor | None = None,
     *,
     exclude: int | None = None,
+    static: bool | None = None,
 ) -> Tensor:
     """loss = sum_{(b, l) in rows} u_bl ce_bl (all positions when ``rows_BL`` is None), a float32 scalar; only
     those rows reach the head. ``run(hidden)`` calls the backbone: hidden states [B, L, D] when ``hidden``, else
     float32 logits [B, L, V]; ``weights_BL`` (no gradient) gives u. With the ``fused_head`` capability:
     ``head_weighted_cross_entropy`` (no [B, L, V] logits, no recomputation); else the sum from full logits
-    (``logits_cross_entropy``)."""
+    (``logits_cross_entropy``).
+
+    ``static`` (default ``STATIC_ROWS``): the same sum with static shapes, every position through the head with
+    u'_bl = u_bl [(b, l) in rows] (a position outside the rows whose target is ``exclude`` is given another
+    target: its ce would be +inf, and 0 * inf = nan); its u' = 0 makes its gradient exactly 0, so loss and
+    gradients equal the gathered form's up to summation order."""
     head = fused_head(model)
     out = run(head is not None)
     sel, targets_N, u_N = out.reshape(-1, out.shape[-1]), targets_BL.reshape(-1), weights_BL.reshape(-1)
-    if rows_BL is not None:  # one nonzero (a host synchronisation on a GPU: N sizes the head), then gathers
+    static = STATIC_ROWS if static is None else static
+    if static is None:
+        static = torch.compiler.is_compiling()
+    if rows_BL is not None and static:
+        keep_N = rows_BL.reshape(-1).bool()
+        u_N = torch.where(keep_N, u_N, torch.zeros_like(u_N))
+        if exclude is not None:
+            other = 0 if exclude != 0 else 1
+            targets_N = torch.where(keep_N | (targets_N != exclude), targets_N, torch.full_like(targets_N, other))
+    elif rows_BL is not None:  # one nonzero (a host synchronisation on a GPU: N sizes the head), then gathers
         idx_N = rows_BL.reshape(-1).nonzero().squeeze(1)
         sel, targets_N, u_N = sel.index_select(0, idx_N), targets_N[idx_N], u_N[idx_N]
     if head is None:
