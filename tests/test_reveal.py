@@ -258,9 +258,11 @@ def test_first_hitting_host_reads_do_not_grow_with_the_number_of_reveals(monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("capture", [False, True], ids=["eager", "captured"])
 @pytest.mark.parametrize("sampler", [ddpm, ddpm_cache, first_hitting], ids=["ddpm", "ddpm_cache", "first_hitting"])
-def test_cuda_synchronisations_do_not_grow_with_the_number_of_steps(sampler) -> None:
-    """On CUDA with a CUDA generator: the synchronising calls CUDA reports are as many for 64 steps as for 4."""
+def test_cuda_synchronisations_do_not_grow_with_the_number_of_steps(sampler, capture) -> None:
+    """On CUDA with a CUDA generator: the synchronising calls CUDA reports are as many for 64 steps as for 4, with
+    the denoiser called eagerly or replayed as a CUDA graph (whose capture synchronises once per sampler call)."""
     W = torch.randn(K + 1, K + 1, device="cuda")
 
     def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:  # a row lookup: nothing in it reads back to the host
@@ -275,7 +277,7 @@ def test_cuda_synchronisations_do_not_grow_with_the_number_of_steps(sampler) -> 
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = sampler(denoise, z0, get_schedule("loglinear"), S, g, mask_id=MASK)
+                out = sampler(denoise, z0, get_schedule("loglinear"), S, g, mask_id=MASK, capture=capture)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs.append(sum("synchroniz" in str(w.message) for w in caught))

@@ -7,10 +7,10 @@ inputs into static buffers and, on CUDA, replays a ``torch.cuda.CUDAGraph`` of
 
     out = denoise(z_static, t_static)
 
-captured at the first call (after a warm-up forward on a side stream, as the PyTorch CUDA-graph notes
-prescribe; the warm-up's output is that first call's result, so capturing costs no extra forward). Every later
-call is one graph launch instead of one launch per kernel, and the values equal the eager forward's (the same
-kernels on the same inputs).
+captured at the second call; the first call is the warm-up forward on a side stream that the PyTorch CUDA-graph
+notes prescribe, and its output is that call's result, so capturing costs no extra forward and a single call
+captures nothing. Every later call is one graph launch instead of one launch per kernel, and the values equal the
+eager forward's (the same kernels on the same inputs).
 
 The returned tensor is a static buffer: the next call overwrites it. A caller must consume what it needs
 (``index_select`` the rows it reads, which copies) before it calls again. Off CUDA (or with ``capture=False``)
@@ -56,7 +56,8 @@ class DenoiserGraph:
 
     denoise: the forward, called as denoise(z_BL, t_B).
     z_BL, t_B: example inputs; every call must pass tensors of their shapes, dtypes and device.
-    capture: record a CUDA graph at the first call and replay it afterwards (default: when z_BL is on CUDA);
+    capture: warm up at the first call, record a CUDA graph at the second and replay it from then on (default:
+             when z_BL is on CUDA);
              False runs ``denoise`` eagerly on the static buffers. The graph runs under ``torch.no_grad``.
 
     ``__call__`` returns the static output buffer: valid until the next call.
@@ -91,15 +92,17 @@ class DenoiserGraph:
             if self.out is None or self.out.shape != out.shape or self.out.dtype != out.dtype:
                 self.out = torch.empty_like(out)
             return self.out.copy_(out)
+        if self.calls == 1:
+            return self._warm_up()
         if self.graph is None:
-            return self._warm_up_and_capture()
+            self._capture()
+        assert self.graph is not None and self.out is not None
         self.graph.replay()
-        assert self.out is not None
         return self.out
 
     @torch.no_grad()
-    def _warm_up_and_capture(self) -> Tensor:
-        """Warm-up forward(s) on a side stream (the last one's output is returned), then record the graph."""
+    def _warm_up(self) -> Tensor:
+        """The first call: eager forward(s) on a side stream; the last one's output is returned."""
         device = self.z_BL.device
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
@@ -109,8 +112,12 @@ class DenoiserGraph:
                 first = self.denoise(self.z_BL, self.t_B)
         current.wait_stream(side)
         first.record_stream(current)  # allocated on the side stream, read on the current one
+        return first
+
+    @torch.no_grad()
+    def _capture(self) -> None:
+        """The second call records the graph (recording runs nothing: the caller replays it at once)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.out = self.denoise(self.z_BL, self.t_B)
         self.graph = graph
-        return first

@@ -24,9 +24,9 @@ loop; inside it nothing is read back to the host. Every random number comes from
 
 Because the denoiser's shapes never change within a sampler call, ``reveal_loop`` and ``first_hitting`` may replay
 it as a CUDA graph (``capture_denoiser``, ``dlm.model.graphs.DenoiserGraph``): by default on CUDA for a denoiser
-marked ``capturable`` (pure: no Python-side effects) that the loop calls at least twice. Its output is then a
-static buffer that the next call overwrites; the samplers copy out the rows they read (``index_select`` /
-advanced indexing) before calling again.
+marked ``capturable`` (pure: no Python-side effects) that the loop calls at least MIN_CAPTURE_CALLS times. Its
+output is then a static buffer that the next call overwrites; the samplers copy out the rows they read
+(``index_select`` / advanced indexing) before calling again.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]
 # static buffers); False = never. A process-wide switch (e.g. ``absorbing.CAPTURE_DENOISER = False``) for the
 # samplers that families call without a ``capture`` argument.
 CAPTURE_DENOISER: bool | None = None
-MIN_CAPTURE_CALLS = 2  # capturing costs about one forward's launch time: below this it cannot pay
+MIN_CAPTURE_CALLS = 3  # call 1 is eager, call 2 records (about one eager launch) and replays: a gain from call 3
 
 __all__ = [
     "AbsorbingSample",
