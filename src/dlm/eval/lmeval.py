@@ -502,7 +502,8 @@ def evaluate_tasks(
     ``k``: Monte-Carlo draws per request of a diffusion bound (an exact family scores once, K recorded as 1).
     ``limit``: documents per task (None: all). Nothing downloads unless ``online`` (HF_*_OFFLINE=1 around the
     run): task data must be in the local Hugging Face cache or local files. A result with the same settings is
-    reused (``log`` says so) unless ``force``. Every input is checked before the run is loaded.
+    reused (``log`` says so) unless ``force``. The numbers and the task directory are checked before the run is
+    loaded, the task names and choices (they need lm-eval's task index) before anything is written.
     """
     names = parse_tasks(tasks)
     for what, v in (("K (Monte-Carlo draws per request)", k), ("batch size", batch_size), ("limit", limit)):
@@ -547,7 +548,7 @@ def evaluate_tasks(
     record = {
         "metric": "lmeval",
         "family": run.process.name,
-        "likelihood": "exact" if exact else f"lower bound (-bound of the family), mean of K = {settings['k']} draws",
+        "likelihood": "exact" if exact else f"lower bound: -(the family's NELBO), mean of K = {settings['k']} draws",
         "exact": exact,
         "k": settings["k"],
         "tasks": task_record(lm, results, loaded),
