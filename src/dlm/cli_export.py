@@ -16,7 +16,7 @@ from typing import Any
 from dlm.cli_compare import checkpoint_arg
 from dlm.errors import DlmError
 
-_MISSING_HUB = "dlm export needs the package huggingface_hub: pip install huggingface_hub (or 'dlm[hf]')"
+_MISSING_HUB = "dlm export needs the package huggingface_hub: pip install 'dlm[export]'"
 
 
 def export_module() -> ModuleType:
