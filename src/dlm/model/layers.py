@@ -35,11 +35,12 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x32, w32 = _wide(x), _wide(weight)
-        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        y = torch.empty_like(x32)  # holds x^2 first, then the output (one [N, D] allocation fewer)
+        r = torch.rsqrt(torch.pow(x32, 2, out=y).mean(-1, keepdim=True) + eps)
         n = x32 * r
         ctx.save_for_backward(n, r, w32)
         ctx.dtypes = (x.dtype, weight.dtype)
-        return (n * w32).to(x.dtype)
+        return torch.mul(n, w32, out=y).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
@@ -47,12 +48,13 @@ class _RMSNormFn(torch.autograd.Function):
         x_dtype, w_dtype = ctx.dtypes
         D = n.shape[-1]
         with torch.autocast(g.device.type, enabled=False):  # the matrix-vector product stays float32
-            gn = _wide(g) * n
+            g32 = _wide(g)
+            gn = g32 * n
             dw = gn.reshape(-1, D).sum(0).to(w_dtype) if ctx.needs_input_grad[1] else None
             if not ctx.needs_input_grad[0]:
                 return None, dw, None
             dot = (gn.reshape(-1, D) @ w32).reshape(r.shape).div_(D)
-            dx = _wide(g) * w32
+            dx = torch.mul(g32, w32, out=gn)  # gn is spent: its buffer takes dx
             dx.addcmul_(n, dot, value=-1.0).mul_(r)
         return dx.to(x_dtype), dw, None
 
@@ -138,7 +140,8 @@ class _SwiGLUFn(torch.autograd.Function):
         dh = torch.empty_like(h)
         d_gate, d_up = dh.chunk(2, dim=-1)
         torch.mul(o, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(o * up, gate, grad_input=d_gate)
+        torch.mul(o, up, out=d_gate)  # o u, then SiLU'(g) o u in place (no [.., H] temporary)
+        torch.ops.aten.silu_backward.grad_input(d_gate, gate, grad_input=d_gate)
         return dh
 
 
@@ -161,17 +164,26 @@ def rotary_cos_sin(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Ten
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
-def _swap_halves(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x2, x1], dim=-1)
-
-
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x cos + swap(x) sin in float32 = (x1 cos - x2 sin, x2 cos + x1 sin) for the tables of rotary_cos_sin."""
+    """x cos + swap(x) sin in float32 = (x1 cos - x2 sin, x2 cos + x1 sin) for the tables of rotary_cos_sin.
+
+    The swapped product is formed a half at a time in one half-width buffer and added into the halves of the
+    output: the same roundings as x cos + cat(x2, x1) sin, two full-width temporaries fewer.
+    """
     x = _wide(x)
     out = x * cos
-    out += _swap_halves(x) * sin
+    _add_swapped_product(out, x, sin)
     return out
+
+
+def _add_swapped_product(out: Tensor, x: Tensor, sin: Tensor, inverse: bool = False) -> None:
+    """In place, on halves of the last axis: out += swap(x) sin, i.e. out_1 += x_2 sin_1, out_2 += x_1 sin_2;
+    with ``inverse``, out += swap(x sin), i.e. out_1 += x_2 sin_2, out_2 += x_1 sin_1 (the rotation by -theta)."""
+    h = x.shape[-1] // 2
+    sin_1, sin_2 = (sin[..., h:], sin[..., :h]) if inverse else (sin[..., :h], sin[..., h:])
+    p = torch.mul(x[..., h:], sin_1)
+    out[..., :h] += p
+    out[..., h:] += torch.mul(x[..., :h], sin_2, out=p)
 
 
 def apply_rotary(x_BHLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -182,6 +194,10 @@ def apply_rotary(x_BHLD: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
+    if _needs_grad(x_BHLD):  # out-of-place, for autograd (the same values)
+        x = _wide(x_BHLD)
+        h = x.shape[-1] // 2
+        return (x * cos + torch.cat([x[..., h:], x[..., :h]], dim=-1) * sin).to(x_BHLD.dtype)
     return _rotate(x_BHLD, cos, sin).to(x_BHLD.dtype)
 
 
@@ -214,9 +230,11 @@ class _RotaryQKVFn(torch.autograd.Function):
             g = _wide(g)
             if dqkv.dtype == g.dtype:
                 torch.mul(g, cos, out=d_3BHLD[i])
-                d_3BHLD[i].add_(_swap_halves(g * sin))
+                _add_swapped_product(d_3BHLD[i], g, sin, inverse=True)
             else:
-                d_3BHLD[i].copy_(g * cos + _swap_halves(g * sin))
+                d_i = g * cos
+                _add_swapped_product(d_i, g, sin, inverse=True)
+                d_3BHLD[i].copy_(d_i)
         d_3BHLD[2].copy_(g_v)
         return dqkv, None, None
 
