@@ -125,6 +125,50 @@ def test_zero_shot_corpus_and_sampler_sweep(smoke: tuple[Path, str]) -> None:
     assert (out / "figures" / "genppl_entropy.png").is_file()
 
 
+def test_conditional_generation_and_downstream_tasks(smoke: tuple[Path, str], tmp_path: Path, capsys) -> None:
+    """The smoke comparison narrowed to ar and mdlm at seed 0 (--force keeps their runs), with conditional generation
+    (gen-c and keep-c, 3 MAUVE seeds) and a local multiple-choice task: condgen and downstream rows per run, MAUVE
+    or why it is missing, the report's tables."""
+    import yaml
+
+    pytest.importorskip("lm_eval", reason="the lmeval extra is not installed")
+    from tests.test_lmeval import _write_task
+
+    out = tmp_path / "cmp"
+    shutil.copytree(smoke[0], out)
+    d = yaml.safe_load((out / "spec.yaml").read_text())
+    d["arms"], d["seeds"] = [a for a in d["arms"] if a["name"] in ("ar", "mdlm")], [0]
+    ev = d["evaluation"]
+    ev["conditional"] = {"n": 4, "prompt_len": 4, "cont_len": 4, "seeds": [0], "mauve_seeds": [0, 1, 2]}
+    ev["downstream"] = {"tasks": ["dlm_quiz"], "task_dir": str(_write_task(tmp_path / "tasks")), "k": 2, "limit": 3}
+    spec = tmp_path / "suite.yaml"
+    spec.write_text(yaml.safe_dump(d))
+    capsys.readouterr()
+    assert main(["compare", str(spec), "--out", str(out), "--force"]) == 0
+    log = capsys.readouterr().out
+    assert "train from scratch" not in log and "condgen keep-c: continuation PPL" in log
+    r = _results(out)
+    cg = {(x["arm"], x["mode"]): x for x in r["rows"] if x["kind"] == "condgen"}
+    assert set(cg) == {(a, m) for a in ("ar", "mdlm") for m in ("gen-c", "keep-c")}
+    for (_arm, mode), x in cg.items():
+        rec = json.loads((out / x["file"]).read_text())
+        assert x["evaluation"] == f"condgen:{mode}" and rec["mode"] == mode and rec["settings"]["n_prompts"] == 4
+        assert x["continuation_ppl"] == rec["continuation_ppl"]["mean"] > 1 and x["human_ppl"] > 1
+        assert (x["mauve"] is None) == (x["mauve_missing"] is not None)
+        assert x["mauve"] is None or 0 < x["mauve"] <= 1
+    assert cg[("ar", "gen-c")]["steps"] is None and cg[("mdlm", "gen-c")]["steps"] is not None
+    ds = [x for x in r["rows"] if x["kind"] == "downstream"]
+    assert {(x["arm"], x["task"], x["scoring"], x["k"]) for x in ds} == {("ar", "dlm_quiz", "exact", 1),
+                                                                          ("mdlm", "dlm_quiz", "bound", 2)}  # fmt: skip
+    assert all(0 <= x["acc"] <= 1 and x["documents"] == 3 for x in ds)
+    assert r["protocol"]["conditional"]["n"] == 4 and r["protocol"]["downstream"]["tasks"] == ["dlm_quiz"]
+    tables, _ = parse_html((out / "report.html").read_text())
+    assert set(tables["condgen"]) >= {f"condgen-{a}-{m}" for a in ("ar", "mdlm") for m in ("gen-c", "keep-c")}
+    assert set(tables["condgen-modes"]) == {"condgen-modes-ar", "condgen-modes-mdlm"}
+    assert set(tables["downstream"]) == {"downstream-dlm_quiz-ar", "downstream-dlm_quiz-mdlm"}
+    assert tables["downstream"]["downstream-dlm_quiz-mdlm"][2] == "bound, K = 2"
+
+
 def test_aggregate_is_the_mean_and_std_of_the_seed_rows(smoke: tuple[Path, str]) -> None:
     r = _results(smoke[0])
     for agg in r["aggregate"]:

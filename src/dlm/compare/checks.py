@@ -47,6 +47,7 @@ def validate_spec(spec: CompareSpec) -> CompareSpec:
     _validate_budget(spec.budget)
     _validate_evaluation(spec.evaluation, spec.corpus)
     _validate_zero_shot(spec.evaluation)
+    _validate_suite(spec.evaluation)
     for i, arm in enumerate(spec.arms):
         cfg = arm_run_config(spec, arm, spec.seeds[0])
         _check_samplers(cfg, arm, i, spec.evaluation.samples.steps, spec.corpus)
@@ -133,6 +134,33 @@ def _validate_zero_shot(e: Evaluation) -> None:
         _require(f"{where}.max_batches", z.max_batches, ok, "must be >= 1 (null: as the likelihood)")
         bad = [o for o in z.source_options if "=" not in o or not o.split("=", 1)[0].strip()]
         _require(f"{where}.source_options", list(z.source_options), not bad, "must be KEY=VALUE strings")
+
+
+def _validate_suite(e: Evaluation) -> None:
+    """evaluation.conditional (when n > 0) and evaluation.downstream (when it lists tasks)."""
+    import importlib.util
+
+    c, d = e.conditional, e.downstream
+    _require("evaluation.conditional.n", c.n, c.n >= 0, "must be >= 0 (0: off)")
+    if c.n:
+        if e.evaluator != "judge-ar":
+            raise DlmError(f"evaluation.conditional: needs evaluator judge-ar (the AR judge scores continuations), "
+                           f"got {e.evaluator!r}")  # fmt: skip
+        for key in ("prompt_len", "cont_len", "batch_size"):
+            _require(f"evaluation.conditional.{key}", getattr(c, key), getattr(c, key) >= 1, "must be >= 1")
+        _require("evaluation.conditional.steps", c.steps, c.steps >= 0, "must be >= 0 (0: the family's default)")
+        ok = bool(c.modes) and set(c.modes) <= {"gen-c", "keep-c"} and len(set(c.modes)) == len(c.modes)
+        _require("evaluation.conditional.modes", list(c.modes), ok, "must be distinct modes of gen-c, keep-c")
+        for key in ("seeds", "mauve_seeds"):
+            v = getattr(c, key)
+            ok = bool(v) and len(set(v)) == len(v) and all(x >= 0 for x in v)
+            _require(f"evaluation.conditional.{key}", list(v), ok, "must be distinct seeds >= 0, at least one")
+    _require("evaluation.downstream.k", d.k, d.k >= 1, "must be >= 1")
+    _require("evaluation.downstream.limit", d.limit, d.limit is None or d.limit >= 1, "must be >= 1 or null")
+    if d.task_dir is not None and not Path(d.task_dir).is_dir():
+        raise DlmError(f"evaluation.downstream.task_dir: {d.task_dir!r} is not a directory")
+    if d.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise DlmError("evaluation.downstream: the tasks need lm-eval: pip install 'dlm[lmeval]'")
 
 
 def _check_samplers(cfg: RunConfig, arm: Arm, i: int, default_steps: tuple[int, ...], corpus: Corpus) -> None:

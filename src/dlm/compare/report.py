@@ -421,6 +421,7 @@ def _document(
             "pooled mean NLL; mean ± std over seeds.",
         ),
         quality_table(results),
+        *_suite_items(results),
         Block("h2", "Speed"),
         Block("note", "median of repeats after warm-up, device synchronised; mean ± std over seeds."),
         *speed_tables(results),
@@ -449,6 +450,18 @@ def _zero_shot_items(results: Mapping[str, Any]) -> list[Item]:
 
     section = zero_shot_section(results)
     return [] if section is None else [Block("h2", "Zero-shot likelihood"), Block("note", section[0]), section[1]]
+
+
+def _suite_items(results: Mapping[str, Any]) -> list[Item]:
+    """Conditional generation and downstream tasks (``dlm.compare.report_tables``), when measured."""
+    from dlm.compare.report_tables import condgen_section, downstream_section
+
+    out: list[Item] = []
+    if (c := condgen_section(results)) is not None:
+        out += [Block("h2", "Conditional generation"), Block("note", c[0]), *c[1]]
+    if (d := downstream_section(results)) is not None:
+        out += [Block("h2", "Downstream tasks"), Block("note", d[0]), d[1]]
+    return out
 
 
 def _matched_items(results: Mapping[str, Any]) -> list[Item]:

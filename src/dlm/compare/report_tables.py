@@ -12,7 +12,7 @@ from typing import Any
 
 from dlm.compare.figures import aggregates, arm_order
 
-__all__ = ["zero_shot_section"]
+__all__ = ["condgen_section", "downstream_section", "zero_shot_section"]
 
 
 def _relation(results: Mapping[str, Any], kind: str, arm: str, corpus: str | None = None) -> str:
@@ -66,4 +66,88 @@ def zero_shot_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
         "reused, not retrained), the same estimator, seed and scored positions as in-domain; '=' exact, '≤' a "
         f"bound; mean ± std over seeds. {described or ''}"
     ).strip()
+    return note, table
+
+
+def _ordered(results: Mapping[str, Any], kind: str) -> list[dict[str, Any]]:
+    order = {a: i for i, a in enumerate(arm_order(results))}
+    return sorted(aggregates(results, kind), key=lambda a: (str(a.get("evaluation")), order.get(a["arm"], 0)))
+
+
+def _first(results: Mapping[str, Any], a: Mapping[str, Any], key: str) -> Any:
+    """``key`` of the first seed row of aggregate ``a`` (a non-numeric field: mode, task, scoring, ...)."""
+    return next((r.get(key) for r in results["rows"] if r.get("kind") == a["kind"] and r["arm"] == a["arm"]
+                 and r.get("evaluation") == a.get("evaluation")), None)  # fmt: skip
+
+
+def condgen_section(results: Mapping[str, Any]) -> tuple[str, list[Any]] | None:
+    """(note, tables) of conditional generation: per (arm, mode) MAUVE (mean ± std over training seeds; beside it
+    the mean SE over MAUVE seeds), continuation PPL and the human level, diversity, NFE; and per arm gen-C
+    against keep-C (keep-C minus gen-C); None without condgen rows."""
+    from dlm.compare.report import Table, fmt, mean_std
+
+    aggs = _ordered(results, "condgen")
+    if not aggs:
+        return None
+    head = ["arm", "mode", "sampler", "steps", "MAUVE (mean ± std over seeds)", "MAUVE SE (over MAUVE seeds)"]
+    head += ["continuation PPL", "human PPL", "entropy (nats)", "distinct-2", "NFE", "s/continuation", "seeds"]
+    table = Table("condgen", "condgen", head)
+    by: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for a in aggs:
+        mode = str(_first(results, a, "mode"))
+        by[(a["arm"], mode)] = a
+        missing = _first(results, a, "mauve_missing")
+        mauve = mean_std(a, "mauve", 3) if missing is None else f"missing: {missing}"
+        cells = [a["arm"], mode, str(a.get("sampler")), "–" if a.get("steps") is None else str(a["steps"]), mauve]
+        cells += [mean_std(a, "mauve_se", 3), mean_std(a, "continuation_ppl", 2), mean_std(a, "human_ppl", 2)]
+        cells += [mean_std(a, "entropy_mean", 3), mean_std(a, "distinct_2", 3), mean_std(a, "nfe", 1)]
+        cells += [mean_std(a, "wall_s_per_continuation"), str(a["n_seeds"])]
+        table.rows.append((f"condgen-{a['arm']}-{mode}", cells))
+    tables = [table]
+    both = [arm for arm in arm_order(results) if (arm, "gen-c") in by and (arm, "keep-c") in by]
+    if both:
+        modes = Table("condgen-modes", "condgen", ["arm", "MAUVE keep-C − gen-C", "continuation PPL keep-C − gen-C"])
+        for arm in both:
+            g, k = by[(arm, "gen-c")], by[(arm, "keep-c")]
+            diff = [_diff(k, g, "mauve", fmt, 3), _diff(k, g, "continuation_ppl", fmt, 2)]
+            modes.rows.append((f"condgen-modes-{arm}", [arm, *diff]))
+        tables.append(modes)
+    p = next((r for r in results["rows"] if r.get("kind") == "condgen"), {})
+    note = (
+        f"Conditional generation: {p.get('n_prompts')} prompts of {p.get('prompt_len')} tokens from held-out "
+        f"documents, continuations of {p.get('cont_len')} tokens; gen-c generates C tokens, keep-c generates the "
+        "model context and keeps the first C (the SEDD study's comparison). Continuation PPL: the judge's, given "
+        "the prompt; MAUVE on the judge's hidden states against the human continuations. mean ± std over training "
+        "seeds; the MAUVE SE is over MAUVE's k-means seeds."
+    )
+    return note, tables
+
+
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any], key: str, fmt: Any, nd: int) -> str:
+    x, y = a.get(key), b.get(key)
+    if not isinstance(x, Mapping) or not isinstance(y, Mapping):
+        return "–"
+    return f"{'+' if x['mean'] >= y['mean'] else ''}{fmt(x['mean'] - y['mean'], nd)}"
+
+
+def downstream_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(note, table) of the downstream tasks: per (task, arm) accuracy (mean ± std over seeds), lm-eval's standard
+    error (mean over seeds), length-normalised accuracy, documents, scoring; None without downstream rows."""
+    from dlm.compare.report import Table, mean_std
+
+    aggs = _ordered(results, "downstream")
+    if not aggs:
+        return None
+    head = ["task", "arm", "scoring", "acc (mean ± std over seeds)", "acc stderr (lm-eval)", "acc_norm"]
+    table = Table("downstream", "downstream", [*head, "documents", "seeds"])
+    for a in aggs:
+        task, scoring = _first(results, a, "task"), _first(results, a, "scoring")
+        how = "exact" if scoring == "exact" else f"bound, K = {_first(results, a, 'k')}"
+        cells = [str(task), a["arm"], how, mean_std(a, "acc", 3), mean_std(a, "acc_stderr", 3)]
+        cells += [mean_std(a, "acc_norm", 3), str(_first(results, a, "documents")), str(a["n_seeds"])]
+        table.rows.append((f"downstream-{task}-{a['arm']}", cells))
+    note = (
+        "Downstream multiple-choice tasks through lm-eval: the choice of highest log-likelihood, exact for AR and "
+        "the diffusion bound (mean of K draws) otherwise; task data local only. mean ± std over training seeds."
+    )
     return note, table

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import dlm
+from dlm.compare.suite import condgen_rows, downstream_rows
 from dlm.io import write_json_atomic, write_text_atomic
 
 __all__ = ["DEFINITIONS", "aggregate", "overlaps", "write_results"]
@@ -34,11 +35,20 @@ VARIANCE_FIELDS = ("t_samples", "batches", "nll_per_token", "seq_var_per_token",
                    "grad_mean_sq_norm", "grad_noise_ratio")  # fmt: skip
 GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "temperature", "batch_size", "evaluation")
 _ROW_IDENTITY = {"kind", "arm", "family", "seed", "sampler", "steps", "batch_size", "split", "file", "relation"}
-_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name"}
+_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name", "mode", "task", "scoring", "mauve_missing"}
 
 DEFINITIONS: dict[str, str] = {
-    "kind": "likelihood | zeroshot | samples | speed | speed_protocol | variance",
-    "evaluation": "zeroshot:NAME for the likelihood on the zero-shot corpus NAME (evaluation.zero_shot); else null",
+    "kind": "likelihood | zeroshot | samples | speed | speed_protocol | variance | condgen | downstream",
+    "evaluation": "zeroshot:NAME (likelihood on the zero-shot corpus NAME), condgen:MODE (conditional generation, "
+    "gen-c or keep-c), task:NAME (a downstream task); null for the other kinds",
+    "continuation_ppl": "condgen: exp of the judge's NLL per continuation token given boundary + prompt (pooled over "
+    "prompts), mean over sampling seeds; continuation_ppl_se: its SE over them (null for one seed)",
+    "human_ppl": "condgen: the same for the human continuations of the same prompts (the reference level)",
+    "mauve": "condgen: MAUVE(generated, human continuations) on the judge's last hidden state, mean over MAUVE seeds "
+    "(of the mean over sampling seeds); mauve_se: SE over MAUVE seeds; mauve_missing: why there is none",
+    "acc": "downstream: accuracy, the choice of highest log-likelihood (exact for AR, the bound for diffusion) "
+    "(lm-eval's acc; acc_norm: per-byte normalised); acc_stderr: lm-eval's standard error over documents",
+    "scoring": "downstream: exact (AR log-likelihood) or bound (the diffusion ELBO, mean of K draws)",
     "corpus": "zeroshot: the zero-shot corpus's name; its directory, source and split in protocol.zero_shot",
     "temperature": "samples: softmax temperature of the sampler (one point of the sweep)",
     "sampler": "samples, speed: the sweep entry's label (the sampler's name unless the entry sets options)",
@@ -163,6 +173,9 @@ def build_rows(records: Iterable[Any], root: Path) -> list[dict[str, Any]]:
             rows.append({**row, "kind": "zeroshot", "evaluation": f"zeroshot:{name}", "corpus": name})
         for srec, spath, qrec, _ in r.samples:
             rows.append(_samples_row(base, srec, spath, qrec, root))
+        rows += condgen_rows(base, getattr(r, "condgen", []), lambda p: _rel(p, root))
+        if getattr(r, "downstream", None) is not None:
+            rows += downstream_rows(base, *r.downstream, lambda p: _rel(p, root))
         if r.speed is not None:
             rows += _speed_rows(base, *r.speed, root)
         if r.variance is not None:
@@ -269,6 +282,15 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _suite_protocol(spec: Any) -> dict[str, Any]:
+    """The conditional-generation and downstream settings, for the evaluations the spec runs."""
+    from dataclasses import asdict
+
+    e = spec.evaluation
+    out = {"conditional": asdict(e.conditional)} if e.conditional.n else {}
+    return out | ({"downstream": asdict(e.downstream)} if e.downstream.tasks else {})
 
 
 def _zero_shot_protocol(cdir: Any, zdirs: dict[str, Path]) -> list[dict[str, Any]]:
@@ -405,7 +427,8 @@ def write_results(
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "wall_s": wall,
         "protocol": _protocol(cdir, data_dir, evaluator, device)
-        | ({"zero_shot": _zero_shot_protocol(cdir, zdirs)} if zdirs else {}),
+        | ({"zero_shot": _zero_shot_protocol(cdir, zdirs)} if zdirs else {})
+        | _suite_protocol(cdir.spec),
         "runs": _runs(cdir, records),
         "rows": rows,
         "aggregate": agg,

@@ -69,6 +69,8 @@ class RunRecord:
     speed: tuple[dict[str, Any], Path] | None = None
     variance: tuple[dict[str, Any], Path] | None = None
     zero_shot: list[tuple[str, dict[str, Any], Path]] = dataclasses.field(default_factory=list)
+    condgen: list[tuple[str, dict[str, Any], Path]] = dataclasses.field(default_factory=list)
+    downstream: tuple[dict[str, Any], Path] | None = None
 
 
 @dataclasses.dataclass
@@ -322,15 +324,24 @@ def _evaluator_factory(cdir: CompareDir, judge_dir: Path | None, hf_judge: Any, 
     return lambda run_dir: judge
 
 
-def _evaluate_run(
-    cdir: CompareDir, s: RunState, evaluator: Callable[[Path], Any], device: str, log: Log, zdirs: dict[str, Path]
-) -> RunRecord:
+@dataclasses.dataclass
+class _Inputs:
+    """What every run's evaluation reads besides its own directory."""
+
+    evaluator: Callable[[Path], Any]
+    device: str
+    zdirs: dict[str, Path]
+    judge_dir: Path | None
+
+
+def _evaluate_run(cdir: CompareDir, s: RunState, inputs: _Inputs, log: Log) -> RunRecord:
     from dlm.compare.evaluate import quality_set, sample_set
     from dlm.compare.speedset import speed_set
     from dlm.eval.progress import Progress
     from dlm.eval.run import evaluate_run
 
     spec, ev = cdir.spec, cdir.spec.evaluation
+    evaluator, device, zdirs = inputs.evaluator, inputs.device, inputs.zdirs
     arm = spec.arm(s.arm)
     run_dir = cdir.run_dir(s.arm, s.seed)
     rec = RunRecord(s.arm, arm.family, s.seed, run_dir)
@@ -344,6 +355,7 @@ def _evaluate_run(
 
         rec.zero_shot = evaluate_zero_shot(run_dir, spec, zdirs, device, log)
     cfg = arm_run_config(spec, arm, s.seed)
+    _evaluate_suite(rec, cfg, spec, inputs, log)
     settings = sampler_settings(cfg, arm, ev.samples)
     sm = ev.samples
     for st in settings:
@@ -372,6 +384,17 @@ def _evaluate_run(
     return rec
 
 
+def _evaluate_suite(rec: RunRecord, cfg: RunConfig, spec: CompareSpec, inputs: _Inputs, log: Log) -> None:
+    """Conditional generation and downstream tasks of one run (``dlm.compare.suite``), when the spec asks."""
+    from dlm.compare import suite
+
+    if spec.evaluation.conditional.n:
+        assert inputs.judge_dir is not None  # the spec requires evaluator judge-ar
+        rec.condgen = suite.condgen_stage(rec.run_dir, cfg, spec, inputs.judge_dir, inputs.device, log)
+    if spec.evaluation.downstream.tasks:
+        rec.downstream = suite.downstream_stage(rec.run_dir, spec, inputs.device, log)
+
+
 def _quality_line(sampler: str, steps: int | None, srec: dict[str, Any], qrec: dict[str, Any]) -> str:
     at = f"{sampler}" + (f" {steps} steps" if steps is not None else "")
     at += f" T={srec['temperature']:g}" if srec.get("temperature", 1.0) != 1.0 else ""
@@ -387,21 +410,13 @@ def _quality_line(sampler: str, steps: int | None, srec: dict[str, Any], qrec: d
     return " | ".join(parts)
 
 
-def _evaluate_all(
-    cdir: CompareDir,
-    plan: list[RunState],
-    evaluator: Callable[[Path], Any],
-    device: str,
-    clock: _Clock,
-    log: Log,
-    zdirs: dict[str, Path],
-) -> list[RunRecord]:
+def _evaluate_all(cdir: CompareDir, plan: list[RunState], inputs: _Inputs, clock: _Clock, log: Log) -> list[RunRecord]:
     out = []
     for k, s in enumerate(plan, 1):
         log(f"== evaluate [{k}/{len(plan)}] arm {s.arm} seed {s.seed} | elapsed {clock.elapsed()} | "
             f"{clock.eta(0, len(plan) - k + 1)}")  # fmt: skip
         t0 = time.perf_counter()
-        out.append(_evaluate_run(cdir, s, evaluator, device, log, zdirs))
+        out.append(_evaluate_run(cdir, s, inputs, log))
         clock.eval_s += time.perf_counter() - t0
         clock.eval_runs += 1
     return out
@@ -448,7 +463,7 @@ def run_compare(
             log("== judge likelihood")
             judge_likelihood = evaluate_run(judge_dir, device=device, log=log)
         evaluator = _evaluator_factory(cdir, judge_dir, hf_judge, device)
-        records = _evaluate_all(cdir, plan, evaluator, device, clock, log, zdirs)
+        records = _evaluate_all(cdir, plan, _Inputs(evaluator, device, zdirs, judge_dir), clock, log)
         wall["evaluate"] = time.perf_counter() - t
         wall["total"] = time.perf_counter() - clock.start
         results = write_results(cdir, data_dir, records, judge_dir, judge_likelihood, wall, device, zdirs)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dlm.compare.spec_suite import ConditionalEval, DownstreamEval, ZeroShot
 from dlm.compare.sweep import SamplerEntry, normalize_entries
 from dlm.config import RunConfig, _coerce, _read_yaml, _suggest, load_config, parse_overrides
 from dlm.errors import DlmError
@@ -36,7 +37,9 @@ __all__ = [
     "Arm",
     "Budget",
     "CompareSpec",
+    "ConditionalEval",
     "Corpus",
+    "DownstreamEval",
     "Evaluation",
     "JudgeSpec",
     "LikelihoodEval",
@@ -199,28 +202,6 @@ class VarianceEval:
 
 
 @dataclass
-class ZeroShot:
-    """A second corpus every run is scored on: zero-shot likelihood (``dlm.eval.run.evaluate_run(data=DIR)``).
-
-    name:           its label in results ("zeroshot:NAME") and the report; default: the source's name.
-    source:         a corpus to prepare into DIR/zeroshot/NAME with the comparison corpus's tokenizer (a trained
-                    one is reused, not retrained: ``dlm.data.shards.prepare(tokenizer_from=)``), row length
-                    and mode; e.g. shakespeare with source_options [edition=folio].
-    source_options: options of the source as KEY=VALUE strings.
-    data_dir:       a prepared directory instead of a source (it must use the comparison corpus's tokenizer).
-    split:          the split scored; "" = evaluation.likelihood.split.
-    max_batches:    score at most this many batches of it (>= 1); null = as evaluation.likelihood.max_batches.
-    """
-
-    name: str = ""
-    source: str = ""
-    source_options: tuple[str, ...] = ()
-    data_dir: str | None = None
-    split: str = ""
-    max_batches: int | None = None
-
-
-@dataclass
 class JudgeSpec:
     """The judge of evaluator judge-ar: an AR model trained once per comparison on the same corpus (DIR/judge).
 
@@ -249,6 +230,8 @@ class Evaluation:
     speed:      speed settings.
     variance:   estimator variances (likelihood over its draws, gradient over batches); off by default.
     zero_shot:  further corpora every run is scored on (zero-shot likelihood); none by default.
+    conditional: conditional generation from held-out prompts, judged by the judge-ar judge; off by default.
+    downstream: multiple-choice tasks through lm-eval (the lmeval extra); off by default.
     device:     where evaluation runs: auto (CUDA when available), cpu or cuda.
     """
 
@@ -259,6 +242,8 @@ class Evaluation:
     speed: SpeedEval = field(default_factory=SpeedEval)
     variance: VarianceEval = field(default_factory=VarianceEval)
     zero_shot: list[ZeroShot] = field(default_factory=list)
+    conditional: ConditionalEval = field(default_factory=ConditionalEval)
+    downstream: DownstreamEval = field(default_factory=DownstreamEval)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
