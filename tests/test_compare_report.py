@@ -195,3 +195,68 @@ def test_import_leaves_training_code_out() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _with_sweep_and_zero_shot(root: Path) -> dict:
+    """The fixture's results with a zero-shot corpus (NLL = in-domain + 0.5 + 0.1 seed) and every diffusion samples
+    row also at temperature 0.8 (gen PPL 0.7x, entropy - 0.3), aggregated by dlm.compare.results."""
+    from dlm.compare.results import aggregate
+
+    r = json.loads((root / "results.json").read_text())
+    extra = []
+    for x in r["rows"]:
+        if x["kind"] == "likelihood":
+            extra.append({**x, "kind": "zeroshot", "evaluation": "zeroshot:folio", "corpus": "folio",
+                          "nll": x["nll"] + 0.5 + 0.1 * x["seed"]})  # fmt: skip
+        if x["kind"] == "samples" and x["steps"] is not None:
+            g = x["gen_ppl_seq_mean"]
+            extra.append({**x, "temperature": 0.8, "gen_ppl_seq_mean": None if g is None else 0.7 * g,
+                          "entropy_mean": x["entropy_mean"] - 0.3})  # fmt: skip
+    r["rows"] += extra
+    r["aggregate"] = aggregate(r["rows"])
+    r["protocol"]["zero_shot"] = [{"name": "folio", "source": "shakespeare-folio", "split": "test", "tokens": 999,
+                                   "tokenizer": "bytes", "max_batches": 0}]  # fmt: skip
+    (root / "results.json").write_text(json.dumps(r))
+    return r
+
+
+def test_zero_shot_table_temperature_column_and_frontier(tmp_path: Path) -> None:
+    root = make_compare_dir(tmp_path, arms=ARMS, seeds=SEEDS)
+    _with_sweep_and_zero_shot(root)
+    paths = build_report(root)
+    tables, _ = parse_html(paths["html"].read_text())
+    z = tables["zeroshot"]
+    assert set(z) == {f"zeroshot-folio-{a}" for a in ARMS}
+    for i, arm in enumerate(ARMS):
+        nll = [likelihood_nll(i, s) + 0.5 + 0.1 * s for s in SEEDS]
+        rel = "=" if arm == "ar" else "≤"
+        row = z[f"zeroshot-folio-{arm}"]
+        assert row[3] == f"{rel} {statistics.fmean(nll):.4f} ± {statistics.stdev(nll):.4f}"
+        shift = statistics.fmean(nll) - statistics.fmean([likelihood_nll(i, s) for s in SEEDS])
+        assert row[8] == f"{shift:+.4f}" and row[2] == "test"
+    q = tables["quality"]
+    assert "quality-mdlm-ddpm_cache-4-t0.8" in q and q["quality-mdlm-ddpm_cache-4-t0.8"][3] == "0.80"
+    assert q["quality-mdlm-ddpm_cache-4"][3] == "1.00"  # the temperature column, once a temperature differs
+    assert (paths["figures"] / "genppl_entropy.png").read_bytes().startswith(PNG)
+    assert "Zero-shot likelihood" in paths["md"].read_text()
+
+
+def test_formal_frontier_figure(tmp_path: Path) -> None:
+    root = make_compare_dir(tmp_path, arms=("ar", "mdlm"), seeds=(0,), formal=True)
+    _with_sweep_and_zero_shot(root)
+    paths = build_report(root)
+    assert (paths["figures"] / "frontier_formal.png").read_bytes().startswith(PNG)
+    assert 'id="fig-frontier_formal"' in paths["html"].read_text()
+
+
+def test_frontier_curves_hold_every_step_and_temperature_of_a_sampler(tmp_path: Path) -> None:
+    """One curve per (arm, sampler) over steps x temperatures, ordered by entropy; AR's point apart."""
+    from dlm.compare.figures import _sweep_curves, point_label, speed_quality_points
+
+    r = _with_sweep_and_zero_shot(make_compare_dir(tmp_path, arms=ARMS, seeds=SEEDS))
+    curves = _sweep_curves(speed_quality_points(r), "entropy", "gen_ppl")
+    assert set(curves) == {("ar", "ar"), ("mdlm", "ddpm_cache")}
+    pts = curves[("mdlm", "ddpm_cache")]
+    assert sorted((p["steps"], p["temperature"]) for p in pts) == [(s, t) for s in STEPS for t in (0.8, 1.0)]
+    assert [p["entropy"] for p in pts] == sorted(p["entropy"] for p in pts)
+    assert {point_label(p) for p in pts} == {f"S={s}" for s in STEPS} | {f"S={s},T=0.8" for s in STEPS}

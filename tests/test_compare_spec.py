@@ -272,3 +272,112 @@ def test_block_arms_need_a_dividing_block_size_and_a_step_per_block(tmp_path: Pa
     _refused(tmp_path, d, "arms.0 (bd3lm-5)", "process.block_size (L' = 5) must divide the sequence length (32)")
     d["arms"] = [{"family": "bd3lm:8", "steps": [4, 8]}]  # 4 blocks
     assert load_compare_spec(_write(tmp_path, d)).arms[0].name == "bd3lm-8"
+
+
+# ----------------------------------------------------------------------------- the sweep and further evaluations
+
+
+def _mdlm_arm(samplers: object) -> dict:
+    return {"family": "mdlm", "samplers": samplers}
+
+
+def test_sampler_entries_canonical_and_round_trip(tmp_path: Path) -> None:
+    """Names stay names; a mapping keeps its options sorted and gets a label (given or name-key=value); a mapping
+    with only a name is that name, so the spec (and its hash) is the same as the name list."""
+    from dlm.compare.sweep import entry_parts
+
+    d = _smoke_dict()
+    entries = ["ddpm", {"name": "remdm", "remask_strategy": "rescale", "remask_eta": 0.1}, {"name": "first_hitting"}]
+    spec = load_compare_spec(_write(tmp_path, {**d, "arms": [_mdlm_arm(entries)]}))
+    assert spec.arms[0].samplers == (
+        "ddpm",
+        {"name": "remdm", "label": "remdm-remask_eta=0.1-remask_strategy=rescale", "remask_eta": 0.1,
+         "remask_strategy": "rescale"},
+        "first_hitting",
+    )  # fmt: skip
+    assert entry_parts(spec.arms[0].samplers[1])[1:] == ("remdm", {"remask_eta": 0.1, "remask_strategy": "rescale"})
+    again = load_compare_spec(_write(tmp_path, yaml.safe_load(dump_spec(spec))))
+    assert spec_hash(again) == spec_hash(spec)
+    plain = load_compare_spec(_write(tmp_path, {**d, "arms": [_mdlm_arm(["ddpm", "first_hitting"])]}))
+    named = load_compare_spec(_write(tmp_path, {**d, "arms": [_mdlm_arm([{"name": "ddpm"}, "first_hitting"])]}))
+    assert spec_hash(plain) == spec_hash(named)
+    over = load_compare_spec("smoke", ["--arms.mdlm.samplers", "ddpm,confidence"])
+    assert over.arm("mdlm").samplers == ("ddpm", "confidence")
+
+
+def test_sweep_settings_expand_entries_steps_and_temperatures() -> None:
+    from dlm.compare.runner import _speed_settings, sampler_settings
+    from dlm.compare.sweep import temperatures
+
+    spec = load_compare_spec("smoke", ["--evaluation.samples.temperatures", "0.8,1.0"])
+    assert temperatures(spec.evaluation.samples) == (0.8, 1.0)
+    assert temperatures(load_compare_spec("smoke").evaluation.samples) == (1.0,)  # default: [temperature]
+    arm = spec.arm("mdlm")
+    got = sampler_settings(arm_run_config(spec, arm, 0), arm, spec.evaluation.samples)
+    assert [(s.label, s.sampler, s.steps, s.temperature, s.options) for s in got] == [
+        (lab, name, steps, t, opts)
+        for lab, name, opts in (("ddpm", "ddpm", ()), ("remdm-0.05", "remdm", (("remask_eta", 0.05),)))
+        for steps in (4, 16)
+        for t in (0.8, 1.0)
+    ]
+    assert _speed_settings(got) == [("ddpm", 4), ("ddpm", 16)]  # plain entries, once per temperature-free setting
+    ar = spec.arm("ar")
+    assert [(s.sampler, s.steps) for s in sampler_settings(arm_run_config(spec, ar, 0), ar, spec.evaluation.samples)] \
+        == [("ancestral", None)] * 2  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("samplers", "words"),
+    [
+        (["nope"], ["arms.0.samplers", "unknown sampler 'nope'", "remdm"]),
+        ([{"name": "nope", "top_k": 3}], ["unknown sampler 'nope'"]),
+        ([{"name": "ddpm", "remask_eta": 0.1}], ["arms.0.samplers", "remask_eta", "accepted"]),
+        ([{"name": "remdm", "steps": 4}], ["steps", "set by the sweep"]),
+        ([{"name": "remdm", "temperature": 0.5}], ["temperature", "set by the sweep"]),
+        ([{"name": "remdm", "remask_eta": 2.0}], ["arms.0.samplers", "remask_eta"]),
+        ([{"name": "remdm", "label": "x"}, {"name": "ddpm", "label": "x"}], ["two entries labelled 'x'"]),
+        ([{"name": "remdm", "label": "a b"}], ["arms.0.samplers.0.label"]),
+        ([{"top_k": 3}], ["arms.0.samplers.0", "with a 'name'"]),
+        ([{"name": "remdm", "remask_eta": [1]}], ["remask_eta", "a number, a string"]),
+    ],
+)
+def test_bad_sampler_entries_refused(tmp_path: Path, samplers: list, words: list[str]) -> None:
+    _refused(tmp_path, {**_smoke_dict(), "arms": [_mdlm_arm(samplers)]}, *words)
+
+
+def test_further_evaluations_refused(tmp_path: Path) -> None:
+    d = _smoke_dict()
+    folio = {"source": "shakespeare", "source_options": ["edition=folio"]}
+    _refused(tmp_path, _eval(d, "samples", {"temperatures": [0.9, -1.0]}), "evaluation.samples.temperatures", ">= 0")
+    _refused(tmp_path, _eval(d, "samples", {"temperatures": [0.9, 0.9]}), "temperatures", "repeat")
+    _refused(tmp_path, _eval(d, "zero_shot", [{**folio, "data_dir": str(tmp_path)}]), "zero_shot.0", "exactly one")
+    _refused(tmp_path, _eval(d, "zero_shot", [{"name": "x"}]), "zero_shot.0", "exactly one")
+    _refused(tmp_path, _eval(d, "zero_shot", [folio, folio]), "zero_shot.1.name", "duplicate")
+    _refused(tmp_path, _eval(d, "zero_shot", [{**folio, "max_batches": 0}]), "zero_shot.0.max_batches", ">= 1")
+    _refused(tmp_path, _eval(d, "zero_shot", [{"data_dir": str(tmp_path / "no")}]), "zero_shot.0.data_dir")
+    _refused(tmp_path, _eval(d, "zero_shot", [{**folio, "source_options": ["x"]}]), "zero_shot.0.source_options")
+    cond = {"n": 4, "prompt_len": 4, "cont_len": 4}
+    _refused(tmp_path, _eval(d, "conditional", {**cond, "modes": ["gen-l"]}), "evaluation.conditional.modes")
+    _refused(tmp_path, _eval(d, "conditional", {**cond, "mauve_seeds": []}), "conditional.mauve_seeds")
+    _refused(tmp_path, _eval(d, "conditional", {**cond, "cont_len": 0}), "evaluation.conditional.cont_len", ">= 1")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    _refused(tmp_path, _eval(_eval(d, "conditional", cond), "evaluator", f"hf:{hf}"), "conditional", "judge-ar")
+    _refused(tmp_path, _eval(d, "downstream", {"tasks": ["x"], "k": 0}), "evaluation.downstream.k", ">= 1")
+    _refused(tmp_path, _eval(d, "downstream", {"task_dir": str(tmp_path / "no")}), "downstream.task_dir")
+    spec = load_compare_spec(_write(tmp_path, _eval(d, "zero_shot", [folio, {"data_dir": str(hf)}])))
+    assert [z.name for z in spec.evaluation.zero_shot] == ["shakespeare", "hf"]  # names from source / directory
+
+
+def test_a_stored_spec_without_the_new_fields_is_the_same_spec(tmp_path: Path) -> None:
+    """A spec.yaml written before the sweep and the further evaluations (no temperatures, zero_shot, conditional,
+    downstream) reads as today's spec with those at their defaults: an existing comparison is not 'another spec'."""
+    from dlm.compare.state import _same_spec
+
+    spec = load_compare_spec("quickstart", ["--evaluation.zero_shot.folio.max_batches", "8"])
+    old = spec.to_dict()
+    for key in ("zero_shot", "conditional", "downstream"):
+        old["evaluation"].pop(key)
+    old["evaluation"]["samples"].pop("temperatures")
+    spec.evaluation.zero_shot = []
+    assert _same_spec(old, spec)
