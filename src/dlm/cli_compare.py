@@ -37,8 +37,10 @@ def _compare_epilog() -> str:
         "",
         "override any spec field with a dotted flag: --seeds 0,1,2  --budget.steps 50  --evaluation.samples.n 32",
         "  --evaluation.samples.steps 8,32  --arms.mdlm.overrides.process.T 100  --shared.train.lr 3e-4",
-        "(an arm by name or index; a list is comma-separated). The spec's fields and their meaning:",
-        "src/dlm/compare/spec.py; the files written: docs/COMPARE.md.",
+        "  --arms.mdlm.samplers ddpm,remdm  --evaluation.samples.temperatures 0.8,1.0 (the sampler sweep)",
+        "(an arm by name or index; a list is comma-separated). Sampler options, zero-shot corpora, conditional",
+        "generation and downstream tasks are set in a spec file. The spec's fields and their meaning:",
+        "src/dlm/compare/spec.py and spec_suite.py; the files written: docs/COMPARE.md.",
     ])  # fmt: skip
 
 
