@@ -203,3 +203,19 @@ def test_cli_command_parses_and_refuses(tiny_ar_run: Path, tmp_path: Path, capsy
     assert int_list("0,1", "--seeds") == [0, 1]
     with pytest.raises(DlmError, match="--seeds must be comma-separated integers"):
         int_list("0,x", "--seeds")
+
+
+def test_block_family_lengths_checked_before_sampling(tiny_ar_run: Path) -> None:
+    from types import SimpleNamespace
+
+    from dlm.data.specials import SpecialIds
+    from dlm.process import ProcessConfig, get_process
+
+    judge = load_run(tiny_ar_run)
+    specials = SpecialIds.from_dict(judge.data_meta["tokenizer"]["specials"])
+    bd3 = get_process(ProcessConfig(name="bd3lm", block_size=4), specials)
+    run = SimpleNamespace(cfg=SimpleNamespace(model=SimpleNamespace(context=32)), process=bd3)
+    assert condgen._check_lengths(run, judge, 6, 5, "keep-c") == 32  # L' = 4 divides the context
+    assert condgen._check_lengths(run, judge, 6, 9, "gen-c") == 16
+    with pytest.raises(DlmError, match=r"must divide the sequence length \(13\)"):
+        condgen._check_lengths(run, judge, 6, 6, "gen-c")  # 1 + P + C = 13 blocks of 4 do not cut
