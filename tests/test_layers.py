@@ -57,6 +57,7 @@ def test_apply_rotary_equals_the_pair_rotation_bit_for_bit(per_sequence):
     assert cos.shape == (*pos.shape, D) and cos.dtype == torch.float32
     out = apply_rotary(x, cos, sin)
     assert torch.equal(out, old_apply_rotary(x, pos, D))
+    assert torch.equal(apply_rotary(x.clone().requires_grad_(), cos, sin), out)  # the out-of-place autograd path
     torch.testing.assert_close(out, rotate_pairs(x, pos), rtol=0, atol=1e-5)
 
 
