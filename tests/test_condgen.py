@@ -1,6 +1,6 @@
-"""Conditional generation (dlm.eval.condgen, issue 15): prompts from document boundaries, the judge's continuation
-NLL against its own likelihood, prompts kept by every family, gen-c / keep-c lengths, MAUVE identities, the result
-file's reuse and the refusals."""
+"""Conditional generation (dlm.eval.condgen, issue 15): prompts from document starts and from seeded windows
+anywhere in a document, the judge's continuation NLL against its own likelihood (given the generator's context),
+prompts kept by every family, gen-c / keep-c lengths, MAUVE identities, the result file's reuse and the refusals."""
 
 from __future__ import annotations
 
@@ -54,23 +54,63 @@ def test_documents_prompts_and_human_continuations_exact(tmp_path: Path, mode: s
     # wrap: the stream runs across rows of 8; pad: one row per document, [BOS] doc [EOS] cut to 8 (7 doc tokens)
     want = [tok.encode(d) if mode == "wrap" else tok.encode(d)[:7] for d in DOCS]
     assert docs == want
-    ps = select_prompts(s, 3, 4, 2)  # documents with >= 7 tokens: 0, 2, 3 (pad: all three truncated to 7)
+    ps = select_prompts(s, 3, 4, 2, prompt_from="start")  # documents >= 7 tokens: 0, 2, 3 (pad: cut to 7)
     assert ps.eligible == 3 and ps.total == 4 and ps.docs == sorted(ps.docs) and len(set(ps.docs)) == 2
+    assert ps.offsets == [0, 0] and ps.prompt_from == "start"
     for i, d in zip(ps.docs, range(2), strict=True):
         assert ps.prompts[d] == want[i][:3] and ps.human[d] == want[i][3:7]
-    assert select_prompts(s, 3, 4, 2).docs == ps.docs  # deterministic
-    with pytest.raises(DlmError, match=r"no document long enough for 4 prompts: 3 of the 4 documents"):
-        select_prompts(s, 3, 4, 4)
+    assert select_prompts(s, 3, 4, 2, prompt_from="start").docs == ps.docs  # deterministic
+    for where in ("start", "anywhere"):
+        with pytest.raises(DlmError, match=r"no document long enough for 4 prompts: 3 of the 4 documents"):
+            select_prompts(s, 3, 4, 4, prompt_from=where)
+    with pytest.raises(DlmError, match="unknown prompt position 'middle'"):
+        select_prompts(s, 3, 4, 2, prompt_from="middle")
 
 
-def test_continuation_nll_is_the_judges_nll_of_the_continuation(tiny_ar_run: Path, tiny_data: Path) -> None:
+LONG_DOCS = ["abcdefghijklmnopqrstuvwxyz", "0123456789", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "xy", "!#$%&()*+,-./:;<=>?@[]^"]
+
+
+@pytest.mark.parametrize("mode", ["wrap", "pad"])
+def test_prompts_from_anywhere_are_the_seeded_windows(tmp_path: Path, mode: str) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split in ("train", "validation", "test"):
+        (corpus / f"{split}.txt").write_text("\n\n".join(LONG_DOCS) + "\n")
+    data = prepare(get_source(str(corpus)), "bytes", seq_len=32, mode=mode, out_dir=tmp_path / "d", log=lambda s: None)
+    s = open_split(data, "test")
+    texts = [d.encode() for d in LONG_DOCS]  # bytes: one id per byte, every byte distinct within a document
+    P, C, n = 3, 4, 3  # eligible: documents 0, 1, 2, 4 (>= 7 bytes)
+    seen: set[tuple[int, ...]] = set()
+    for seed in range(6):
+        ps = select_prompts(s, P, C, n, seed=seed)
+        assert ps.prompt_from == "anywhere" and ps.eligible == 4 and ps.docs == sorted(ps.docs)
+        # the documented draw: documents first (as "start" draws them), then one offset per document in order
+        rng = np.random.default_rng(seed)
+        docs = [[0, 1, 2, 4][i] for i in sorted(rng.choice(4, size=n, replace=False).tolist())]
+        offsets = [int(rng.integers(0, len(texts[d]) - P - C + 1)) for d in docs]
+        assert (ps.docs, ps.offsets) == (docs, offsets)
+        assert select_prompts(s, P, C, n, seed=seed, prompt_from="start").docs == ps.docs
+        for d, o, x, y in zip(ps.docs, ps.offsets, ps.prompts, ps.human, strict=True):
+            assert 0 <= o <= len(texts[d]) - P - C
+            assert bytes(x) == texts[d][o : o + P] and bytes(y) == texts[d][o + P : o + P + C]
+        again = select_prompts(s, P, C, n, seed=seed)
+        assert (again.prompts, again.human, again.offsets) == (ps.prompts, ps.human, ps.offsets)
+        seen.add(tuple(ps.offsets))
+    assert len(seen) > 1 and any(o > 0 for offs in seen for o in offs)  # the windows move with the seed
+
+
+@pytest.mark.parametrize("where", ["start", "anywhere"])
+def test_continuation_nll_is_the_judges_nll_of_the_continuation(tiny_ar_run: Path, tiny_data: Path, where) -> None:
     run = load_run(tiny_ar_run)
     judge = ContinuationJudge(run, batch_size=3)
-    ps = select_prompts(open_split(tiny_data, "train"), 5, 7, 5)
-    nats, toks, feats = judge.score(ps.prompts, ps.human)
-    rows = torch.tensor([[judge.boundary, *p, *h] for p, h in zip(ps.prompts, ps.human, strict=True)])
+    ps = select_prompts(open_split(tiny_data, "train"), 5, 7, 5, prompt_from=where)
+    b = condgen.context_head(run.data_meta, run.process.specials, where)
+    assert b == ([257] if where == "start" else [])  # bytes, wrap data: the boundary is EOS
+    nats, toks, feats = judge.score([[*b, *p] for p in ps.prompts], ps.human)
+    rows = torch.tensor([[*b, *p, *h] for p, h in zip(ps.prompts, ps.human, strict=True)])
+    H = len(b) + 5
     full = run.process.nll(run.model, Batch(rows, torch.ones_like(rows, dtype=torch.bool)))
-    head = run.process.nll(run.model, Batch(rows[:, :6], torch.ones(5, 6, dtype=torch.bool)))
+    head = run.process.nll(run.model, Batch(rows[:, :H], torch.ones(5, H, dtype=torch.bool)))
     torch.testing.assert_close(nats, full.nats_B - head.nats_B, rtol=1e-5, atol=1e-5)
     assert toks.tolist() == [7] * 5 and feats.shape == (5, 32)
     with torch.no_grad():
@@ -125,6 +165,7 @@ def test_condgen_record_reuse_and_force(tiny_ar_run: Path, tiny_mdlm_run: Path, 
     logs: list[str] = []
     record, path = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, log=logs.append, **kw)
     assert path.parent == run / "eval" and path.name.startswith("condgen-keep-c-step20-")
+    assert record["settings"]["prompt_from"] == "anywhere" and record["settings"]["context_head"] == []
     assert json.loads(path.read_text()) == record
     s = record["settings"]
     assert s["gen_length"] == 32 and s["sampler"] == "ddpm" and s["steps"] == 8
@@ -136,7 +177,7 @@ def test_condgen_record_reuse_and_force(tiny_ar_run: Path, tiny_mdlm_run: Path, 
     if condgen._mauve_module() is not None:
         m = record["mauve"]
         assert (m["n_mauve_seeds"], m["n_seeds"], m["num_buckets"]) == (3, 2, 2) and 0 <= m["mean"] <= 1
-    assert record["examples"][0]["ids"][1:7] == [ord(c) for c in record["examples"][0]["prompt"]]
+    assert record["examples"][0]["ids"][:6] == [ord(c) for c in record["examples"][0]["prompt"]]  # no boundary
     again, path2 = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, log=logs.append, **kw)
     assert path2 == path and again == record and logs[-1].startswith("reused")
     forced, _ = condgen_run(run, tiny_ar_run, mode="keep-c", steps=8, force=True, **kw)
@@ -155,6 +196,32 @@ def test_without_mauve_everything_else_runs(tiny_ar_run: Path, tmp_path: Path, m
     assert record["nfe"] == 4  # AR: one call per prompt, one forward per generated token
 
 
+def test_prompt_from_row_lengths_files_and_the_judges_context(tiny_ar_run: Path, tiny_data: Path, tmp_path) -> None:
+    run = tmp_path / "ar"
+    shutil.copytree(tiny_ar_run, run)
+    kw = {"split": "train", "prompt_len": 4, "cont_len": 5, "n_prompts": 4, "mauve_seeds": (0,)}
+    records, paths = {}, {}
+    for where in ("anywhere", "start"):
+        records[where], paths[where] = condgen_run(run, tiny_ar_run, prompt_from=where, **kw)
+    assert paths["anywhere"] != paths["start"] and paths["anywhere"].exists() and paths["start"].exists()
+    assert len(list((run / "eval").glob("condgen-gen-c-step20-*.json"))) == 2
+    s = open_split(tiny_data, "train")
+    judge = ContinuationJudge(load_run(tiny_ar_run))
+    for where, head in (("anywhere", []), ("start", [257])):
+        rec = records[where]
+        assert rec["settings"]["prompt_from"] == where and rec["settings"]["context_head"] == head
+        assert rec["settings"]["gen_length"] == len(head) + 4 + 5  # gen-c: one row length for every prompt
+        ps = select_prompts(s, 4, 5, 4, prompt_from=where)
+        assert rec["prompts"]["documents"] == ps.docs and rec["prompts"]["offsets"] == ps.offsets
+        for ex, x in zip(rec["examples"], ps.prompts, strict=False):
+            assert ex["ids"][: len(head) + 4] == [*head, *x] and len(ex["ids"]) == len(head) + 9
+        # the human continuations were scored given exactly the generator's context (head + prompt)
+        nats, _, _ = judge.score([[*head, *x] for x in ps.prompts], ps.human)
+        assert rec["human_ppl"]["nll"] == pytest.approx(float(nats.sum()) / (4 * 5), rel=1e-6)
+    assert records["anywhere"]["prompts"]["documents"] == records["start"]["prompts"]["documents"]
+    assert records["start"]["prompts"]["offsets"] == [0] * 4 and any(records["anywhere"]["prompts"]["offsets"])
+
+
 def _other_tokenizer_judge(tiny_ar_run: Path, root: Path) -> Path:
     judge = root / "judge"
     shutil.copytree(tiny_ar_run, judge)
@@ -169,7 +236,10 @@ def _other_tokenizer_judge(tiny_ar_run: Path, root: Path) -> Path:
     [
         ({"prompt_len": 32}, "leaves nothing to generate in the context of 32"),
         ({"cont_len": 0}, "continuation length must be an integer >= 1"),
-        ({"prompt_len": 20, "cont_len": 12}, "= 33 tokens exceed the model context of 32"),
+        ({"prompt_len": 20, "cont_len": 12, "prompt_from": "start"}, "= 33 tokens exceed the model context of 32"),
+        ({"prompt_len": 20, "cont_len": 13}, r"prompt 20 \+ continuation 13 = 33 tokens exceed the model context"),
+        ({"prompt_from": "middle"}, "unknown prompt position 'middle' \\(choose from anywhere, start\\)"),
+        ({"n_prompts": 50, "prompt_from": "start"}, "no document long enough for 50 prompts: "),
         ({"n_prompts": 50}, "no document long enough for 50 prompts: "),
         ({"mode": "gen-all"}, "unknown conditional generation mode"),
         ({"judge": "mdlm"}, "the judge must be an AR run"),
@@ -197,9 +267,16 @@ def test_cli_command_parses_and_refuses(tiny_ar_run: Path, tmp_path: Path, capsy
     shutil.copytree(tiny_ar_run, run)
     argv = ["condgen", str(run), "--judge", str(tiny_ar_run), "--split", "train", "--prompt-len", "4"]
     args = parser.parse_args([*argv, "--cont-len", "4", "--n", "3", "--mauve-seeds", "0"])
-    assert args.func(args) == 0
+    assert args.prompt_from == "anywhere" and args.func(args) == 0
     out = capsys.readouterr().out
     assert "continuation PPL (judge)" in out and "human continuation PPL" in out and "-> " in out
+    assert "(from anywhere in a document)" in out
+    args = parser.parse_args([*argv, "--cont-len", "4", "--n", "3", "--mauve-seeds", "0", "--prompt-from", "start"])
+    assert args.func(args) == 0 and "(from start in a document)" in capsys.readouterr().out
+    assert len(list((run / "eval").glob("condgen-gen-c-*.json"))) == 2
+    args = parser.parse_args([*argv, "--prompt-from", "end"])
+    with pytest.raises(DlmError, match="unknown prompt position 'end'"):
+        args.func(args)
     assert int_list("0,1", "--seeds") == [0, 1]
     with pytest.raises(DlmError, match="--seeds must be comma-separated integers"):
         int_list("0,x", "--seeds")

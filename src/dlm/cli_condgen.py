@@ -41,7 +41,8 @@ def print_condgen(record: dict[str, Any], path: Path) -> None:
     s = record["settings"]
     m = record["mauve"]
     print(
-        f"{record['family']} {s['mode']}: {s['n_prompts']} prompts of {s['prompt_len']} tokens, continuations of "
+        f"{record['family']} {s['mode']}: {s['n_prompts']} prompts of {s['prompt_len']} tokens (from "
+        f"{s.get('prompt_from', 'start')} in a document), continuations of "
         f"{s['cont_len']} (rows of {s['gen_length']}), sampler {s['sampler']} steps {s['steps']}, seeds "
         f"{','.join(map(str, s['seeds']))}"
     )
@@ -80,6 +81,7 @@ def cmd_condgen(args: argparse.Namespace) -> int:
         device=args.device,
         force=args.force,
         log=print,
+        prompt_from=args.prompt_from,
     )
     print_condgen(record, path)
     return 0
@@ -90,8 +92,9 @@ def add_commands(sub: Any) -> None:
     pc = sub.add_parser(
         "condgen",
         help="conditional generation: continue held-out prompts, score by an AR judge and MAUVE -> RUN/eval/",
-        description="Take N prompts of P tokens from documents of a held-out split, let the run continue each by "
-        "C tokens (gen-c: rows of 1 + P + C; keep-c: rows of the model context, first C kept), and score the "
+        description="Take N prompts of P tokens from documents of a held-out split (a seeded window anywhere in "
+        "each, or its start), let the run continue each by C tokens (gen-c: rows of P + C, 1 + P + C with the "
+        "boundary of --prompt-from start; keep-c: rows of the model context, first C kept), and score the "
         "continuations: perplexity under the judge given the prompt, diversity, and MAUVE against the human "
         "continuations on the judge's hidden states (needs the mauve extra). Writes "
         "RUN/eval/condgen-{mode}-step{N}-{hash}.json; the same settings reuse it.",
@@ -102,6 +105,12 @@ def add_commands(sub: Any) -> None:
     pc.add_argument("--cont-len", type=int, default=50, help="continuation tokens C (default 50)")
     pc.add_argument("--n", type=int, default=32, help="number of prompts N (default 32)")
     pc.add_argument("--mode", default="gen-c", help="gen-c (default): generate P + C; keep-c: generate L, keep C")
+    pc.add_argument(
+        "--prompt-from",
+        default="anywhere",
+        help="anywhere (default): each prompt a seeded window inside its document, nothing in front; start: each "
+        "document's first P tokens after the document boundary",
+    )
     pc.add_argument("--seeds", default="0", help="sampling seeds, comma-separated (default 0)")
     pc.add_argument("--mauve-seeds", default="0,1,2", help="MAUVE k-means seeds (default 0,1,2)")
     pc.add_argument("--sampler", default=None, help="a sampler of the run's family (default: its default)")

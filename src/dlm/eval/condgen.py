@@ -3,13 +3,27 @@
 Prompts (:func:`select_prompts`): the documents of a split are read back from the prepared rows
 (:func:`split_documents`: ``wrap`` data is one stream with an EOS after every document, ``pad`` data holds
 ``[BOS] doc [EOS]`` per row); of the documents with at least P + C tokens, N are drawn without replacement by
-``numpy.random.default_rng(PROMPT_SEED)`` and kept in split order. Prompt x = doc[0:P], human continuation
-y* = doc[P:P+C]. Every row a model or the judge sees starts with the document boundary b
-(``dlm.eval.run.boundary_id``), as in training: (b, x_1..x_P, ...).
+``rng = numpy.random.default_rng(PROMPT_SEED)`` and kept in split order. Where in a document (``prompt_from``):
+
+    anywhere  (default) a window offset o_i ~ Uniform{0, .., len(doc_i) - P - C}, drawn by the same rng after
+              the documents, one per document in split order; x = doc[o:o+P], y* = doc[o+P:o+P+C]; head
+              b = () (no token in front of the prompt): gen-c rows of P + C tokens
+    start     o = 0: x = doc[0:P], y* = doc[P:P+C]; head b = (the document boundary,
+              ``dlm.eval.run.boundary_id``), as a document starts in training: gen-c rows of 1 + P + C
+
+One rule per setting, so every prompt of a record has one row length. "anywhere" puts nothing in front even
+when it draws o = 0: its windows lie mostly mid-document, where ``wrap`` training rows (slices of the document
+stream) start with no boundary either, and a boundary there would claim a document start that is not one;
+"start" keeps the boundary because a document start is exactly what the model saw after one. Both draw the
+same documents (the documents first, the offsets after), so the two settings differ only in the window; the
+same prompts reach every run and family. On a corpus of whole long documents (Shakespeare's test split is whole
+plays) "start" makes every prompt a title page; "anywhere" samples the text. ``pad`` data: training rows all
+start with BOS, so there "start" is the in-distribution setting. A record without ``prompt_from`` in its
+settings was made with "start" (before the setting existed).
 
 Continuations (:func:`generate_continuations`), one per prompt and sampling seed, all exactly C tokens:
 
-    gen-c   draw rows of 1 + P + C positions with (b, x) fixed; y = positions 1+P .. P+C
+    gen-c   draw rows of |b| + P + C positions with (b, x) fixed; y = positions |b|+P .. |b|+P+C-1
     keep-c  draw rows of the model context L with (b, x) fixed; y = the first C positions after the prompt
             (the paper's "generate 1024, keep the first 100")
 
@@ -25,7 +39,8 @@ Scores of one sampling seed s (:func:`score_seed`), with J the judge (an AR run)
     MAUVE_sm = area of the divergence frontier of the k-means histograms of {f_i(generated)} and {f_i(human)}
                (``mauve.compute_mauve(p_features, q_features, num_buckets=k, mauve_scaling_factor=c, seed=m)``)
 
-and the diversity of the continuations (``diversity_summary``). The human continuations are scored the same way
+and the diversity of the continuations (``diversity_summary``). The judge reads exactly the context the
+generator was given, (b, x_i), then the continuation. The human continuations are scored the same way
 (the reference level, no sampling seed). Aggregates: mean and standard error over the sampling seeds (sample
 standard deviation / sqrt(seeds); null for one seed); MAUVE first averaged over the sampling seeds per MAUVE seed,
 then mean and SE over the MAUVE seeds (``se``), the SE over sampling seeds beside it (``se_seeds``).
@@ -54,19 +69,20 @@ from dlm.io import write_json_atomic
 from dlm.process.base import token_logprobs
 from dlm.rundir import LoadedRun, load_run
 
-__all__ = ["MODES", "condgen_run", "generate_continuations", "mauve_buckets", "mauve_score", "select_prompts"]
-__all__ += ["ContinuationJudge", "split_documents"]
+__all__ = ["MODES", "PROMPT_FROM", "condgen_run", "generate_continuations", "mauve_buckets", "mauve_score"]
+__all__ += ["ContinuationJudge", "context_head", "select_prompts", "split_documents"]
 
 #: Version of this protocol, part of every record's settings (bump when old records become incomparable).
 CONDGEN_PROTOCOL = 1
 MODES = ("gen-c", "keep-c")
+PROMPT_FROM = ("anywhere", "start")  # where in a document a prompt window lies (module docstring)
 PROMPT_SEED = 0  # the draw of the N documents; fixed, so every run and family sees the same prompts
 MAUVE_SCALING = 5.0  # mauve's default c, as in the paper (default parameters)
 MAUVE_MISSING = "pip install 'dlm[mauve]'"
 N_EXAMPLES = 3
 FEATURES_RULE = (
     "the judge's final hidden state (after its final norm, the head's input) at the last token of the row "
-    "(boundary, prompt, continuation)"
+    "(head, prompt, continuation): the generator's context, then the continuation"
 )
 BUCKETS_RULE = "k = max(2, round(N / 10)) k-means buckets, at most N (mauve's own rule, N the prompts per set)"
 
@@ -102,18 +118,27 @@ def split_documents(s: ShardSplit) -> list[np.ndarray]:
 
 @dataclass
 class PromptSet:
-    """N prompts and their human continuations: ``docs[i]`` is the index of the document in the split."""
+    """N prompts and their human continuations: ``docs[i]`` is the index of the document in the split,
+    ``offsets[i]`` where the prompt starts in it."""
 
     prompts: list[list[int]]
     human: list[list[int]]
     docs: list[int]
+    offsets: list[int]
     eligible: int
     total: int
+    prompt_from: str = "anywhere"
 
 
-def select_prompts(s: ShardSplit, prompt_len: int, cont_len: int, n: int, seed: int = PROMPT_SEED) -> PromptSet:
-    """N documents of at least P + C tokens drawn without replacement (``default_rng(seed)``), in split order:
-    prompt = doc[:P], human continuation = doc[P:P+C]. Fewer such documents than N: one-line DlmError."""
+def select_prompts(
+    s: ShardSplit, prompt_len: int, cont_len: int, n: int, seed: int = PROMPT_SEED, *, prompt_from: str = "anywhere"
+) -> PromptSet:
+    """N documents of at least P + C tokens drawn without replacement (``rng = default_rng(seed)``), in split
+    order, then one window offset per document in that order: o_i = ``rng.integers(0, len(doc_i) - P - C + 1)``
+    ("anywhere") or 0 ("start"); prompt = doc[o:o+P], human continuation = doc[o+P:o+P+C]. The documents do
+    not depend on ``prompt_from``. Fewer such documents than N: one-line DlmError."""
+    if prompt_from not in PROMPT_FROM:
+        raise DlmError(f"unknown prompt position {prompt_from!r} (choose from {', '.join(PROMPT_FROM)})")
     docs = split_documents(s)
     eligible = [i for i, d in enumerate(docs) if d.size >= prompt_len + cont_len]
     if len(eligible) < n:
@@ -122,15 +147,28 @@ def select_prompts(s: ShardSplit, prompt_len: int, cont_len: int, n: int, seed: 
             f"{s.name!r} have >= {prompt_len + cont_len} tokens (prompt {prompt_len} + continuation {cont_len}); "
             "lower --n, --prompt-len or --cont-len, or use another split"
         )
-    picked = sorted(np.random.default_rng(seed).choice(len(eligible), size=n, replace=False).tolist())
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(eligible), size=n, replace=False).tolist())
     chosen = [eligible[i] for i in picked]
+    W = prompt_len + cont_len
+    if prompt_from == "anywhere":
+        offsets = [int(rng.integers(0, docs[i].size - W + 1)) for i in chosen]
+    else:
+        offsets = [0] * n
     return PromptSet(
-        prompts=[docs[i][:prompt_len].tolist() for i in chosen],
-        human=[docs[i][prompt_len : prompt_len + cont_len].tolist() for i in chosen],
+        prompts=[docs[i][o : o + prompt_len].tolist() for i, o in zip(chosen, offsets, strict=True)],
+        human=[docs[i][o + prompt_len : o + W].tolist() for i, o in zip(chosen, offsets, strict=True)],
         docs=chosen,
+        offsets=offsets,
         eligible=len(eligible),
         total=len(docs),
+        prompt_from=prompt_from,
     )
+
+
+def context_head(meta: dict[str, Any], specials: Any, prompt_from: str) -> list[int]:
+    """The ids in front of every prompt, b: the document boundary for "start", nothing for "anywhere"."""
+    return [boundary_id(meta, specials)] if prompt_from == "start" else []
 
 
 # ----------------------------------------------------------------------------- generation
@@ -165,7 +203,8 @@ def generate_continuations(
     seed: int,
     batch_size: int,
 ) -> Generation:
-    """One continuation per head (boundary + prompt, all of one length H) from one generator seeded ``seed``.
+    """One continuation per head (context head b + prompt, all of one length H >= 1) from one generator seeded
+    ``seed``.
 
     Rows of ``gen_length`` positions with the head fixed; the continuation is positions H .. H+C-1. A prefix
     family (``conditioning == "prefix"``) is called once per head (its prompt is one list for every row), with
@@ -215,12 +254,13 @@ def generate_continuations(
 class ContinuationJudge:
     """An AR run scoring continuations given their prompts, and giving their MAUVE features.
 
-    Row i = (b, x_i, y_i) of 1 + P + C tokens; one causal forward with ``return_hidden`` gives h [N, 1+P+C, D];
-    the head on the states at positions P .. P+C-1 predicts y_i,1 .. y_i,C (float64 log-softmax):
+    Row i = (c_i, y_i): c_i the generator's whole context (head b and prompt x_i, H >= 1 tokens), then the
+    continuation; one causal forward with ``return_hidden`` gives h [N, H+C, D]; the head on the states at
+    positions H-1 .. H+C-2 predicts y_i,1 .. y_i,C (float64 log-softmax):
 
-        a_i = -sum_{j=1..C} ln softmax(W h_i,P+j-1)[y_ij],    t_i = C,    f_i = h_i,P+C
+        a_i = -sum_{j=1..C} ln softmax(W h_i,H+j-2)[y_ij],    t_i = C,    f_i = h_i,H+C-1
 
-    so a_i = nll(b, x_i, y_i) - nll(b, x_i) of ``process.nll`` (the prompt is context only, never scored).
+    so a_i = nll(c_i, y_i) - nll(c_i) of ``process.nll`` (the context is never scored).
     """
 
     def __init__(self, run: LoadedRun, batch_size: int = 32) -> None:
@@ -229,27 +269,27 @@ class ContinuationJudge:
                 f"the judge must be an AR run (an exact likelihood); its family {run.process.name} gives a bound"
             )
         self.model, self.process = run.model, run.process
-        self.boundary = boundary_id(run.data_meta, run.process.specials)
         self.context = int(run.cfg.model.context)
         self.batch_size = batch_size
 
     def score(
-        self, prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]]
+        self, contexts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]]
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-        """(nats float64 [N], scored tokens int64 [N], features float32 [N, D]) of the continuations."""
-        P, C = len(prompts[0]), len(conts[0])
-        rows = [[self.boundary, *p, *c] for p, c in zip(prompts, conts, strict=True)]
-        assert all(len(r) == 1 + P + C for r in rows), "prompts and continuations of one length each"
-        if self.context < 1 + P + C:
-            raise DlmError(f"the judge's context ({self.context}) is shorter than boundary + prompt + continuation")
+        """(nats float64 [N], scored tokens int64 [N], features float32 [N, D]) of the continuations, each
+        given its context (the generator's head + prompt)."""
+        H, C = len(contexts[0]), len(conts[0])
+        rows = [[*map(int, x), *map(int, c)] for x, c in zip(contexts, conts, strict=True)]
+        assert H >= 1 and all(len(r) == H + C for r in rows), "contexts and continuations of one length each"
+        if self.context < H + C:
+            raise DlmError(f"the judge's context ({self.context}) is shorter than context + continuation ({H + C})")
         dev = next(self.model.parameters()).device
         nats, feats = [], []
         with torch.no_grad():
             for a in range(0, len(rows), self.batch_size):
                 ids_BL = torch.tensor(rows[a : a + self.batch_size], dtype=torch.int64, device=dev)
                 h_BLD = self.model(ids_BL, attn=self.process.attention, return_hidden=True)
-                h_ND = h_BLD[:, P : P + C].reshape(-1, h_BLD.shape[-1])
-                logp_N = token_logprobs(self.model.head_logits(h_ND), ids_BL[:, P + 1 :].reshape(-1))
+                h_ND = h_BLD[:, H - 1 : H + C - 1].reshape(-1, h_BLD.shape[-1])
+                logp_N = token_logprobs(self.model.head_logits(h_ND), ids_BL[:, H:].reshape(-1))
                 nats.append(-logp_N.view(ids_BL.shape[0], C).sum(1).cpu())
                 feats.append(h_BLD[:, -1].float().cpu().numpy())
         return torch.cat(nats), torch.full((len(rows),), C, dtype=torch.int64), np.concatenate(feats)
@@ -311,31 +351,38 @@ def _agg(values: Sequence[float], over: str) -> dict[str, Any]:
     return {"mean": mean, "se": se, "n_seeds": len(values), "se_over": over}
 
 
-def _check_args(prompt_len: Any, cont_len: Any, n_prompts: Any, mode: str, seeds: Any, mauve_seeds: Any) -> None:
+def _check_args(
+    prompt_len: Any, cont_len: Any, n_prompts: Any, mode: str, seeds: Any, mauve_seeds: Any, prompt_from: Any
+) -> None:
     for name, v, lo in (("prompt length", prompt_len, 1), ("continuation length", cont_len, 1), ("--n", n_prompts, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise DlmError(f"{name} must be an integer >= {lo}, got {v!r}")
     if mode not in MODES:
         raise DlmError(f"unknown conditional generation mode {mode!r} (choose from {', '.join(MODES)})")
+    if prompt_from not in PROMPT_FROM:
+        raise DlmError(f"unknown prompt position {prompt_from!r} (choose from {', '.join(PROMPT_FROM)})")
     for name, vals in (("seeds", seeds), ("MAUVE seeds", mauve_seeds)):
         ok = isinstance(vals, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in vals)
         if not ok or not vals or len(set(vals)) != len(vals) or min(vals) < 0:
             raise DlmError(f"{name} must be distinct integers >= 0 (at least one), got {vals!r}")
 
 
-def _check_lengths(run: LoadedRun, judge: LoadedRun, P: int, C: int, mode: str) -> int:
-    """The generated row length (gen-c: 1 + P + C, keep-c: the model context L), checked before any work."""
+def _check_lengths(run: LoadedRun, judge: LoadedRun, P: int, C: int, mode: str, head: int = 1) -> int:
+    """The generated row length (gen-c: |b| + P + C, keep-c: the model context L; ``head`` = |b|, 1 for a
+    boundary in front of the prompt, 0 for none), checked before any work."""
     L = int(run.cfg.model.context)
-    if P + 1 >= L:
-        raise DlmError(f"prompt length {P} (+1 document boundary) leaves nothing to generate in the context of {L}")
-    if 1 + P + C > L:
+    front = f" (+{head} document boundary)" if head else ""
+    if P + head >= L:
+        raise DlmError(f"prompt length {P}{front} leaves nothing to generate in the context of {L}")
+    if head + P + C > L:
         raise DlmError(
-            f"prompt {P} + continuation {C} + 1 boundary = {1 + P + C} tokens exceed the model context of {L}"
+            f"prompt {P} + continuation {C}{' + 1 boundary' if head else ''} = {head + P + C} tokens exceed the "
+            f"model context of {L}"
         )
     J = int(judge.cfg.model.context)
-    if 1 + P + C > J:
-        raise DlmError(f"the judge's context of {J} is shorter than boundary + prompt + continuation ({1 + P + C})")
-    length = 1 + P + C if mode == "gen-c" else L
+    if head + P + C > J:
+        raise DlmError(f"the judge's context of {J} is shorter than the row it scores ({head + P + C} tokens)")
+    length = head + P + C if mode == "gen-c" else L
     run.process.min_steps(length)  # a family that cuts rows into blocks refuses a length it cannot cut (one line)
     return length
 
@@ -362,12 +409,12 @@ def _open(run: LoadedRun, data: str | Path | None, split: str) -> ShardSplit:
 
 
 def score_seed(
-    judge: ContinuationJudge, prompts: list[list[int]], conts: list[list[int]], human_feats: np.ndarray | None, *,
+    judge: ContinuationJudge, contexts: list[list[int]], conts: list[list[int]], human_feats: np.ndarray | None, *,
     mseeds: Sequence[int], num_buckets: int,
 ) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
-    """The scores of one sampling seed (module docstring) and the continuations' features; no MAUVE (``mauve``
-    None) when ``human_feats`` is None."""
-    nats, toks, feats = judge.score(prompts, conts)
+    """The scores of one sampling seed (module docstring) and the continuations' features, each continuation
+    given its context (head + prompt); no MAUVE when ``human_feats`` is None."""
+    nats, toks, feats = judge.score(contexts, conts)
     g = gen_ppl_summary(nats, toks)
     scores: dict[str, Any] = {"ppl": g["gen_ppl_pooled"], "nll": g["nll"], "nll_se": g["nll_se"]}
     scores["ppl_seq_mean"] = g["gen_ppl_seq_mean"]
@@ -397,19 +444,22 @@ def condgen_run(
     device: str = "cpu",
     force: bool = False,
     log: Any = None,
+    prompt_from: str = "anywhere",
 ) -> tuple[dict[str, Any], Path]:
     """Conditional generation of a run judged by an AR run (module docstring); returns (record, path).
 
     Writes ``RUN/eval/condgen-{mode}-step{N}-{hash}.json`` (``dlm.eval.results``: the same settings reuse the
-    file unless ``force``). ``data``: another prepared corpus with the run's tokenizer (default: the run's own).
-    Every check of the input is made before any sampling: lengths, mode, seeds, the judge (an AR run with the
-    run's tokenizer and a context that holds the rows), the documents. Without mauve-text everything but
+    file unless ``force``). ``prompt_from``: "anywhere" (a seeded window in each document, no boundary in front)
+    or "start" (each document's first tokens after its boundary); module docstring. ``data``: another prepared
+    corpus with the run's tokenizer (default: the run's own). Every check of the input is made before any
+    sampling: lengths, mode, prompt position, seeds, the judge (an AR run with the run's tokenizer and a context
+    that holds the rows), the documents. Without mauve-text everything but
     MAUVE is computed and ``record["mauve"]`` is ``{"missing": MAUVE_MISSING}``.
     """
     from dlm.compare.evaluate import resolve_setting
 
     seeds, mauve_seeds = list(seeds), list(mauve_seeds)
-    _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds)
+    _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds, prompt_from)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DlmError(f"batch size must be an integer >= 1, got {batch_size!r}")
     dev = check_device(device)
@@ -424,10 +474,11 @@ def condgen_run(
             f"{run_dir} (fingerprints differ); judge with an AR run trained on the same data"
         )
     judge = ContinuationJudge(judge_run, batch_size=max(batch_size, 32))
-    length = _check_lengths(run, judge_run, prompt_len, cont_len, mode)
+    head = context_head(run.data_meta, run.process.specials, prompt_from)
+    length = _check_lengths(run, judge_run, prompt_len, cont_len, mode, len(head))
     name, steps = resolve_setting(run.process, sampler, steps, length)
     s = _open(run, data, split)
-    ps = select_prompts(s, prompt_len, cont_len, n_prompts)
+    ps = select_prompts(s, prompt_len, cont_len, n_prompts, prompt_from=prompt_from)
     have_mauve = _mauve_module() is not None
     k = mauve_buckets(n_prompts)
     settings = {
@@ -437,6 +488,8 @@ def condgen_run(
         "cont_len": cont_len,
         "n_prompts": n_prompts,
         "prompt_seed": PROMPT_SEED,
+        "prompt_from": prompt_from,
+        "context_head": head,
         "split": split,
         "data": {k2: s.meta.get(k2) for k2 in ("inputs_hash", "mode", "seq_len")} | {"zero_shot": data is not None},
         "family": run.process.name,
@@ -458,21 +511,21 @@ def condgen_run(
     if (old := reuse(path, settings, force=force, log=log)) is not None:
         return old, path
     check_writable(path.parent)
-    record = _evaluate(run, judge, ps, settings, name, steps, length, log)
+    record = _evaluate(run, judge, ps, head, settings, name, steps, length, log)
     write_json_atomic(path, record)
     return record, path
 
 
 def _evaluate(
-    run: LoadedRun, judge: ContinuationJudge, ps: PromptSet, settings: dict[str, Any], sampler: str,
+    run: LoadedRun, judge: ContinuationJudge, ps: PromptSet, head: list[int], settings: dict[str, Any], sampler: str,
     steps: int | None, length: int, log: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """Generate and score every sampling seed; the record (module docstring)."""
     tok = run_tokenizer(run)
     C, n = settings["cont_len"], settings["n_prompts"]
     have_mauve, k, mseeds = settings["mauve"]["available"], settings["mauve"]["num_buckets"], settings["mauve_seeds"]
-    heads = [[boundary_id(run.data_meta, run.process.specials), *p] for p in ps.prompts]
-    h_nats, h_toks, h_feats = judge.score(ps.prompts, ps.human)
+    heads = [[*head, *p] for p in ps.prompts]  # the generator's context; the judge reads the same
+    h_nats, h_toks, h_feats = judge.score(heads, ps.human)
     human = gen_ppl_summary(h_nats, h_toks)
     per_seed, gens = [], []
     for seed in settings["seeds"]:
@@ -481,7 +534,7 @@ def _evaluate(
             batch_size=settings["batch_size"],
         )  # fmt: skip
         scores, _ = score_seed(
-            judge, ps.prompts, g.continuations, h_feats if have_mauve else None, mseeds=mseeds, num_buckets=k
+            judge, heads, g.continuations, h_feats if have_mauve else None, mseeds=mseeds, num_buckets=k
         )
         nfe = sum(g.nfe_per_call) / len(g.nfe_per_call)
         per_seed.append({"seed": seed, **scores, "nfe": nfe, "nfe_per_call": g.nfe_per_call, "wall_s": g.wall_s})
@@ -508,7 +561,8 @@ def _evaluate(
         "per prompt, an any-position family one per batch of prompts (all its rows in the same calls)",
         "wall_s": sum(r["wall_s"] for r in per_seed),
         "wall_s_per_continuation": sum(r["wall_s"] for r in per_seed) / (n * len(per_seed)),
-        "prompts": {"documents": ps.docs, "eligible_documents": ps.eligible, "split_documents": ps.total},
+        "prompts": {"prompt_from": ps.prompt_from, "documents": ps.docs, "offsets": ps.offsets}
+        | {"eligible_documents": ps.eligible, "split_documents": ps.total},
         "definitions": _definitions(),
         "per_seed": per_seed,
         "examples": [
@@ -546,8 +600,11 @@ def _mauve_record(per_seed: list[dict[str, Any]], mseeds: list[int], k: int) -> 
 
 def _definitions() -> dict[str, str]:
     return {
-        "continuation_ppl": "exp(sum_i a_i / (N C)), a_i = -ln p_judge(y_i | boundary, prompt_i) over the C "
-        "continuation tokens only; mean over sampling seeds",
+        "continuation_ppl": "exp(sum_i a_i / (N C)), a_i = -ln p_judge(y_i | head, prompt_i) over the C "
+        "continuation tokens only (head: the document boundary for prompt_from start, nothing for anywhere; "
+        "the generator's context); mean over sampling seeds",
+        "prompt_from": "anywhere: prompt = doc[o:o+P], human = doc[o+P:o+P+C], o uniform in [0, len - P - C] "
+        "(seeded, the same for every run); start: o = 0 after the document boundary",
         "human_ppl": "the same for the human continuations (the reference level)",
         "mauve": f"MAUVE(generated, human) on the judge's features: {FEATURES_RULE}; {BUCKETS_RULE}",
         "diversity": "dlm.eval.diversity.diversity_summary of the continuations, per seed; mean over seeds",
