@@ -108,3 +108,24 @@ def test_folio_edition():
     assert folio.describe()["edition"] == "folio" and "edition" not in modern.describe()
     with pytest.raises(DlmError, match="unknown edition"):
         get_source("shakespeare", edition="quarto")
+
+
+def test_only_the_splits_asked_for(two, tmp_path):
+    _root, _a, b, bpe, _chars = two
+    out = prepare(b, "bpe:300", seq_len=32, out_dir=tmp_path / "t", tokenizer_from=bpe, splits=["test"], log=_quiet)
+    meta = read_meta(out)
+    assert list(meta["splits"]) == ["test"] and sorted(p.name for p in out.glob("*.bin")) == [
+        "test.bin",
+        "test.len.bin",
+    ]
+    assert meta["inputs_hash"] == inputs_hash(
+        b, "bpe:300", 32, "wrap", None, meta["tokenizer"]["fingerprint"], ["test"]
+    )
+    assert meta["inputs_hash"] != read_meta(prepare(b, "bpe:300", seq_len=32, out_dir=tmp_path / "all",
+                                                    tokenizer_from=bpe, log=_quiet))["inputs_hash"]  # fmt: skip
+    with pytest.raises(DlmError, match="has no split dev"):
+        prepare(b, "bytes", seq_len=32, out_dir=tmp_path / "x", splits=["test", "dev"], log=_quiet)
+    with pytest.raises(DlmError, match="trained on the train split"):
+        prepare(b, "bpe:300", seq_len=32, out_dir=tmp_path / "y", splits=["test"], log=_quiet)
+    own = prepare(b, "bytes", seq_len=32, out_dir=tmp_path / "z", splits=["validation", "test"], log=_quiet)
+    assert list(read_meta(own)["splits"]) == ["validation", "test"]

@@ -4,8 +4,9 @@ the same estimator, seed and scored positions as in-domain; ``RUN/eval/zeroshot-
 
 A trained tokenizer (``chars``, ``bpe:N``) is not retrained on the zero-shot corpus: it is read from the
 comparison's data directory (``dlm.data.shards.prepare(tokenizer_from=)``), so the ids mean what the runs
-learned. A zero-shot corpus given as a prepared ``data_dir`` is used as it is; ``evaluate_run`` refuses one with
-another tokenizer or rows longer than the model context (one line).
+learned. Only the split that is scored is prepared (``prepare(splits=[split])``). A zero-shot corpus given as a
+prepared ``data_dir`` is used as it is; ``evaluate_run`` refuses one with another tokenizer or rows longer than
+the model context (one line).
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def prepare_zero_shot(
         source = get_source(z.source, **options)
         if force and (target / "meta.json").is_file():
             reused = load_reused_tokenizer(data_dir, tok_name)
-            h = inputs_hash(source, tok_name, seq_len, mode, None, reused[0].fingerprint() if reused else None)
+            fp = reused[0].fingerprint() if reused else None
+            h = inputs_hash(source, tok_name, seq_len, mode, None, fp, [zero_shot_split(spec, z)])
             if read_meta(target).get("inputs_hash") != h:
                 retire(target, "the zero-shot corpus or the comparison's tokenizer changed (--force)")
         parallel = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # nothing forks while preparing (see dlm prepare)
         try:
-            out[z.name] = prepare(source, tok_name, seq_len=seq_len, mode=mode, out_dir=target,
-                                  tokenizer_from=data_dir, log=log).resolve()  # fmt: skip
+            out[z.name] = prepare(source, tok_name, seq_len=seq_len, mode=mode, out_dir=target, tokenizer_from=data_dir,
+                                  splits=[zero_shot_split(spec, z)], log=log).resolve()  # fmt: skip
         finally:
             os.environ["TOKENIZERS_PARALLELISM"] = parallel if parallel is not None else "false"
     return out

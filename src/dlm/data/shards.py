@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,10 +89,11 @@ def inputs_hash(
     mode: str,
     dtype: str | None,
     tokenizer_fingerprint: str | None = None,
+    splits: Sequence[str] | None = None,
 ) -> str:
     """Content hash of everything that determines the shards (the reuse key). ``tokenizer_fingerprint``: that of
-    a trained tokenizer taken from another directory (``tokenizer_from``); None (a tokenizer trained here or a
-    fixed one) leaves the key, hence every existing hash, as it was."""
+    a trained tokenizer taken from another directory (``tokenizer_from``); ``splits``: the splits written when not
+    all of the source's. None for either leaves the key, hence every existing hash, as it was."""
     key: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "source": source.fingerprint(),
@@ -103,6 +104,8 @@ def inputs_hash(
     }
     if tokenizer_fingerprint is not None:
         key["tokenizer_fingerprint"] = tokenizer_fingerprint
+    if splits is not None:
+        key["splits"] = sorted(splits)
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -210,6 +213,7 @@ def prepare(
     out_dir: Path | str | None = None,
     data_root: Path | str = "data",
     tokenizer_from: Path | str | None = None,
+    splits: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Tokenize every split of ``source`` into shards; return the data directory.
@@ -217,11 +221,18 @@ def prepare(
     Re-running with the same inputs reuses the existing directory (matched by ``inputs_hash``);
     a directory holding different inputs is never overwritten. ``tokenizer_from``: a prepared data directory
     whose trained tokenizer (it must be ``tokenizer_spec``) is used instead of training one on ``source``
-    (module docstring); for a fixed tokenizer (bytes, gpt2, ...) only the name is checked.
+    (module docstring); for a fixed tokenizer (bytes, gpt2, ...) only the name is checked. ``splits``: write
+    only these splits of the source (e.g. the one a zero-shot evaluation scores); None = all of them. A
+    tokenizer that needs training (and is not reused) needs the train split.
     """
     _check_request(seq_len, mode, dtype)
+    if splits is not None:
+        splits = _check_splits(source, splits)
     reused = None if tokenizer_from is None else load_reused_tokenizer(Path(tokenizer_from), tokenizer_spec)
-    h = inputs_hash(source, tokenizer_spec, seq_len, mode, dtype, reused[0].fingerprint() if reused else None)
+    if splits is not None and reused is None and needs_training(tokenizer_spec) and "train" not in splits:
+        raise DlmError(f"tokenizer {tokenizer_spec} is trained on the train split: include it, or reuse a tokenizer")
+    fp = reused[0].fingerprint() if reused else None
+    h = inputs_hash(source, tokenizer_spec, seq_len, mode, dtype, fp, splits)
     out = (
         Path(out_dir)
         if out_dir is not None
@@ -239,7 +250,7 @@ def prepare(
             if _reuse(out, h, log):  # another prepare finished it meanwhile
                 return out
             remove_stale_tmp_dirs(out)
-            return _prepare_locked(source, tokenizer_spec, h, out, seq_len, mode, dtype, log, reused)
+            return _prepare_locked(source, tokenizer_spec, h, out, seq_len, mode, dtype, log, reused, splits)
     except BaseException:
         for p in created:  # a failed prepare leaves the tree as it was
             with contextlib.suppress(OSError):
@@ -301,6 +312,7 @@ def _prepare_locked(
     dtype: str | None,
     log: Callable[[str], None],
     reused: tuple[Tokenizer, Path] | None = None,
+    only: Sequence[str] | None = None,
 ) -> Path:
     """Tokenize and write ``out`` (under its lock; ``out`` is missing or an empty directory): the tokenizer
     (``reused``: (tokenizer, its directory) from ``tokenizer_from``), then every split into a temporary
@@ -314,7 +326,7 @@ def _prepare_locked(
     try:
         tmp.mkdir()
         tok.save(tmp)
-        splits = _write_splits(source, tok, tmp, seq_len, mode, dt, log)
+        splits = _write_splits(source, tok, tmp, seq_len, mode, dt, log, only)
         meta = _meta(source, tok, h, seq_len, mode, dt, splits)
         if reused is not None:
             meta["tokenizer"]["from"] = str(reused[1])
@@ -356,12 +368,28 @@ def _tokenizer(source: Source, tokenizer_spec: str, log: Callable[[str], None]) 
     return build_tokenizer(tokenizer_spec)
 
 
+def _check_splits(source: Source, splits: Sequence[str]) -> list[str]:
+    """``splits`` as a list in the source's order; one-line DlmError for an empty list or an unknown split."""
+    unknown = [s for s in splits if s not in source.available_splits]
+    if unknown or not splits:
+        have = ", ".join(source.available_splits)
+        raise DlmError(f"{source.name} has no split {', '.join(unknown) or '(none given)'} (it has {have})")
+    return [s for s in source.available_splits if s in splits]
+
+
 def _write_splits(
-    source: Source, tok: Tokenizer, tmp: Path, seq_len: int, mode: str, dt: str, log: Callable[[str], None]
+    source: Source,
+    tok: Tokenizer,
+    tmp: Path,
+    seq_len: int,
+    mode: str,
+    dt: str,
+    log: Callable[[str], None],
+    only: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every split of ``source`` as shards under ``tmp``; their meta.json entries, by split."""
+    """The splits of ``source`` (``only`` these when given) as shards under ``tmp``; their meta.json entries."""
     splits = {}
-    for split in source.available_splits:
+    for split in only or source.available_splits:
         t_split = time.perf_counter()
         splits[split] = s = _write_split(source, split, tok, tmp, seq_len, mode, dt)
         log(
