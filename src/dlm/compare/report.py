@@ -311,11 +311,15 @@ def _plain(v: Any) -> str:
 
 
 def _samples_rows(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
-    """Per arm, the samples row shown: the largest step count (no steps for AR), the lowest seed."""
+    """Per arm, the samples row shown: temperature 1 when swept, the largest step count (no steps for AR), the
+    lowest seed."""
     best: dict[str, Mapping[str, Any]] = {}
     for r in _sorted_rows(results, "samples"):
         cur = best.get(r["arm"])
-        if cur is None or (r.get("steps") or 0) > (cur.get("steps") or 0):
+        if cur is None or (temperature(r) in (None, 1.0), r.get("steps") or 0) > (
+            temperature(cur) in (None, 1.0),
+            cur.get("steps") or 0,
+        ):
             best[r["arm"]] = r
     return best
 
