@@ -356,6 +356,8 @@ def test_further_evaluations_refused(tmp_path: Path) -> None:
     _refused(tmp_path, _eval(d, "zero_shot", [{**folio, "max_batches": 0}]), "zero_shot.0.max_batches", ">= 1")
     _refused(tmp_path, _eval(d, "zero_shot", [{"data_dir": str(tmp_path / "no")}]), "zero_shot.0.data_dir")
     _refused(tmp_path, _eval(d, "zero_shot", [{**folio, "source_options": ["x"]}]), "zero_shot.0.source_options")
+    timed = {**_mdlm_arm(["ddpm_cache"]), "overrides": {"process": {"time_cond": True}}}
+    _refused(tmp_path, {**d, "arms": [timed]}, "arms.0.samplers", "ddpm_cache needs a time-independent model")
     cond = {"n": 4, "prompt_len": 4, "cont_len": 4}
     _refused(tmp_path, _eval(d, "conditional", {**cond, "modes": ["gen-l"]}), "evaluation.conditional.modes")
     _refused(tmp_path, _eval(d, "conditional", {**cond, "mauve_seeds": []}), "conditional.mauve_seeds")

@@ -113,8 +113,9 @@ def sweep_settings(
 
 
 def check_entries(process: Any, entries: Sequence[SamplerEntry], where: str, family: str) -> None:
-    """Every entry names a sampler of the family, its options are ones that sampler accepts and not swept ones,
-    and no two entries share a label; one-line ``DlmError`` naming ``where`` otherwise."""
+    """Every entry names a sampler of the family, its options are ones that sampler accepts and not swept ones, a
+    sampler that reuses p_theta across steps has a time-independent model, and no two entries share a label;
+    one-line ``DlmError`` naming ``where`` otherwise."""
     labels: set[str] = set()
     for entry in entries:
         label, name, options = entry_parts(entry)
@@ -130,6 +131,9 @@ def check_entries(process: Any, entries: Sequence[SamplerEntry], where: str, fam
             raise DlmError(f"{where}: {e}") from None
         except (TypeError, ValueError) as e:
             raise DlmError(f"{where}: bad options for sampler {name!r}: {e}") from None
+        if process.sampler_specs()[name].time_independent and getattr(process, "time_conditioned", False):
+            raise DlmError(f"{where}: {name} needs a time-independent model (process.time_cond false in the arm's "
+                           "overrides)")  # fmt: skip
         if label in labels:
             raise DlmError(f"{where}: two entries labelled {label!r}; give each a distinct label")
         labels.add(label)
