@@ -87,7 +87,9 @@ def dlm_step_fn(s: Session, rt: Runtime) -> Callable[[], None]:
 
     def step() -> None:
         set_lr(s.optimizer, lr_at(s.prog.step, t, s.total_steps))
-        _train_step(s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt)
+        _train_step(
+            s.fwd, s.model, s.process, s.loader, s.gen, s.optimizer, s.ema, s.grad_accum, t.grad_clip, rt, s.loss_fn
+        )
         s.prog.step += 1
 
     return step
