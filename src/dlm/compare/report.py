@@ -27,6 +27,7 @@ from dlm.compare.figures import (
     stat,
     temperature,
 )
+from dlm.compare.report_tables import matched_items, suite_items, variance_items, zero_shot_items
 from dlm.errors import DlmError
 from dlm.io import write_text_atomic
 from dlm.rundir import read_metrics
@@ -234,44 +235,6 @@ def speed_quality_table(results: Mapping[str, Any]) -> Table:
     return table
 
 
-def variance_items(results: Mapping[str, Any]) -> list[Item]:
-    """The estimator-variance section (results.json rows of kind ``variance``), or nothing when not measured."""
-    aggs = aggregates(results, "variance")
-    if not aggs:
-        return []
-    head = ["arm", "likelihood", "var of per-token estimate (nats/token)^2", "var of batch estimate", "K"]
-    head += ["gradient var (eq. 9)", "||mean gradient||^2", "ratio", "batches", "seeds"]
-    table = Table("variance", "variance", head)
-    for a in aggs:
-        cells = [a["arm"], _relation(results, a["arm"]), mean_std(a, "seq_var_per_token", 6)]
-        cells += [mean_std(a, "batch_elbo_var", 6), mean_std(a, "t_samples", 0), mean_std(a, "grad_var", 4)]
-        cells += [mean_std(a, "grad_mean_sq_norm", 4), mean_std(a, "grad_noise_ratio", 3), mean_std(a, "batches", 0)]
-        table.rows.append((f"variance-{a['arm']}", [*cells, str(a["n_seeds"])]))
-    note = (
-        "the likelihood estimator's variance over K single-draw estimates per sequence (0 for AR: exact) and "
-        "the gradient variance of the training loss over M batches (BD3-LM paper, eq. 9); mean ± std over seeds."
-    )
-    return [Block("h2", "Estimator variance"), Block("note", note), table]
-
-
-def matched_table(results: Mapping[str, Any]) -> Table | None:
-    """Formal corpora: per seed and diffusion arm, the smallest step count matching AR's TER (SER) and the
-    speedup there (results.json ``matched``); None when there is nothing to match."""
-    rows = results.get("matched") or []
-    if not rows:
-        return None
-    head = ["arm", "sampler", "seed", "vs", "metric", "AR value", "matched steps", "value", "speedup", "NFE ratio"]
-    table = Table("matched", "matched", head)
-    for r in rows:
-        for key in ("matched_ter", "matched_ser"):
-            m = r[key]
-            cells = [r["arm"], str(r["sampler"]), str(r["seed"]), r["ar_arm"], m["metric"].upper()]
-            cells += [fmt(m["ar_value"]), _steps(m["steps"]), fmt(m["value"]), fmt(m["speedup"], 2)]
-            cells += [fmt(m["nfe_ratio"], 2)]
-            table.rows.append((f"matched-{r['arm']}-{r['sampler']}-seed{r['seed']}-{m['metric']}", cells))
-    return table
-
-
 def protocol_table(results: Mapping[str, Any]) -> Table:
     """What was compared, how: data, split, budget, samples, evaluator, machine, versions, commit, created."""
     p = results.get("protocol") or {}
@@ -415,7 +378,7 @@ def _document(
             f"diffusion bounds, {_batches_text(lik.get('max_batches'))}; scored: {lik.get('scored')}.",
         ),
         *likelihood_tables(results),
-        *_zero_shot_items(results),
+        *zero_shot_items(results),
         *variance_items(results),
         Block("h2", "Sample quality"),
         Block(
@@ -425,13 +388,13 @@ def _document(
             "pooled mean NLL; mean ± std over seeds.",
         ),
         quality_table(results),
-        *_suite_items(results),
+        *suite_items(results),
         Block("h2", "Speed"),
         Block("note", "median of repeats after warm-up, device synchronised; mean ± std over seeds."),
         *speed_tables(results),
         Block("h2", "Speed–quality"),
         speed_quality_table(results),
-        *_matched_items(results),
+        *matched_items(results),
         Block("h2", "Overlap notes"),
         Block("ul", "\n".join(results.get("overlaps") or ["none recorded"])),
         Block("h2", "Figures"),
@@ -447,33 +410,6 @@ def _document(
     defs.rows = [(f"def-{k}", [k, str(v)]) for k, v in (results.get("definitions") or {}).items()]
     doc += [Block("h2", "Definitions"), defs, Block("h2", "Spec (spec.yaml)"), Block("pre", spec_text)]
     return doc
-
-
-def _zero_shot_items(results: Mapping[str, Any]) -> list[Item]:
-    from dlm.compare.report_tables import zero_shot_section
-
-    section = zero_shot_section(results)
-    return [] if section is None else [Block("h2", "Zero-shot likelihood"), Block("note", section[0]), section[1]]
-
-
-def _suite_items(results: Mapping[str, Any]) -> list[Item]:
-    """Conditional generation and downstream tasks (``dlm.compare.report_tables``), when measured."""
-    from dlm.compare.report_tables import condgen_section, downstream_section
-
-    out: list[Item] = []
-    if (c := condgen_section(results)) is not None:
-        out += [Block("h2", "Conditional generation"), Block("note", c[0]), *c[1]]
-    if (d := downstream_section(results)) is not None:
-        out += [Block("h2", "Downstream tasks"), Block("note", d[0]), d[1]]
-    return out
-
-
-def _matched_items(results: Mapping[str, Any]) -> list[Item]:
-    table = matched_table(results)
-    if table is None:
-        return []
-    rule = (results.get("definitions") or {}).get("matched", "")
-    return [Block("h2", "Matched quality: speedup over AR"), Block("note", rule), table]
 
 
 def _batches_text(max_batches: Any) -> str:

@@ -1,5 +1,7 @@
-"""The report's tables of the further evaluations (issue 15): zero-shot likelihood on other corpora; kept apart
-from ``dlm.compare.report`` (the document, its core tables and its renderings), which places them.
+"""The report's sections beyond the core tables: zero-shot likelihood on other corpora, conditional generation and
+downstream tasks (issue 15), estimator variances and matched quality on a formal corpus; kept apart from
+``dlm.compare.report`` (the document, its core tables and its renderings), which places them. The report's
+``Table``, ``Block`` and formatters are imported when a section is built (``report`` imports this module).
 
 Every number is labelled as in the rest of the report: ``=`` exact, ``≤`` an upper bound, ``mean ± std`` over
 seeds (sample std, n-1).
@@ -12,7 +14,8 @@ from typing import Any
 
 from dlm.compare.figures import aggregates, arm_order
 
-__all__ = ["condgen_section", "downstream_section", "zero_shot_section"]
+__all__ = ["condgen_section", "downstream_section", "matched_items", "matched_table", "suite_items"]
+__all__ += ["variance_items", "zero_shot_items", "zero_shot_section"]
 
 
 def _relation(results: Mapping[str, Any], kind: str, arm: str, corpus: str | None = None) -> str:
@@ -151,3 +154,79 @@ def downstream_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
         "the diffusion bound (mean of K draws) otherwise; task data local only. mean ± std over training seeds."
     )
     return note, table
+
+
+# ----------------------------------------------------------------------------- sections placed by the report
+
+
+def variance_items(results: Mapping[str, Any]) -> list[Any]:
+    """The estimator-variance section (results.json rows of kind ``variance``), or nothing when not measured."""
+    from dlm.compare.report import Block, Table, _relation, mean_std
+
+    aggs = aggregates(results, "variance")
+    if not aggs:
+        return []
+    head = ["arm", "likelihood", "var of per-token estimate (nats/token)^2", "var of batch estimate", "K"]
+    head += ["gradient var (eq. 9)", "||mean gradient||^2", "ratio", "batches", "seeds"]
+    table = Table("variance", "variance", head)
+    for a in aggs:
+        cells = [a["arm"], _relation(results, a["arm"]), mean_std(a, "seq_var_per_token", 6)]
+        cells += [mean_std(a, "batch_elbo_var", 6), mean_std(a, "t_samples", 0), mean_std(a, "grad_var", 4)]
+        cells += [mean_std(a, "grad_mean_sq_norm", 4), mean_std(a, "grad_noise_ratio", 3), mean_std(a, "batches", 0)]
+        table.rows.append((f"variance-{a['arm']}", [*cells, str(a["n_seeds"])]))
+    note = (
+        "the likelihood estimator's variance over K single-draw estimates per sequence (0 for AR: exact) and "
+        "the gradient variance of the training loss over M batches (BD3-LM paper, eq. 9); mean ± std over seeds."
+    )
+    return [Block("h2", "Estimator variance"), Block("note", note), table]
+
+
+def matched_table(results: Mapping[str, Any]) -> Any:
+    """Formal corpora: per seed and diffusion arm, the smallest step count matching AR's TER (SER) and the
+    speedup there (results.json ``matched``); None when there is nothing to match."""
+    from dlm.compare.report import Table, _steps, fmt
+
+    rows = results.get("matched") or []
+    if not rows:
+        return None
+    head = ["arm", "sampler", "seed", "vs", "metric", "AR value", "matched steps", "value", "speedup", "NFE ratio"]
+    table = Table("matched", "matched", head)
+    for r in rows:
+        for key in ("matched_ter", "matched_ser"):
+            m = r[key]
+            cells = [r["arm"], str(r["sampler"]), str(r["seed"]), r["ar_arm"], m["metric"].upper()]
+            cells += [fmt(m["ar_value"]), _steps(m["steps"]), fmt(m["value"]), fmt(m["speedup"], 2)]
+            cells += [fmt(m["nfe_ratio"], 2)]
+            table.rows.append((f"matched-{r['arm']}-{r['sampler']}-seed{r['seed']}-{m['metric']}", cells))
+    return table
+
+
+def zero_shot_items(results: Mapping[str, Any]) -> list[Any]:
+    """The zero-shot section (heading, note, table), or nothing without zero-shot rows."""
+    from dlm.compare.report import Block
+
+    section = zero_shot_section(results)
+    return [] if section is None else [Block("h2", "Zero-shot likelihood"), Block("note", section[0]), section[1]]
+
+
+def suite_items(results: Mapping[str, Any]) -> list[Any]:
+    """Conditional generation and downstream tasks, when measured."""
+    from dlm.compare.report import Block
+
+    out: list[Any] = []
+    if (c := condgen_section(results)) is not None:
+        out += [Block("h2", "Conditional generation"), Block("note", c[0]), *c[1]]
+    if (d := downstream_section(results)) is not None:
+        out += [Block("h2", "Downstream tasks"), Block("note", d[0]), d[1]]
+    return out
+
+
+def matched_items(results: Mapping[str, Any]) -> list[Any]:
+    """The matched-quality section of a formal corpus, or nothing."""
+    from dlm.compare.report import Block
+
+    table = matched_table(results)
+    if table is None:
+        return []
+    rule = (results.get("definitions") or {}).get("matched", "")
+    return [Block("h2", "Matched quality: speedup over AR"), Block("note", rule), table]
