@@ -239,6 +239,8 @@ def test_zero_shot_table_temperature_column_and_frontier(tmp_path: Path) -> None
     assert q["quality-mdlm-ddpm_cache-4"][3] == "1.00"  # the temperature column, once a temperature differs
     assert (paths["figures"] / "genppl_entropy.png").read_bytes().startswith(PNG)
     assert "Zero-shot likelihood" in paths["md"].read_text()
+    nll = statistics.fmean([likelihood_nll(1, s) + 0.5 + 0.1 * s for s in SEEDS])
+    assert any(line.startswith(f"  zero-shot folio: NLL ≤ {nll:.4f} ± ") for line in summary_lines(load_results(root)))
 
 
 def test_formal_frontier_figure(tmp_path: Path) -> None:

@@ -509,8 +509,9 @@ def build_report(compare_dir: str | Path) -> dict[str, Path]:
 
 
 def summary_lines(results: Mapping[str, Any]) -> list[str]:
-    """The terminal summary: per arm its likelihood (= / ≤, mean ± std over seeds, n seeds), then per sampler x
-    steps gen PPL (mean of per-sample exp; TER on a formal corpus), entropy and seconds per sequence."""
+    """The terminal summary: per arm its likelihood (= / ≤, mean ± std over seeds, n seeds), its zero-shot
+    likelihoods, then per sampler x steps (x temperature) gen PPL (mean of per-sample exp; TER on a formal
+    corpus), entropy and seconds per sequence."""
     lik = {a["arm"]: a for a in aggregates(results, "likelihood")}
     split = (results.get("protocol", {}).get("likelihood") or {}).get("split")
     lines = [f"{results.get('name')}: likelihood NLL nats/token on {split} ('=' exact, '≤' bound; ± std over seeds)"]
@@ -519,6 +520,9 @@ def summary_lines(results: Mapping[str, Any]) -> list[str]:
         a = lik.get(arm)
         n = f"({a.get('n_seeds')} seeds)" if a else ""
         lines.append(f"{arm:<14} NLL {_relation(results, arm)} {mean_std(a, 'nll')} {n}".rstrip())
+        for z in (z for z in aggregates(results, "zeroshot") if z["arm"] == arm):
+            lines.append(f"  zero-shot {str(z.get('evaluation')).removeprefix('zeroshot:')}: NLL "
+                         f"{_relation(results, arm)} {mean_std(z, 'nll')}")  # fmt: skip
         for s in (s for s in aggregates(results, "samples") if s["arm"] == arm):
             p = points[(arm, s.get("sampler"), s.get("steps"), temperature(s))]
             quality = f"gen PPL {mean_std(s, 'gen_ppl_seq_mean', 2)} (seq mean)"
