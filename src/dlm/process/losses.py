@@ -144,14 +144,19 @@ class _HeadWeightedCrossEntropy(torch.autograd.Function):
             for a in range(0, N, chunk):
                 h_cD, y_c, u_c = h_ND[a : a + chunk].to(dtype), targets_N[a : a + chunk], u_N[a : a + chunk].float()
                 logits_cV = _chunk_logits(h_cD, w, exclude)
-                lse_c = torch.logsumexp(logits_cV, dim=-1)
-                ce_c = lse_c - logits_cV.gather(1, y_c[:, None]).squeeze(1)
+                # ce = m + log sum_v exp(z_v - m) - z_y (logsumexp's own form), with exp(z - m) formed once, in
+                # place, and reused for the gradient u (softmax - onehot): no second [chunk, V] buffer or exp pass
+                picked_c = logits_cV.gather(1, y_c[:, None]).squeeze(1)
+                m_c1 = logits_cV.amax(-1, keepdim=True)
+                e_cV = logits_cV.sub_(m_c1).exp_()  # in place: the chunk's logits are done
+                s_c1 = e_cV.sum(-1, keepdim=True)
+                ce_c = (s_c1.log() + m_c1).squeeze(1) - picked_c
                 total = total + (u_c * ce_c).sum()
                 if grad_h is None and grad_w is None:
                     continue
-                p_cV = torch.exp_(logits_cV.sub_(lse_c[:, None]))  # in place: the chunk's logits are done
-                p_cV[torch.arange(p_cV.shape[0], device=p_cV.device), y_c] -= 1.0
-                g_cV = p_cV.mul_(u_c[:, None]).to(dtype)
+                g_cV = e_cV.mul_(u_c[:, None] / s_c1)
+                g_cV[torch.arange(g_cV.shape[0], device=g_cV.device), y_c] -= u_c
+                g_cV = g_cV.to(dtype)
                 if grad_h is not None:
                     grad_h[a : a + chunk] = (g_cV @ w).to(h_ND.dtype)
                 if grad_w is not None:
