@@ -103,3 +103,22 @@ def test_reference_step_decreases_the_loss_on_a_fixed_batch(ref_module) -> None:
     ids = torch.randint(0, 50, (4, 16))
     losses = [float(step(ids)) for _ in range(10)]
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_train_vs_nanogpt_both_references_interleaved(tiny_data: Path, tmp_path: Path) -> None:
+    """--ref both: the GPT-2 and the LLaMA-style references in one three-way interleave, each ratio its own."""
+    out = tmp_path / "tvn_both.json"
+    shape = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
+    proc = _run(
+        "train_vs_nanogpt.py", "--data", str(tiny_data), "--ref", "both", "--rounds", "1", "--steps", "2",
+        "--warmup", "1", "--out", str(out), *shape,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["refs"] == ["gpt2", "llama"]
+    assert r["params"]["llama"] == r["params"]["dlm"]
+    for row in r["rounds"]:
+        assert len(row["dlm_s"]) == len(row["gpt2_s"]) == len(row["llama_s"]) == 2
+        for ref in ("gpt2", "llama"):
+            assert row[f"ratio_{ref}"] == pytest.approx(row[f"{ref}_median_s"] / row["dlm_median_s"])
+        assert row["ratio"] == row["ratio_gpt2"]  # the first reference keeps the old field names
