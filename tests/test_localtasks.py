@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dlm.errors import DlmError
-from dlm.eval.localtasks import CLAUSE_END, N_CHOICES, write_tasks
+from dlm.eval.localtasks import CLAUSE_END, KINDS, N_CHOICES, write_tasks
 from tests.helpers import WORDS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,7 +25,7 @@ def _write_corpus(root: Path) -> Path:
     punctuation mark."""
     rng = random.Random(5)
     root.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 30), ("validation", 3), ("test", 8)):
+    for split, n in (("train", 30), ("validation", 3), ("test", 20)):
         stanzas = []
         for _ in range(n):
             lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) + rng.choice(".,;!?")
@@ -66,20 +66,25 @@ def test_tasks_are_deterministic_and_every_choice_is_scored_after_the_contexts_o
     from dlm.eval.lmeval import encode_pair
 
     a, b = tmp_path / "a", tmp_path / "b"
-    names = write_tasks(bpe_data, a, **SMALL)
-    assert names == ["dlm_cloze", "dlm_lastword"] and write_tasks(bpe_data, b, **SMALL) == names
+    names = write_tasks(bpe_data, a, **SMALL, kinds=KINDS)
+    assert names == ["dlm_cloze", "dlm_lastword", "dlm_lastword_greedy"]
+    assert write_tasks(bpe_data, b, **SMALL, kinds=KINDS) == names
     s = open_split(bpe_data, "test")
     tok, docs = s.tokenizer(), split_documents(s)
     for name in names:
         assert (a / f"{name}.jsonl").read_bytes() == (b / f"{name}.jsonl").read_bytes()
-        yaml = (a / f"{name}.yaml").read_text()
-        assert "output_type: multiple_choice" in yaml and str(a / f"{name}.jsonl") in yaml
-        qs = _questions(a, name)
-        assert len(qs) == SMALL["n"] and len({q["label"] for q in qs}) > 1  # the answer's place varies
+        yaml, qs = (a / f"{name}.yaml").read_text(), _questions(a, name)
+        assert str(a / f"{name}.jsonl") in yaml and len(qs) == SMALL["n"]
+        if name == "dlm_lastword_greedy":  # one target, one token after the context
+            assert "output_type: loglikelihood" in yaml and {len(q["choices"]) for q in qs} == {1}
+            assert all(len(encode_pair(tok, q["context"], q["target"])[1]) == 1 for q in qs)
+        else:
+            assert "output_type: multiple_choice" in yaml and len({q["label"] for q in qs}) > 1  # the place varies
+            assert {len(q["choices"]) for q in qs} == {N_CHOICES}
         for q in qs:
             choices, ctx = q["choices"], q["context"]
-            assert len(choices) == N_CHOICES and all(c.strip() for c in choices)
-            assert len({c.strip().lower() for c in choices}) == N_CHOICES
+            assert q["target"] == choices[q["label"]] and all(c.strip() for c in choices)
+            assert len({c.strip().lower() for c in choices}) == len(choices)
             for choice in choices:  # lm-eval's split (target_delimiter "") keeps the context's ids
                 c, y = encode_pair(tok, ctx, choice)
                 assert c == tok.encode(ctx) and y and tok.decode(y) == choice
@@ -121,6 +126,10 @@ def test_a_task_directory_is_reused_for_the_same_request_and_refused_for_another
         ({"n": 10_000}, r"the split has only \d+ word starts .* fewer than --n 10000"),
         ({"n": 10_000, "kinds": ["lastword"]}, r"the split has only \d+ clause-final words .* fewer than --n 10000"),
         ({"n": 0}, r"--n must be an integer >= 1"),
+        (
+            {"kinds": ["lastword_greedy"]},
+            r"only 0 of the split's \d+ clause-final words .* one token after its context",
+        ),
         ({"kinds": ["cloze", "riddle"]}, r"unknown task kind 'riddle'"),
     ],
 )
@@ -190,3 +199,29 @@ def test_a_model_that_memorised_the_answers_scores_1_and_one_that_memorised_dist
             assert task["documents"] == 6 and task["requests"] == 6 * N_CHOICES and task["truncated_requests"] == 0
             assert task["metrics"]["acc"] == expected and task["metrics"]["acc_norm"] == expected
     assert "reused the local tasks" in capsys.readouterr().out
+
+
+def test_the_greedy_task_is_1_for_a_model_that_memorised_the_words_and_0_for_one_that_did_not(bpe_data, tmp_path):
+    """dlm_lastword_greedy through lm-eval (loglikelihood: acc = greedy): a lookup network over the corpus's BPE
+    ids that memorised context + word decodes every word greedily (perplexity 1 up to e^-30 terms); with
+    nothing memorised (flat logits, argmax id 0, the EOS) none."""
+    pytest.importorskip("lm_eval", reason="the lmeval extra (pip install 'dlm[lmeval]') is not installed")
+    from types import SimpleNamespace
+
+    from dlm.data.shards import open_split
+    from dlm.eval.lmeval import lm_class, run_tasks, task_manager
+    from dlm.process import ProcessConfig, get_process
+    from tests.test_lmeval import LookupAR
+
+    out, name = tmp_path / "tasks", "dlm_lastword_greedy"
+    write_tasks(bpe_data, out, n=6, context_tokens=16, kinds=["lastword_greedy"])
+    tok = open_split(bpe_data, "test").tokenizer()
+    process = get_process(ProcessConfig(name="ar"), tok.specials)
+    for memorised, expected in ((True, 1.0), (False, 0.0)):
+        texts = [tok.encode(q["context"] + q["target"]) for q in _questions(out, name)] if memorised else []
+        run = SimpleNamespace(model=LookupAR(texts, process.vocab_size, 64), process=process)
+        lm = lm_class()(run, tok)
+        res = run_tasks(lm, task_manager([name], out).load([name]), limit=None, seed=0)["results"][name]
+        assert res["acc,none"] == expected and len(lm.scored) == 6
+        if memorised:
+            assert res["perplexity,none"] == pytest.approx(1.0, abs=1e-6)

@@ -113,5 +113,7 @@ def add_commands(sub: Any) -> None:
     g.add_argument("--context-tokens", type=int, default=64, help="tokens of context per question (64)")
     g.add_argument("--span-tokens", type=int, default=8, help="tokens of each dlm_cloze choice (8)")
     g.add_argument("--task-seed", type=int, default=0, help="seed of the questions, apart from --seed (0)")
-    g.add_argument("--kinds", default="cloze,lastword", help="task kinds to make (cloze,lastword)")
+    g.add_argument(
+        "--kinds", default="cloze,lastword", help="task kinds to make (cloze,lastword; also lastword_greedy)"
+    )
     p.set_defaults(func=cmd_lmeval)

@@ -7,7 +7,8 @@ a line: ``context``, 4 ``choices``, ``label`` the index of the true one, and whe
 records the data fingerprint and the settings. Scored as any lm-eval multiple-choice task: the chosen answer is
 argmax_k log p(choice_k | context) (``acc``) or argmax_k log p(choice_k | context) / bytes(choice_k) (``acc_norm``).
 
-Kinds (``kinds``; task name ``dlm_<kind>``), each with N_CHOICES = 4 choices, so chance is 1/4 for acc and acc_norm:
+Kinds (``kinds``; task name ``dlm_<kind>``); the multiple-choice ones have N_CHOICES = 4 choices, so chance is 1/4
+for acc and acc_norm:
 
 - ``cloze`` (``dlm_cloze``): context = C tokens of a document ending at a word start; choices = the true next span
   of M tokens and 3 spans of M tokens that start at word starts elsewhere in the split (other documents, or the same
@@ -18,6 +19,11 @@ Kinds (``kinds``; task name ``dlm_<kind>``), each with N_CHOICES = 4 choices, so
   clause-final words of the split (distinct from it and each other, ignoring case), each after the same whitespace.
   Measures the prediction of one word from its context (metre, rhyme, names in the scene) against words that are
   equally frequent in that position.
+- ``lastword_greedy`` (``dlm_lastword_greedy``, not made by default): LAMBADA's own scoring on the ``lastword``
+  kind's positions whose word is one token after its context (in lm-eval's split): ``output_type: loglikelihood``,
+  acc = greedy decoding gives the word (AR: the argmax after the context; a diffusion family: its sampler at
+  temperature 0 filling the one masked position, ``dlm.eval.lmeval``), perplexity = exp(-mean log p(word |
+  context)). No chance level (an argmax over the vocabulary); one-token words favour frequent ones.
 
 Positions are drawn with ``numpy.random.default_rng([seed, kind index])``, so adding a kind leaves the others'
 questions unchanged; the answer's index is uniform over the 4 places per question.
@@ -51,9 +57,10 @@ from dlm.errors import DlmError
 from dlm.eval.condgen import split_documents
 from dlm.io import exclusive_lock, honour_umask, json_line, write_json_atomic
 
-__all__ = ["KINDS", "N_CHOICES", "Question", "task_name", "write_tasks"]
+__all__ = ["DEFAULT_KINDS", "KINDS", "N_CHOICES", "Question", "task_name", "write_tasks"]
 
-KINDS = ("cloze", "lastword")
+KINDS = ("cloze", "lastword", "lastword_greedy")
+DEFAULT_KINDS = ("cloze", "lastword")
 N_CHOICES = 4
 FORMAT_VERSION = 1
 MIN_WORD_LETTERS = 3
@@ -63,7 +70,9 @@ WORD_RE = re.compile(r"(\s+)([A-Za-z]+)")
 DESCRIPTIONS = {
     "cloze": "the true next span of M tokens after C tokens of context, against 3 spans from elsewhere in the split",
     "lastword": "the clause- or line-final word after C tokens of context, against 3 other clause-final words",
+    "lastword_greedy": "greedy decoding after C tokens of context gives the clause-final word (one token)",
 }
+MULTIPLE_CHOICE = ("cloze", "lastword")
 
 
 def task_name(kind: str) -> str:
@@ -185,7 +194,8 @@ def clause_final_words(corpus: _Corpus, before: int) -> list[tuple[int, int, int
         doc, f = corpus.docs[d], e + 1
         while f < doc.size and corpus.pieces[doc[f]].isascii() and corpus.pieces[doc[f]].isalpha():
             f += 1
-        if f >= doc.size or corpus.pieces[doc[f]][:1] not in CLAUSE_END or not corpus.pieces[doc[f]]:
+        nxt = corpus.pieces[doc[f]][:1] if f < doc.size else ""
+        if not nxt or nxt not in CLAUSE_END:
             continue
         m = WORD_RE.fullmatch("".join(corpus.pieces[t] for t in doc[e:f]))
         if m is not None and len(m.group(2)) >= MIN_WORD_LETTERS:
@@ -212,9 +222,30 @@ def lastword_questions(corpus: _Corpus, n: int, context_tokens: int, rng: np.ran
     return _collect(starts, make, n, rng, where)
 
 
+def greedy_questions(corpus: _Corpus, n: int, context_tokens: int, rng: np.random.Generator) -> list[Question]:
+    """``n`` lastword_greedy questions (module docstring): the clause-final words that lm-eval's split of
+    (context, word) makes one token; ``choices`` = [the word], ``label`` 0."""
+    C = context_tokens
+    starts = clause_final_words(corpus, C)
+    end = {(d, e): f for d, e, f in starts}
+
+    def make(d: int, e: int) -> Question | None:
+        parts = corpus.cut(d, e, end[(d, e)], C)
+        if parts is None:
+            return None
+        ctx, lead, ans = parts
+        ctx_ids = corpus.tok.encode(ctx)
+        whole = corpus.tok.encode(ctx + lead + ans)
+        one = len(whole) == len(ctx_ids) + 1 and whole[:-1] == ctx_ids
+        return Question(ctx, [lead + ans], 0, d, e) if one else None
+
+    where = f"clause-final words (>= {MIN_WORD_LETTERS} letters) with {C} context tokens before them"
+    return _collect([(d, e) for d, e, _ in starts], make, n, rng, where, "whose word is one token after its context")
+
+
 def _collect(
     starts: list[tuple[int, int]], make: Callable[[int, int], Question | None], n: int, rng: np.random.Generator,
-    where: str,
+    where: str, usable: str = "whose choices split at the context's tokens",
 ) -> list[Question]:  # fmt: skip
     """The first ``n`` questions ``make`` accepts over the candidates in a seeded order, in split order; DlmError
     when there are fewer."""
@@ -227,8 +258,7 @@ def _collect(
             if len(out) == n:
                 return sorted(out, key=lambda q: (q.doc, q.offset))
     raise DlmError(
-        f"only {len(out)} of the split's {len(starts)} {where} make questions whose choices split at token "
-        f"boundaries, fewer than --n {n}: lower --n"
+        f"only {len(out)} of the split's {len(starts)} {where} make questions {usable}, fewer than --n {n}: lower --n"
     )
 
 
@@ -249,16 +279,19 @@ def _check(n: int, context_tokens: int, span_tokens: int, seed: int, kinds: Sequ
     return kinds
 
 
-def task_yaml(name: str, data_file: Path) -> str:
-    """lm-eval's task file of a local multiple-choice task over ``data_file`` (JSON-quoted strings are YAML)."""
-    q = json.dumps
+def task_yaml(name: str, data_file: Path, multiple_choice: bool = True) -> str:
+    """lm-eval's task file of a local task over ``data_file`` (JSON-quoted strings are YAML): multiple choice
+    (acc, acc_norm), else one target per document (``loglikelihood``: acc = greedy, perplexity)."""
+    if multiple_choice:
+        how = "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        metrics = [("acc", "mean", "true"), ("acc_norm", "mean", "true")]
+    else:
+        how = "output_type: loglikelihood\ndoc_to_text: context\ndoc_to_target: target\n"
+        metrics = [("acc", "mean", "true"), ("perplexity", "perplexity", "false")]
+    listed = "".join(f"  - metric: {m}\n    aggregation: {a}\n    higher_is_better: {h}\n" for m, a, h in metrics)
     return (
-        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {q(str(data_file))}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\n"
-        'doc_to_target: label\ntarget_delimiter: ""\nmetric_list:\n'
-        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-        f"metadata:\n  version: {FORMAT_VERSION}\n"
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data_file))}\n"
+        f'test_split: test\n{how}target_delimiter: ""\nmetric_list:\n{listed}metadata:\n  version: {FORMAT_VERSION}\n'
     )
 
 
@@ -309,7 +342,7 @@ def write_tasks(
     context_tokens: int = 64,
     span_tokens: int = 8,
     seed: int = 0,
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     log: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Write the local tasks of ``kinds`` made from ``split`` of the prepared ``data_dir`` into ``out_dir``
@@ -335,8 +368,10 @@ def write_tasks(
             rng = np.random.default_rng([seed, KINDS.index(kind)])
             if kind == "cloze":
                 questions[kind] = cloze_questions(corpus, n, context_tokens, span_tokens, rng)
-            else:
+            elif kind == "lastword":
                 questions[kind] = lastword_questions(corpus, n, context_tokens, rng)
+            else:
+                questions[kind] = greedy_questions(corpus, n, context_tokens, rng)
         _write_dir(out, request, s, questions)
     if log is not None:
         log(f"wrote {', '.join(names)} ({n} questions each) to {out}")
@@ -352,12 +387,14 @@ def _write_dir(out: Path, request: dict[str, Any], s: Any, questions: dict[str, 
         tasks = {}
         for kind, qs in questions.items():
             name = task_name(kind)
-            lines = [json_line({"id": i, **asdict(q)}) + "\n" for i, q in enumerate(qs)]
+            lines = [json_line({"id": i, **asdict(q), "target": q.choices[q.label]}) + "\n" for i, q in enumerate(qs)]
             (tmp / f"{name}.jsonl").write_text("".join(lines))
-            (tmp / f"{name}.yaml").write_text(task_yaml(name, out / f"{name}.jsonl"))
-            labels = np.bincount([q.label for q in qs], minlength=N_CHOICES).tolist()
+            mc = kind in MULTIPLE_CHOICE
+            (tmp / f"{name}.yaml").write_text(task_yaml(name, out / f"{name}.jsonl", multiple_choice=mc))
             tasks[name] = {"kind": kind, "measures": DESCRIPTIONS[kind], "questions": len(qs),
-                           "choices": N_CHOICES, "chance": 1 / N_CHOICES, "answer_index_counts": labels}  # fmt: skip
+                           "choices": N_CHOICES if mc else 1, "chance": 1 / N_CHOICES if mc else None}  # fmt: skip
+            if mc:
+                tasks[name]["answer_index_counts"] = np.bincount([q.label for q in qs], minlength=N_CHOICES).tolist()
         for p in tmp.iterdir():
             honour_umask(p)
         meta = {"request": request, "location": str(out), "data_dir": str(Path(s.data_dir).resolve()),
