@@ -82,8 +82,8 @@ def task_name(kind: str) -> str:
 
 @dataclass(frozen=True)
 class Question:
-    """One multiple-choice question: ``choices[label]`` is the true continuation of ``context``; the answer starts
-    at token ``offset`` of document ``doc`` of the split."""
+    """One question: ``choices[label]`` is the true continuation of ``context`` (the greedy kind: the only
+    choice); the answer starts at token ``offset`` of document ``doc`` of the split."""
 
     context: str
     choices: list[str]
