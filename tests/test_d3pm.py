@@ -315,7 +315,7 @@ def test_absorbing_ddpm_cache_equals_ddpm_and_trajectory(steps: int) -> None:
     with nfe = the number of steps at which some token was revealed; refused for a time-conditioned network."""
     K, L, T = 7, 10, 20
     proc = _process(K, T=T, time_cond=False)
-    assert proc.samplers == ("ddpm", "ddpm_cache")
+    assert proc.samplers[:2] == ("ddpm", "ddpm_cache")
     model = _model(K + 1, time_cond=False)
     fixed = torch.full((L,), -1)
     fixed[3] = 2

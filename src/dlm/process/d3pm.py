@@ -57,6 +57,7 @@ from torch import Tensor
 
 from dlm.data.batch import Batch
 from dlm.errors import DlmError
+from dlm.model.graphs import capturable
 from dlm.process import absorbing, uniform, unmasking
 from dlm.process.base import (
     AttnSpec,
@@ -381,7 +382,7 @@ class D3PMProcess(Process):
             t = (t_B * self.T).round().to(torch.float32) / self.T if self._time_cond else None
             return model(z_BL, attn=self.attention, t_B=t)  # all V outputs: the sampler drops the MASK column
 
-        return denoise
+        return capturable(denoise)  # pure: the absorbing samplers may replay it as a CUDA graph
 
 
 def _reveal_loop(

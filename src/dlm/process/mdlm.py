@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from dlm.data.batch import Batch
+from dlm.model.graphs import capturable
 from dlm.process import absorbing, unmasking
 from dlm.process.base import (
     CONTINUOUS_TIME_FIELDS,
@@ -133,7 +134,7 @@ class MDLMProcess(Process):
         def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
             return self._logits(model, z_BL, t_B)
 
-        return denoise
+        return capturable(denoise)  # pure: the absorbing samplers may replay it as a CUDA graph
 
     def _noisy(self, batch: Batch, t_B: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """z_t ~ q(z_t | x) at the scored positions S (padding and position 0 kept clean), and the masked ones."""

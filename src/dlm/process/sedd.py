@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from dlm.data.batch import Batch
+from dlm.model.graphs import capturable
 from dlm.process import absorbing, uniform, unmasking
 from dlm.process.absorbing import AbsorbingSample
 from dlm.process.base import (
@@ -272,7 +273,7 @@ class SEDDProcess(Process):
         def denoise(z_BL: Tensor, t_B: Tensor) -> Tensor:
             return self._logits(model, z_BL, t_B)
 
-        return denoise
+        return capturable(denoise)  # pure: the absorbing samplers may replay it as a CUDA graph
 
     def _times(self, n: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
         return sample_times(n, generator, antithetic=self.cfg.antithetic, device=device).clamp(min=T_MIN)
