@@ -73,6 +73,8 @@ def test_ddpm_cache_sampler_from_the_cli(runs, capsys):
         (["infill", "{mdlm}", "[MASK:40]"], "longer than the model context"),
         (["sample", "{mdlm}", "--steps", "0"], "steps"),
         (["sample", "{mdlm}", "--sampler", "euler"], "euler"),
+        (["sample", "{mdlm}", "--sampler", "ddpm", "--remask-eta", "0.1"], "remask_eta"),
+        (["sample", "{mdlm}", "--sampler", "remdm", "--remask-strategy", "sometimes"], "sometimes"),
     ],
 )
 def test_diffusion_bad_input(runs, capsys, argv, needle):
@@ -95,3 +97,24 @@ def test_sample_saves_the_trajectory(runs, capsys):
         assert all(0 <= s < 5 for s in steps[1:])  # every other position revealed at one of the 5 steps
     assert main(["sample", str(runs["ar"]), "--n", "1", "--length", "8", "--trajectory"]) == 2
     assert "return_trajectory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--sampler", "remdm", "--remask-strategy", "rescale", "--remask-eta", "0.5"],
+        ["--sampler", "confidence", "--unmask-score", "margin"],
+        ["--sampler", "entropy_bounded", "--entropy-bound", "0.5"],
+    ],
+)
+def test_unmasking_samplers_from_the_cli(runs, capsys, extra):
+    """The remasking / ordered-unmasking options reach the sampler (recorded with the samples), prefix kept."""
+    argv = ["sample", str(runs["mdlm"]), "--n", "2", "--length", "16", "--steps", "8", "--prompt", "The", *extra]
+    assert main(argv) == 0
+    assert extra[1] in capsys.readouterr().out
+    path = max((runs["mdlm"] / "samples").glob("samples-*.jsonl"), key=lambda p: p.stat().st_mtime_ns)
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(recs) == 2 and all(len(r["ids"]) == 16 for r in recs)
+    flat = json.dumps(recs[0])
+    for name, value in zip(extra[2::2], extra[3::2]):
+        assert name[2:].replace("-", "_") in flat and value in flat

@@ -226,7 +226,12 @@ def print_samples(records: list[dict], path: Path) -> None:
 def _sampler_opts(args: argparse.Namespace) -> dict:
     """Sampler options shared by `dlm sample` and `dlm infill`; steps only when given (AR has none)."""
     opts = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    return opts | ({"steps": args.steps} if args.steps is not None else {})
+    given = {name: getattr(args, name) for name in ("steps", *_UNMASKING_OPTIONS)}  # only those the user set:
+    return opts | {k: v for k, v in given.items() if v is not None}  # other samplers refuse an unknown option
+
+
+# The remasking / ordered-unmasking samplers' options (``SamplerOptions``; dlm.process.unmasking).
+_UNMASKING_OPTIONS = ("remask_strategy", "remask_eta", "remask_t_on", "remask_t_off", "unmask_score", "entropy_bound")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -395,6 +400,15 @@ def _sampler_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
     q.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass >= p (default: all)")
     q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    g = q.add_argument_group("remasking and ordered unmasking (remdm, confidence, llada, entropy_bounded)")
+    g.add_argument("--remask-strategy", default=None, help="remdm: cap | rescale | conf (default cap)")
+    g.add_argument("--remask-eta", type=float, default=None, help="remdm: eta in [0, 1] of cap / rescale (0.02)")
+    g.add_argument("--remask-t-on", type=float, default=None, help="remdm loop window: 1 >= t_on > t_off >= 0")
+    g.add_argument("--remask-t-off", type=float, default=None, help="remdm loop window (with --remask-t-on)")
+    g.add_argument(
+        "--unmask-score", default=None, help="confidence / entropy_bounded: confidence | margin | entropy | drawn"
+    )
+    g.add_argument("--entropy-bound", type=float, default=None, help="entropy_bounded: gamma >= 0 nats (0.1)")
 
 
 def _add_prepare(sub: Any) -> None:
