@@ -116,8 +116,8 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 
 
 def row_multiple(process: Any) -> int:
-    """A family whose rows must be a multiple of a block (BD3-LM: L' = ``block_size``) says so; else 1."""
-    return int(getattr(process, "block_size", 1) or 1)
+    """The length every row of the family must be a multiple of (``Process.row_multiple``; BD3-LM: L')."""
+    return int(process.row_multiple)
 
 
 def _row(run: Any, context: Sequence[int], continuation: Sequence[int], limit: int) -> tuple[list[int], int, bool]:

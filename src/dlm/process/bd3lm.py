@@ -138,6 +138,7 @@ class BD3LMProcess(Process):
         self.schedule = build_schedule(cfg)
         self.transition: Transition = AbsorbingTransition(specials)
         self.block_size: int = cfg.block_size
+        self.row_multiple = self.block_size  # rows are whole blocks
         # the training window [beta, omega] of mask rates; the clipped-schedule search replaces it
         self.clip_window: tuple[float, float] = (float(cfg.clip_beta), float(cfg.clip_omega))
         self._attention = block_causal(cfg.block_size)
