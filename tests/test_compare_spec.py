@@ -361,6 +361,7 @@ def test_further_evaluations_refused(tmp_path: Path) -> None:
     cond = {"n": 4, "prompt_len": 4, "cont_len": 4}
     _refused(tmp_path, _eval(d, "conditional", {**cond, "modes": ["gen-l"]}), "evaluation.conditional.modes")
     _refused(tmp_path, _eval(d, "conditional", {**cond, "mauve_seeds": []}), "conditional.mauve_seeds")
+    _refused(tmp_path, _eval(d, "conditional", {**cond, "prompt_from": "end"}), "conditional.prompt_from")
     _refused(tmp_path, _eval(d, "conditional", {**cond, "cont_len": 0}), "evaluation.conditional.cont_len", ">= 1")
     hf = tmp_path / "hf"
     hf.mkdir()

@@ -151,6 +151,8 @@ def _validate_suite(e: Evaluation) -> None:
         _require("evaluation.conditional.steps", c.steps, c.steps >= 0, "must be >= 0 (0: the family's default)")
         ok = bool(c.modes) and set(c.modes) <= {"gen-c", "keep-c"} and len(set(c.modes)) == len(c.modes)
         _require("evaluation.conditional.modes", list(c.modes), ok, "must be distinct modes of gen-c, keep-c")
+        ok = c.prompt_from in ("anywhere", "start")
+        _require("evaluation.conditional.prompt_from", c.prompt_from, ok, "must be anywhere or start")
         for key in ("seeds", "mauve_seeds"):
             v = getattr(c, key)
             ok = bool(v) and len(set(v)) == len(v) and all(x >= 0 for x in v)

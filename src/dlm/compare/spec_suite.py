@@ -46,6 +46,7 @@ class ConditionalEval:
     seeds:       sampling seeds per run (continuation PPL: mean ± SE over them).
     mauve_seeds: MAUVE's k-means seeds (>= 3 recommended: MAUVE moves by ~0.02 with the seed).
     split:       split the prompts come from; "" = evaluation.likelihood.split.
+    prompt_from: where in a document a prompt lies: anywhere (a seeded window) or start (``dlm.eval.condgen``).
     steps:       sampling steps of a step sampler (the family's default sampler); 0 = the family's default.
     batch_size:  prompts continued at once.
     """
@@ -57,6 +58,7 @@ class ConditionalEval:
     seeds: tuple[int, ...] = (0,)
     mauve_seeds: tuple[int, ...] = (0, 1, 2)
     split: str = ""
+    prompt_from: str = "anywhere"
     steps: int = 0
     batch_size: int = 16
 

@@ -44,7 +44,7 @@ def condgen_stage(
         rec, path = condgen_run(
             run_dir, judge_dir, split=c.split or spec.evaluation.likelihood.split, prompt_len=c.prompt_len,
             cont_len=c.cont_len, n_prompts=c.n, mode=mode, steps=steps, seeds=list(c.seeds),
-            mauve_seeds=list(c.mauve_seeds), batch_size=c.batch_size, device=device,
+            mauve_seeds=list(c.mauve_seeds), batch_size=c.batch_size, device=device, prompt_from=c.prompt_from,
         )  # fmt: skip
         m = rec["mauve"]
         mauve = f"MAUVE {m['mean']:.3f}" + (f" ± {m['se']:.3f}" if m.get("se") is not None else "")
@@ -83,7 +83,8 @@ def condgen_rows(base: dict[str, Any], items: list[tuple[str, dict[str, Any], Pa
         rows.append({
             **base, "kind": "condgen", "evaluation": f"condgen:{mode}", "mode": mode, "sampler": st.get("sampler"),
             "steps": st.get("steps"), "prompt_len": st.get("prompt_len"), "cont_len": st.get("cont_len"),
-            "n_prompts": st.get("n_prompts"), "continuation_ppl": _stat(rec.get("continuation_ppl")),
+            "n_prompts": st.get("n_prompts"), "prompt_from": st.get("prompt_from"),
+            "continuation_ppl": _stat(rec.get("continuation_ppl")),
             "continuation_ppl_se": _stat(rec.get("continuation_ppl"), "se"),
             "human_ppl": _stat(rec.get("human_ppl")), "mauve": m.get("mean"), "mauve_se": m.get("se"),
             "mauve_missing": m.get("missing"),
