@@ -69,3 +69,22 @@ def test_prepare_formal_language_from_a_fresh_process(tmp_path):
     assert r.returncode == 0, r.stderr
     meta = (out / "meta.json").read_text()
     assert '"2gram-cpu"' in meta and '"chars"' in meta
+
+
+def test_tokenizer_from_reuses_a_trained_tokenizer(tmp_path, capsys):
+    """--tokenizer-from DIR: a second corpus gets DIR's trained bpe ids (same fingerprint); without it, its own."""
+    from dlm.data.shards import read_meta
+
+    a, b = write_corpus(tmp_path / "a"), tmp_path / "b"
+    b.mkdir()
+    (b / "train.txt").write_text("Thou art more lovely and more temperate.\n\n" * 40)
+    (b / "validation.txt").write_text("Rough winds do shake the darling buds of May.\n")
+    (b / "test.txt").write_text("And summer's lease hath all too short a date.\n")
+    common = ["--tokenizer", "bpe:300", "--seq-len", "32"]
+    assert main(["prepare", str(a), *common, "--out", str(tmp_path / "da")]) == 0
+    reuse = ["--tokenizer-from", str(tmp_path / "da")]
+    assert main(["prepare", str(b), *common, "--out", str(tmp_path / "db"), *reuse]) == 0
+    assert main(["prepare", str(b), *common, "--out", str(tmp_path / "own")]) == 0
+    capsys.readouterr()
+    fp = {d: read_meta(tmp_path / d)["tokenizer"]["fingerprint"] for d in ("da", "db", "own")}
+    assert fp["db"] == fp["da"] != fp["own"]

@@ -60,6 +60,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         out_dir=args.out,
         data_root=args.data_root,
+        tokenizer_from=args.tokenizer_from,
     )
     print_data_summary(out)
     return 0
@@ -426,6 +427,10 @@ def _add_prepare(sub: Any) -> None:
     pp.add_argument("--dtype", default=None, help="uint16 | uint32 (default: smallest that fits)")
     pp.add_argument("--out", type=Path, default=None, help="data directory (default: DATA_ROOT/<name>-<hash>)")
     pp.add_argument("--data-root", type=Path, default=Path("data"), help="where default data dirs go")
+    pp.add_argument(
+        "--tokenizer-from", type=Path, default=None, metavar="DIR",
+        help="reuse the trained tokenizer (chars, bpe:N) of the prepared directory DIR, e.g. to score a run zero-shot",
+    )  # fmt: skip
     pp.add_argument(
         "--source-opt",
         action="append",

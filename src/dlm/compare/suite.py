@@ -47,8 +47,10 @@ def condgen_stage(
             mauve_seeds=list(c.mauve_seeds), batch_size=c.batch_size, device=device, prompt_from=c.prompt_from,
         )  # fmt: skip
         m = rec["mauve"]
-        mauve = f"MAUVE {m['mean']:.3f}" + (f" ± {m['se']:.3f}" if m.get("se") is not None else "")
-        mauve = mauve if "mean" in m else f"MAUVE missing ({m.get('missing')})"
+        if "mean" in m:
+            mauve = f"MAUVE {m['mean']:.3f}" + (f" ± {m['se']:.3f}" if m.get("se") is not None else "")
+        else:  # the extra is not installed: the record says why
+            mauve = f"MAUVE missing ({m.get('missing')})"
         log(f"  condgen {mode}: continuation PPL {rec['continuation_ppl']['mean']:.2f} (human "
             f"{rec['human_ppl']['mean']:.2f}), {mauve}, NFE {rec['nfe']:.0f}")  # fmt: skip
         out.append((mode, rec, path))

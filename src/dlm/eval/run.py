@@ -52,7 +52,11 @@ def check_tokenizer(run: LoadedRun, fingerprint: str, name: str, data_dir: str |
         where, hint = (
             (run.cfg.data.dir, "point the run at its own data")
             if data_dir is None
-            else (data_dir, f"prepare that corpus with the run's tokenizer ({trained.get('name')})")
+            else (
+                data_dir,
+                f"prepare that corpus with the run's tokenizer ({trained.get('name')}; a trained one: "
+                f"dlm prepare SOURCE --tokenizer-from {run.cfg.data.dir})",
+            )
         )
         raise DlmError(
             f"the data directory {where} holds tokenizer {name} with another vocabulary than the "
