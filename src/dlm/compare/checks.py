@@ -159,9 +159,17 @@ def _validate_suite(e: Evaluation) -> None:
             _require(f"evaluation.conditional.{key}", list(v), ok, "must be distinct seeds >= 0, at least one")
     _require("evaluation.downstream.k", d.k, d.k >= 1, "must be >= 1")
     _require("evaluation.downstream.limit", d.limit, d.limit is None or d.limit >= 1, "must be >= 1 or null")
-    if d.task_dir is not None and not Path(d.task_dir).is_dir():
-        raise DlmError(f"evaluation.downstream.task_dir: {d.task_dir!r} is not a directory")
-    if d.tasks and importlib.util.find_spec("lm_eval") is None:
+    if d.task_dir == "auto":  # tasks built from the corpus (dlm.eval.localtasks): only their names may be listed
+        from dlm.eval.localtasks import KINDS
+
+        bad = [t for t in d.tasks if t.removeprefix("dlm_") not in KINDS or not t.startswith("dlm_")]
+        if bad:
+            names = ", ".join(f"dlm_{k}" for k in KINDS)
+            raise DlmError(f"evaluation.downstream.tasks: {', '.join(bad)} cannot be built with task_dir auto "
+                           f"(it builds {names})")  # fmt: skip
+    elif d.task_dir is not None and not Path(d.task_dir).is_dir():
+        raise DlmError(f"evaluation.downstream.task_dir: {d.task_dir!r} is not a directory (or auto)")
+    if (d.tasks or d.task_dir == "auto") and importlib.util.find_spec("lm_eval") is None:
         raise DlmError("evaluation.downstream: the tasks need lm-eval: pip install 'dlm[lmeval]'")
 
 

@@ -332,6 +332,7 @@ class _Inputs:
     device: str
     zdirs: dict[str, Path]
     judge_dir: Path | None
+    tasks: tuple[list[str], Path | None] | None = None  # downstream task names and directory (suite.resolve_tasks)
 
 
 def _evaluate_run(cdir: CompareDir, s: RunState, inputs: _Inputs, log: Log) -> RunRecord:
@@ -391,8 +392,8 @@ def _evaluate_suite(rec: RunRecord, cfg: RunConfig, spec: CompareSpec, inputs: _
     if spec.evaluation.conditional.n:
         assert inputs.judge_dir is not None  # the spec requires evaluator judge-ar
         rec.condgen = suite.condgen_stage(rec.run_dir, cfg, spec, inputs.judge_dir, inputs.device, log)
-    if spec.evaluation.downstream.tasks:
-        rec.downstream = suite.downstream_stage(rec.run_dir, spec, inputs.device, log)
+    if inputs.tasks is not None:
+        rec.downstream = suite.downstream_stage(rec.run_dir, spec, inputs.tasks, inputs.device, log)
 
 
 def _quality_line(sampler: str, steps: int | None, srec: dict[str, Any], qrec: dict[str, Any]) -> str:
@@ -463,7 +464,10 @@ def run_compare(
             log("== judge likelihood")
             judge_likelihood = evaluate_run(judge_dir, device=device, log=log)
         evaluator = _evaluator_factory(cdir, judge_dir, hf_judge, device)
-        records = _evaluate_all(cdir, plan, _Inputs(evaluator, device, zdirs, judge_dir), clock, log)
+        from dlm.compare.suite import resolve_tasks
+
+        tasks = resolve_tasks(cdir.root, spec, data_dir, log)
+        records = _evaluate_all(cdir, plan, _Inputs(evaluator, device, zdirs, judge_dir, tasks), clock, log)
         wall["evaluate"] = time.perf_counter() - t
         wall["total"] = time.perf_counter() - clock.start
         results = write_results(cdir, data_dir, records, judge_dir, judge_likelihood, wall, device, zdirs)

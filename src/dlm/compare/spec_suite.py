@@ -70,9 +70,11 @@ class DownstreamEval:
     is empty. Task data must be local (the Hugging Face cache or task_dir); nothing downloads.
 
     tasks:    lm-eval task names (its registry, or YAML files in task_dir).
-    task_dir: a directory of task YAML files (lm-eval's include_path); null = the registry only.
+    task_dir: a directory of task YAML files (lm-eval's include_path); null = the registry only; auto = tasks
+              built from the comparison corpus's likelihood split (``dlm.eval.localtasks``) into DIR/tasks:
+              the dlm_KIND names listed, or dlm_cloze and dlm_lastword when none is.
     k:        Monte-Carlo draws per request of a diffusion bound.
-    limit:    documents per task; null = all.
+    limit:    documents per task; null = all (with auto: the questions built per task, 100 when null).
     """
 
     tasks: tuple[str, ...] = ()

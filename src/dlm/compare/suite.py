@@ -4,9 +4,11 @@ rows. Each stage calls the evaluation that owns the protocol and its file (reuse
 - conditional (``evaluation.conditional``, n > 0): ``dlm.eval.condgen.condgen_run`` per run and mode (gen-c, keep-c),
   the comparison's judge-ar judge scoring; the family's default sampler (``steps``: 0 = its default step count).
   Row kind ``condgen``, evaluation ``condgen:MODE``.
-- downstream (``evaluation.downstream``, tasks listed): ``dlm.eval.lmeval.evaluate_tasks`` per run, one row per
-  task (kind ``downstream``, evaluation ``task:NAME``): accuracy (and length-normalised accuracy) with lm-eval's
-  standard errors; ``scoring`` exact (AR) or the bound with K draws.
+- downstream (``evaluation.downstream``, tasks listed or ``task_dir: auto``): ``dlm.eval.lmeval.evaluate_tasks``
+  per run, one row per task (kind ``downstream``, evaluation ``task:NAME``): accuracy (and length-normalised
+  accuracy) with lm-eval's standard errors; ``scoring`` exact (AR) or the bound with K draws. ``task_dir: auto``
+  builds the tasks from the comparison corpus's likelihood split once, into DIR/tasks (``resolve_tasks``;
+  ``dlm.eval.localtasks``: dlm_cloze, dlm_lastword, ...; ``limit`` questions per task, 100 when null).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from dlm.compare.spec import CompareSpec
 
-__all__ = ["condgen_rows", "condgen_stage", "downstream_rows", "downstream_stage"]
+__all__ = ["condgen_rows", "condgen_stage", "downstream_rows", "downstream_stage", "resolve_tasks"]
 
 Log = Callable[[str], None]
 
@@ -57,12 +59,35 @@ def condgen_stage(
     return out
 
 
-def downstream_stage(run_dir: Path, spec: CompareSpec, device: str, log: Log) -> tuple[dict[str, Any], Path]:
-    """(record, path) of the run's lm-eval tasks (``evaluation.downstream``)."""
+AUTO_TASKS_N = 100  # questions per task built with task_dir auto when evaluation.downstream.limit is null
+
+
+def resolve_tasks(root: Path, spec: CompareSpec, data_dir: Path, log: Log) -> tuple[list[str], Path | None] | None:
+    """(task names, task directory) of ``evaluation.downstream``, or None when it is off. ``task_dir: auto``: the
+    tasks named (dlm_KIND; none listed: dlm_cloze and dlm_lastword) are written once from the comparison corpus's
+    likelihood split into ``root/tasks`` (reused on rerun; a different request there is refused)."""
+    d = spec.evaluation.downstream
+    if d.task_dir != "auto":
+        return (list(d.tasks), None if d.task_dir is None else Path(d.task_dir)) if d.tasks else None
+    from dlm.eval.localtasks import DEFAULT_KINDS, write_tasks
+
+    kinds = [t.removeprefix("dlm_") for t in d.tasks] or list(DEFAULT_KINDS)
+    n = d.limit or AUTO_TASKS_N
+    names = write_tasks(data_dir, root / "tasks", split=spec.evaluation.likelihood.split, n=n, kinds=kinds, log=log)
+    log(f"== downstream tasks {', '.join(names)}: {n} questions each from the {spec.evaluation.likelihood.split} "
+        f"split -> {root / 'tasks'}")  # fmt: skip
+    return list(d.tasks) or names, root / "tasks"
+
+
+def downstream_stage(
+    run_dir: Path, spec: CompareSpec, tasks: tuple[list[str], Path | None], device: str, log: Log
+) -> tuple[dict[str, Any], Path]:
+    """(record, path) of the run's lm-eval tasks (``evaluation.downstream``; ``tasks`` from ``resolve_tasks``)."""
     from dlm.eval.lmeval import evaluate_tasks
 
     d = spec.evaluation.downstream
-    rec, path = evaluate_tasks(run_dir, list(d.tasks), task_dir=d.task_dir, k=d.k, limit=d.limit, seed=0,
+    names, task_dir = tasks
+    rec, path = evaluate_tasks(run_dir, names, task_dir=task_dir, k=d.k, limit=d.limit, seed=0,
                                device=device)  # fmt: skip
     how = "exact" if rec["exact"] else f"bound, K = {rec['k']}"
     for name, t in rec["tasks"].items():
