@@ -25,13 +25,14 @@ from dlm.model.graphs import DenoiserGraph, capturable, is_capturable
 from dlm.process import ProcessConfig, absorbing, get_process, losses
 from dlm.process.absorbing import capture_denoiser, ddpm, ddpm_cache, first_hitting
 from dlm.process.schedules import get_schedule
+from dlm.process.unmasking import confidence, entropy_bounded, remdm
 from dlm.train.setup import training_loss
 from tests.helpers import smoke_train
 
 K = 5  # tokens 0..K-1, MASK = K
 MASK = K
-SAMPLERS = [ddpm, ddpm_cache, first_hitting]
-IDS = ["ddpm", "ddpm_cache", "first_hitting"]
+SAMPLERS = [ddpm, ddpm_cache, first_hitting, remdm, confidence, entropy_bounded]
+IDS = ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence", "entropy_bounded"]
 
 
 def table_denoiser(seed: int = 0):

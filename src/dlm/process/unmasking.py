@@ -2,7 +2,9 @@
 
 All share the interface of ``dlm.process.absorbing`` (``denoise(z_BL, t_B) -> logits``, a start z_init whose
 ``fixed_BL`` positions are kept, every other position starting at MASK m) and return an ``AbsorbingSample``.
-p_theta(x^l | z) below is softmax(logits^l) with the MASK logit at -inf (SUBS), read only at masked rows.
+p_theta(x^l | z) below is softmax(logits^l) with the MASK logit at -inf (SUBS), read only at masked rows. Like
+``reveal_loop``, each wraps ``denoise`` with ``absorbing.capture_denoiser`` (``capture``: a CUDA graph replayed on
+CUDA for a denoiser marked capturable; eager and identical elsewhere); each call's output is read before the next.
 
 remdm (Wang et al. 2025, ReMDM). On the grid t_i = 1 - i/S, step i goes from t = t_i to s = t_{i+1} with the
 remasking posterior, which keeps the forward marginals q(z_t | x) of every position for any sigma_t:
@@ -63,7 +65,15 @@ import torch
 from torch import Tensor
 
 from dlm.errors import DlmError
-from dlm.process.absorbing import AbsorbingSample, AbsorbingSampler, Denoiser, _check_steps, _draw_tokens, _start
+from dlm.process.absorbing import (
+    AbsorbingSample,
+    AbsorbingSampler,
+    Denoiser,
+    _check_steps,
+    _draw_tokens,
+    _start,
+    capture_denoiser,
+)
 from dlm.process.base import SamplerFn, SamplerOptions, SamplerSpec
 from dlm.process.sampling import _uniforms
 from dlm.process.schedules import Schedule
@@ -203,6 +213,7 @@ def remdm(
     remask_eta: float = 0.02,
     remask_t_on: float | None = None,
     remask_t_off: float | None = None,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """ReMDM remasking sampler, S = ``steps`` steps (module docstring; ``remdm_table`` holds the per-step numbers).
 
@@ -221,6 +232,7 @@ def remdm(
     device = z.device
     sigma_S, reveal_S = table["sigma"].tolist(), table["reveal"].tolist()
     t_SB = table["t_net"].to(device)[:, None].expand(steps, B).contiguous()
+    denoise = capture_denoiser(denoise, z, t_SB[0], steps, capture)  # a CUDA graph on CUDA (absorbing)
     psi_BL = torch.zeros(B, L, dtype=torch.float64, device=device)  # p_theta of each token when decoded (conf)
     nfe = 0
     for i in range(steps):
@@ -282,6 +294,7 @@ def confidence(
     top_p: float | None = None,
     return_trajectory: bool = False,
     unmask_score: str = "confidence",
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """Ordered unmasking with k_i^b positions per step (``reveal_counts``), the most confident first (module
     docstring). Per call: the float64 log p_theta of every masked row; the score; the top k_i^b per row; one
@@ -294,6 +307,8 @@ def confidence(
     free_B = (~fixed).sum(1)
     k_SB = reveal_counts(schedule, steps, free_B)
     active_S = (k_SB.sum(1) > 0).tolist()  # the one read-back
+    t_B = _state_time(schedule, (z == mask_id).sum(1), free_B)
+    denoise = capture_denoiser(denoise, z, t_B, sum(active_S), capture)  # a CUDA graph on CUDA (absorbing)
     nfe = 0
     for i in range(steps):
         if not active_S[i]:
@@ -369,6 +384,7 @@ def entropy_bounded(
     return_trajectory: bool = False,
     unmask_score: str = "entropy",
     entropy_bound: float = 0.1,
+    capture: bool | None = None,
 ) -> AbsorbingSample:
     """EB-sampler (module docstring): each call reveals, per row, the longest prefix of the masked positions in
     score order whose entropies satisfy sum H - max H <= gamma = ``entropy_bound`` (entropies of p_theta itself,
@@ -381,6 +397,9 @@ def entropy_bounded(
     z, fixed, traj = _start(z_init, fixed_BL, mask_id)
     free_B = (~fixed).sum(1)
     rule = _eb_counts(float(entropy_bound))
+    calls = int(free_B.max()) if free_B.numel() else 0  # at most one call per free position
+    t_B = _state_time(schedule, (z == mask_id).sum(1), free_B)
+    denoise = capture_denoiser(denoise, z, t_B, calls, capture)  # a CUDA graph on CUDA (absorbing)
     nfe = 0
     while True:
         masked_BL = z == mask_id
