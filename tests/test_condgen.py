@@ -20,15 +20,8 @@ from dlm.data.sources import get_source
 from dlm.data.tokenizers import build_tokenizer
 from dlm.errors import DlmError
 from dlm.eval import condgen
-from dlm.eval.condgen import (
-    ContinuationJudge,
-    condgen_run,
-    frontier_area,
-    generate_continuations,
-    mauve_score,
-    select_prompts,
-    split_documents,
-)
+from dlm.eval.condgen import ContinuationJudge, condgen_run, generate_continuations, select_prompts, split_documents
+from dlm.eval.mauve import frontier_area, mauve_score
 from dlm.rundir import load_run
 from tests.helpers import tree_state
 

@@ -63,13 +63,22 @@ from dlm.data.shards import ShardSplit, open_split, read_meta
 from dlm.errors import DlmError
 from dlm.eval.diversity import diversity_summary, mean_se
 from dlm.eval.genppl import gen_ppl_summary
+from dlm.eval.mauve import (
+    BUCKETS_RULE,
+    MAUVE_MISSING,
+    MAUVE_SCALING,
+    mauve_buckets,
+    mauve_record,
+    mauve_score,
+)
+from dlm.eval.mauve import mauve_module as _mauve_module
 from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.eval.run import boundary_id, check_tokenizer, run_tokenizer
 from dlm.io import write_json_atomic
 from dlm.process.base import token_logprobs
 from dlm.rundir import LoadedRun, load_run
 
-__all__ = ["MODES", "PROMPT_FROM", "condgen_run", "generate_continuations", "mauve_buckets", "mauve_score"]
+__all__ = ["MODES", "PROMPT_FROM", "condgen_run", "generate_continuations"]
 __all__ += ["ContinuationJudge", "context_head", "select_prompts", "split_documents"]
 
 #: Version of this protocol, part of every record's settings (bump when old records become incomparable).
@@ -77,14 +86,11 @@ CONDGEN_PROTOCOL = 1
 MODES = ("gen-c", "keep-c")
 PROMPT_FROM = ("anywhere", "start")  # where in a document a prompt window lies (module docstring)
 PROMPT_SEED = 0  # the draw of the N documents; fixed, so every run and family sees the same prompts
-MAUVE_SCALING = 5.0  # mauve's default c, as in the paper (default parameters)
-MAUVE_MISSING = "pip install 'dlm[mauve]'"
 N_EXAMPLES = 3
 FEATURES_RULE = (
     "the judge's final hidden state (after its final norm, the head's input) at the last token of the row "
     "(head, prompt, continuation): the generator's context, then the continuation"
 )
-BUCKETS_RULE = "k = max(2, round(N / 10)) k-means buckets, at most N (mauve's own rule, N the prompts per set)"
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -293,57 +299,6 @@ class ContinuationJudge:
                 nats.append(-logp_N.view(ids_BL.shape[0], C).sum(1).cpu())
                 feats.append(h_BLD[:, -1].float().cpu().numpy())
         return torch.cat(nats), torch.full((len(rows),), C, dtype=torch.int64), np.concatenate(feats)
-
-
-# ----------------------------------------------------------------------------- MAUVE
-
-
-def mauve_buckets(n: int) -> int:
-    """k-means buckets for N features per set: max(2, round(N / 10)), at most N (``BUCKETS_RULE``)."""
-    return max(2, min(n, round(n / 10)))
-
-
-def frontier_area(curve_M2: np.ndarray) -> float:
-    """MAUVE from mauve's divergence curve, points (exp(-c KL(Q|R_w)), exp(-c KL(P|R_w))) in the order of
-    the mixture weight w (the extreme points (1, 0) first, (0, 1) last):
-
-        MAUVE = (1/2) (integral of y dx + integral of x dy)    along the curve, trapezoids in w order
-
-    Equal to mauve-text 0.4.0's ``out.mauve`` when no two points tie; it sorts the points by each coordinate,
-    so when the two histograms are equal (every middle point is (1, 1)) its sort puts (1, 0) before (1, 1)
-    and it returns 0.75 instead of 1; the curve is monotone in w, so following w needs no sort.
-    """
-    x, y = np.asarray(curve_M2, dtype=np.float64).T
-    x, y = x[::-1], y[::-1]  # x ascending: from (0, 1) to (1, 0)
-    area_ydx = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
-    xr, yr = x[::-1], y[::-1]  # y ascending
-    area_xdy = float(np.sum(np.diff(yr) * (xr[1:] + xr[:-1]) / 2))
-    return 0.5 * (area_ydx + area_xdy)
-
-
-def _mauve_module() -> Any | None:
-    try:
-        import mauve
-    except ImportError:
-        return None
-    return mauve
-
-
-def mauve_score(p_ND: np.ndarray, q_ND: np.ndarray, *, seed: int, num_buckets: int, scaling: float) -> dict:
-    """MAUVE of generated (p) against human (q) features for one MAUVE seed: ``frontier_area`` of
-    ``mauve.compute_mauve``'s curve (``mauve``) and the package's own figure (``mauve_package``).
-    DlmError when mauve-text is not installed."""
-    mauve = _mauve_module()
-    if mauve is None:
-        raise DlmError(f"MAUVE needs the mauve-text package: {MAUVE_MISSING}")
-    out = mauve.compute_mauve(
-        p_features=np.asarray(p_ND, dtype=np.float32), q_features=np.asarray(q_ND, dtype=np.float32),
-        num_buckets=num_buckets, mauve_scaling_factor=scaling, seed=seed, verbose=False,
-    )  # fmt: skip
-    return {"mauve": frontier_area(out.divergence_curve), "mauve_package": float(out.mauve), "seed": seed}
-
-
-# ----------------------------------------------------------------------------- the evaluation
 
 
 def _agg(values: Sequence[float], over: str) -> dict[str, Any]:
@@ -555,7 +510,7 @@ def _evaluate(
         | {"nll_se": human["nll_se"], "se_over": "none: the human continuations do not depend on a seed"},
         "diversity": {key: _agg([r["diversity"][key] for r in per_seed], over) for key in div_keys},
         "human_diversity": diversity_summary(ps.human),
-        "mauve": _mauve_record(per_seed, mseeds, k) if have_mauve else {"missing": MAUVE_MISSING},
+        "mauve": mauve_record(per_seed, mseeds, k, FEATURES_RULE) if have_mauve else {"missing": MAUVE_MISSING},
         "nfe": sum(r["nfe"] for r in per_seed) / len(per_seed),
         "nfe_note": "network calls per sampler call, mean over calls and seeds; a prefix family (AR) makes one call "
         "per prompt, an any-position family one per batch of prompts (all its rows in the same calls)",
@@ -573,29 +528,6 @@ def _evaluate(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     return record
-
-
-def _mauve_record(per_seed: list[dict[str, Any]], mseeds: list[int], k: int) -> dict[str, Any]:
-    """MAUVE averaged over sampling seeds per MAUVE seed; mean and SE over MAUVE seeds, SE over sampling seeds."""
-    grid = np.array([[m["mauve"] for m in r["mauve"]["per_mauve_seed"]] for r in per_seed], dtype=np.float64)
-    mean, se = mean_se(grid.mean(axis=0).tolist())
-    _, se_seeds = mean_se(grid.mean(axis=1).tolist())
-    return {
-        "mean": mean,
-        "se": se,
-        "se_seeds": se_seeds,
-        "n_mauve_seeds": len(mseeds),
-        "n_seeds": len(per_seed),
-        "se_over": "MAUVE seeds (of the mean over sampling seeds); se_seeds: over sampling seeds (of the mean over "
-        "MAUVE seeds), null for one seed",
-        "num_buckets": k,
-        "buckets_rule": BUCKETS_RULE,
-        "scaling_factor": MAUVE_SCALING,
-        "features": FEATURES_RULE,
-        "p": "generated continuations",
-        "q": "human continuations",
-        "area_rule": "frontier_area of mauve-text's divergence curve (its own figure per seed: mauve_package)",
-    }
 
 
 def _definitions() -> dict[str, str]:
