@@ -227,14 +227,17 @@ def _sweep_curves(points: Sequence[Mapping[str, Any]], x: str, y: str) -> dict[t
 def _frontier_panel(ax: Any, results: Mapping[str, Any], x: str, y: str, note: bool = True) -> None:
     """One curve per (arm, sampler) of ``y`` against ``x`` (points = steps x temperature, each labelled);
     the samplers without steps (AR) marked by squares."""
-    colours = _colours(results)
-    styles: dict[str, int] = {}
-    for (arm, sampler), pts in _sweep_curves(speed_quality_points(results), x, y).items():
+    import matplotlib
+
+    colours, cmap = _colours(results), matplotlib.colormaps["tab20"]
+    curves = _sweep_curves(speed_quality_points(results), x, y)
+    arms = list(dict.fromkeys(arm for arm, _ in curves))
+    many = len(curves) > len(arms)  # some arm has several samplers: a colour per curve, a line style per arm
+    for i, ((arm, sampler), pts) in enumerate(curves.items()):
         flat = all(p["steps"] is None for p in pts)
-        k = styles.setdefault(arm, 0)
-        styles[arm] += 1
-        ax.plot([p[x] for p in pts], [p[y] for p in pts], "s--" if flat else "o" + _LINESTYLES[k % 4],
-                ms=8 if flat else 5, color=colours.get(arm), label=f"{arm} ({sampler})")  # fmt: skip
+        colour = cmap(i % 20) if many and not flat else colours.get(arm)
+        ax.plot([p[x] for p in pts], [p[y] for p in pts], "s--" if flat else "o" + _LINESTYLES[arms.index(arm) % 4],
+                ms=8 if flat else 5, color=colour, label=f"{arm} ({sampler})")  # fmt: skip
         for p in pts if note else ():
             if text := point_label(p):
                 ax.annotate(text, (p[x], p[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
