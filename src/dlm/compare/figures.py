@@ -249,7 +249,8 @@ def _fig_genppl_entropy(results: Mapping[str, Any], metrics: Metrics) -> Any:
         return "no sample rows with both gen PPL and entropy"
     fig, ax = _new_figure()
     _frontier_panel(ax, results, "entropy", "gen_ppl")
-    ax.set(xlabel="unigram entropy per sample (nats, mean)", ylabel="gen PPL (mean of per-sample exp)")
+    ax.set(xlabel="unigram entropy per sample (nats, mean)", ylabel="gen PPL (mean of per-sample exp, log scale)")
+    ax.set_yscale("log")  # collapsed samplers sit an order of magnitude below the rest
     return fig
 
 
