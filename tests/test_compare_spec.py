@@ -3,6 +3,7 @@ and a hash that is stable across dump/load and changes with any field."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ def test_sampler_entries_canonical_and_round_trip(tmp_path: Path) -> None:
 
 def test_sweep_settings_expand_entries_steps_and_temperatures() -> None:
     from dlm.compare.runner import _speed_settings, sampler_settings
-    from dlm.compare.sweep import temperatures
+    from dlm.compare.sweep import normalize_entries, temperatures
 
     spec = load_compare_spec("smoke", ["--evaluation.samples.temperatures", "0.8,1.0"])
     assert temperatures(spec.evaluation.samples) == (0.8, 1.0)
@@ -324,6 +325,12 @@ def test_sweep_settings_expand_entries_steps_and_temperatures() -> None:
     ar = spec.arm("ar")
     assert [(s.sampler, s.steps) for s in sampler_settings(arm_run_config(spec, ar, 0), ar, spec.evaluation.samples)] \
         == [("ancestral", None)] * 2  # fmt: skip
+    ignored = load_compare_spec("smoke", ["--evaluation.samples.temperatures", "1.0"])
+    mdlm = replace(ignored.arm("mdlm"), samplers=normalize_entries(["first_hitting", "entropy_bounded", "ddpm"], "x"))
+    got = sampler_settings(arm_run_config(ignored, mdlm, 0), mdlm, ignored.evaluation.samples)
+    assert [(s.sampler, s.steps) for s in got] == [
+        ("first_hitting", 4), ("entropy_bounded", 4), ("ddpm", 4), ("ddpm", 16)
+    ]  # samplers whose samples do not depend on steps run once  # fmt: skip
 
 
 @pytest.mark.parametrize(

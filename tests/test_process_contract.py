@@ -139,6 +139,11 @@ def test_samples_are_in_vocabulary_and_keep_the_conditioning(cfg: ProcessConfig,
     model.eval()
     proc.sample(model, 1, L, sampler=sampler, prompt_ids=prompt, **_opts(proc, sampler))
     assert not model.training  # eval mode restored too
+    if spec.steps_ignored:  # declared: the samples do not depend on steps (a comparison's sweep runs it once)
+        opts = {k: v for k, v in _opts(proc, sampler).items() if k != "steps"}
+        kw = dict(sampler=sampler, prompt_ids=prompt, **opts)
+        a, b = (proc.sample(model, N, L, generator=torch.Generator().manual_seed(1), steps=k, **kw) for k in (2, STEPS))
+        assert torch.equal(a.ids_NL, b.ids_NL) and a.nfe == b.nfe
 
 
 def _one_line_error(fn, match: str) -> None:

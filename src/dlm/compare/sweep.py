@@ -7,8 +7,9 @@ and figures (default: the name, then ``-key=value`` per option); an entry withou
 name, so a spec that lists names only is unchanged (same ``spec_hash``, same sample files).
 
 :func:`sweep_settings` expands an arm into :class:`SampleSetting`s: each entry (default: the family's default
-sampler) at every step count (the arm's, else ``evaluation.samples.steps``) when it takes steps, else once,
-each at every temperature of ``evaluation.samples.temperatures`` (empty: ``[evaluation.samples.temperature]``).
+sampler) at every step count (the arm's, else ``evaluation.samples.steps``) when it takes steps, else once (a
+sampler that accepts steps but ignores them, ``SamplerSpec.steps_ignored``: once, at the first step count), each at
+every temperature of ``evaluation.samples.temperatures`` (empty: ``[evaluation.samples.temperature]``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def sweep_settings(
     for entry in entries or (process.resolve_sampler(None),):
         label, name, options = entry_parts(entry)
         opts = tuple(sorted(options.items()))
-        for s in steps if specs[name].takes_steps else (None,):
+        spec = specs[name]  # a sampler that ignores steps runs once, at the first step count
+        for s in (steps[:1] if spec.steps_ignored else steps) if spec.takes_steps else (None,):
             out += [SampleSetting(label, name, s, float(t), opts) for t in temps]
     return out
 

@@ -209,6 +209,8 @@ class SamplerSpec:
     trajectory:       it can return the trajectory (``return_trajectory``).
     nfe_within_steps: its number of network calls never exceeds ``steps`` (False e.g. for first-hitting, whose
                       calls follow from the positions to reveal).
+    steps_ignored:    it accepts ``steps`` but its samples do not depend on it (first_hitting, entropy_bounded):
+                      a sweep over step counts runs it once.
     extra_options:    further ``SamplerOptions`` fields it reads (e.g. AR's ``use_cache``, ``stop_at_eos``).
     option_defaults:  the family's own defaults of options it accepts, where they differ from ``SamplerOptions``'s
                       (e.g. BD3-LM: ``stop_at_eos`` False, its rows are full length unless asked).
@@ -221,6 +223,7 @@ class SamplerSpec:
     time_independent: bool = False
     trajectory: bool = True
     nfe_within_steps: bool = True
+    steps_ignored: bool = False
     extra_options: tuple[str, ...] = ()
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[SamplerOptions], None] | None = None

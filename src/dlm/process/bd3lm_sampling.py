@@ -299,6 +299,7 @@ SAMPLERS: Mapping[str, SamplerSpec] = {
     "first_hitting": SamplerSpec(
         _block_sampler(absorbing.first_hitting, uses_steps=False),
         nfe_within_steps=False,
+        steps_ignored=True,
         extra_options=_EXTRA,
         option_defaults=_DEFAULTS,
     ),

@@ -77,7 +77,9 @@ def _absorbing_sampler(
 _SAMPLERS = {
     "ddpm": SamplerSpec(_absorbing_sampler(absorbing.ddpm)),
     "ddpm_cache": SamplerSpec(_absorbing_sampler(absorbing.ddpm_cache), time_independent=True),
-    "first_hitting": SamplerSpec(_absorbing_sampler(absorbing.first_hitting), nfe_within_steps=False),
+    "first_hitting": SamplerSpec(
+        _absorbing_sampler(absorbing.first_hitting), nfe_within_steps=False, steps_ignored=True
+    ),
     **unmasking.sampler_specs(_absorbing_sampler),
 }
 

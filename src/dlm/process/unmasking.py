@@ -443,6 +443,7 @@ def sampler_specs(
             wrap(entropy_bounded, ENTROPY_BOUNDED_OPTIONS, False),
             ENTROPY_BOUNDED_OPTIONS,
             nfe_within_steps=False,
+            steps_ignored=True,
             option_defaults={"unmask_score": "entropy"},
         ),
     }
