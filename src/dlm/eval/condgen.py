@@ -381,6 +381,20 @@ def score_seed(
     return scores, feats
 
 
+def _load_judge(
+    judge_dir: str | Path, run: LoadedRun, run_dir: str | Path, device: str, batch_size: int
+) -> tuple[LoadedRun, Any]:
+    """The judge run and its ``ContinuationJudge``; refused unless it reads the run's tokenizer."""
+    judge_run = load_run(judge_dir, device=device)
+    jt, rt = judge_run.data_meta["tokenizer"], run.data_meta["tokenizer"]
+    if jt["fingerprint"] != rt["fingerprint"]:
+        raise DlmError(
+            f"judge {judge_dir} reads tokenizer {jt['name']} with another vocabulary than the {rt['name']} of run "
+            f"{run_dir} (fingerprints differ); judge with an AR run trained on the same data"
+        )
+    return judge_run, ContinuationJudge(judge_run, batch_size=max(batch_size, 32))
+
+
 def condgen_run(
     run_dir: str | Path,
     judge_dir: str | Path,
@@ -421,14 +435,7 @@ def condgen_run(
     if data is not None:
         read_meta(data)
     run = load_run(run_dir, device=device)
-    judge_run = load_run(judge_dir, device=device)
-    jt, rt = judge_run.data_meta["tokenizer"], run.data_meta["tokenizer"]
-    if jt["fingerprint"] != rt["fingerprint"]:
-        raise DlmError(
-            f"judge {judge_dir} reads tokenizer {jt['name']} with another vocabulary than the {rt['name']} of run "
-            f"{run_dir} (fingerprints differ); judge with an AR run trained on the same data"
-        )
-    judge = ContinuationJudge(judge_run, batch_size=max(batch_size, 32))
+    judge_run, judge = _load_judge(judge_dir, run, run_dir, device, batch_size)
     head = context_head(run.data_meta, run.process.specials, prompt_from)
     length = _check_lengths(run, judge_run, prompt_len, cont_len, mode, len(head))
     name, steps = resolve_setting(run.process, sampler, steps, length)
