@@ -480,6 +480,31 @@ def task_record(lm: Any, results: dict[str, Any], loaded: dict[str, Any]) -> dic
     return out
 
 
+def _record(
+    run: Any, lm: Any, results: Any, loaded: Any, settings: dict[str, Any], version: str, wall_s: float
+) -> dict[str, Any]:
+    """The lmeval-*.json record of one evaluate_tasks call (accuracies per task, K, the exact/bound label)."""
+    exact = next_token_family(run.process)
+    return {
+        "metric": "lmeval",
+        "family": run.process.name,
+        "likelihood": "exact" if exact else f"lower bound: -(the family's NELBO), mean of K = {settings['k']} draws",
+        "exact": exact,
+        "k": settings["k"],
+        "tasks": task_record(lm, results, loaded),
+        "requests": len(lm.scored),
+        "lm_eval_version": version,
+        "tokenization": "lm-eval's HF convention: encode(context + continuation) split after encode(context)",
+        "truncation": f"rows of at most {row_limit(run)} tokens; longer contexts lose their oldest tokens",
+        "checkpoint_step": run.step,
+        "ema": run.ema,
+        "seed": settings["seed"],
+        "wall_s": wall_s,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": settings,
+    }
+
+
 def evaluate_tasks(
     run_dir: str | Path,
     tasks: str | Sequence[str],
@@ -545,23 +570,6 @@ def evaluate_tasks(
         check_choices(loaded, limit)
         lm = lm_class()(run, tok, k=settings["k"], batch_size=batch_size, seed=seed)
         results = run_tasks(lm, loaded, limit=limit, seed=seed)
-    record = {
-        "metric": "lmeval",
-        "family": run.process.name,
-        "likelihood": "exact" if exact else f"lower bound: -(the family's NELBO), mean of K = {settings['k']} draws",
-        "exact": exact,
-        "k": settings["k"],
-        "tasks": task_record(lm, results, loaded),
-        "requests": len(lm.scored),
-        "lm_eval_version": lm_eval.__version__,
-        "tokenization": "lm-eval's HF convention: encode(context + continuation) split after encode(context)",
-        "truncation": f"rows of at most {row_limit(run)} tokens; longer contexts lose their oldest tokens",
-        "checkpoint_step": run.step,
-        "ema": run.ema,
-        "seed": seed,
-        "wall_s": time.perf_counter() - t0,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": settings,
-    }
+    record = _record(run, lm, results, loaded, settings, lm_eval.__version__, time.perf_counter() - t0)
     write_json_atomic(path, record)
     return record, path
