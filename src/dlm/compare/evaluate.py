@@ -127,11 +127,7 @@ def sample_set(
     wall_s / n. Returns (record, path); an existing file with the same settings is returned as it is (``log``
     says "reused PATH") unless ``force``. ``progress(done, n)`` after each batch.
     """
-    _check_int("number of samples", n, 1)
-    _check_int("sample batch size", batch_size, 1)
-    _check_int("sample seed", seed, 0)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise DlmError(f"temperature must be a number >= 0, got {temperature!r}")
+    _check_sample_args(n, batch_size, seed, temperature)
     dev = check_device(device)
     run = load_run(run_dir, device=device)
     tok = run_tokenizer(run)
@@ -164,15 +160,36 @@ def sample_set(
         return old, path
     check_writable(path.parent)
     samples, nfes, wall = _draw(run, tok.decode, prompt, settings, dev, progress)
-    record = {
+    record = _samples_record(settings, prompt, tok.name, dev, samples, nfes, wall)
+    write_json_atomic(path, record)
+    if log is not None:
+        log(f"{n} samples {run.process.name} {name} steps {steps}: {wall / n:.4f} s/sequence -> {path}")
+    return record, path
+
+
+def _check_sample_args(n: Any, batch_size: Any, seed: Any, temperature: Any) -> None:
+    _check_int("number of samples", n, 1)
+    _check_int("sample batch size", batch_size, 1)
+    _check_int("sample seed", seed, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise DlmError(f"temperature must be a number >= 0, got {temperature!r}")
+
+
+def _samples_record(
+    settings: dict[str, Any], prompt: list[int], tokenizer: str, dev: torch.device, samples: list, nfes: list,
+    wall: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The samples-*.json record: the settings, the samples, NFE per batch, wall time (``sample_set``)."""
+    n = settings["n"]
+    return {
         "kind": "samples",
         "settings": settings,
         **{k: settings[k] for k in ("family", "sampler", "steps", "temperature", "n", "length", "seed")},
         **{k: settings[k] for k in ("batch_size", "checkpoint_step", "ema")},
-        "label": settings.get("label", name),
+        "label": settings.get("label", settings["sampler"]),
         "options": settings.get("options", {}),
         "prompt_ids": prompt,
-        "tokenizer": tok.name,
+        "tokenizer": tokenizer,
         "device": str(dev),
         "nfe": sum(nfes) / len(nfes),
         "nfe_per_batch": nfes,
@@ -181,10 +198,6 @@ def sample_set(
         "created": _now(),
         "samples": samples,
     }
-    write_json_atomic(path, record)
-    if log is not None:
-        log(f"{n} samples {run.process.name} {name} steps {steps}: {wall / n:.4f} s/sequence -> {path}")
-    return record, path
 
 
 def _draw(
