@@ -65,7 +65,6 @@ from dlm.process.base import (
     Process,
     ProcessConfig,
     SampleResult,
-    SamplerFn,
     SamplerOptions,
     SamplerSpec,
     SampleStart,
@@ -456,27 +455,4 @@ def _ddpm_uniform(
     return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
 
 
-def _unmasking_sampler(
-    fn: absorbing.AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True
-) -> SamplerFn:
-    """A ``dlm.process.unmasking`` sampler on D3PM-absorbing, from all-MASK (fixed positions kept), with the
-    configured schedule alpha(t) on its own grid t_i = 1 - i/S (D3PM's table holds alpha(i/T): the same values
-    when S divides T) and the network's time rounded to the step index round(t T) (``denoiser``); ``names``: the
-    further ``SamplerOptions`` it reads, passed as keywords of the same names."""
-    del uses_steps
-
-    def run(
-        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
-    ) -> SampleResult:
-        assert isinstance(process, D3PMProcess) and o.steps is not None
-        out = fn(
-            process.denoiser(model), process.transition.start(start.fixed_NL), process.schedule, o.steps, gen,
-            start.fixed_NL >= 0, mask_id=process.specials.mask, temperature=o.temperature, top_k=o.top_k,
-            top_p=o.top_p, return_trajectory=o.return_trajectory, **{name: getattr(o, name) for name in names},
-        )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
-
-    return run
-
-
-_UNMASKING = unmasking.sampler_specs(_unmasking_sampler)
+_UNMASKING = unmasking.sampler_specs(unmasking.family_sampler)

@@ -29,13 +29,8 @@ from dlm.process.base import (
     NLLResult,
     Process,
     ProcessConfig,
-    SampleResult,
-    SamplerFn,
-    SamplerOptions,
     SamplerSpec,
-    SampleStart,
     check_eval_t_samples,
-    full_length_result,
     register_process,
     scored_positions,
     token_logprobs,
@@ -48,39 +43,16 @@ from dlm.process.transitions import AbsorbingTransition, Transition
 T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t) E[#masked] is bounded at 0)
 
 
-def _absorbing_sampler(
-    fn: absorbing.AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True
-) -> SamplerFn:
-    """An ``absorbing`` sampler run from all-MASK (fixed positions kept) on MDLM's denoiser and schedule; ``names``:
-    the further ``SamplerOptions`` it reads, passed as keywords of the same names (``dlm.process.unmasking``)."""
-    del uses_steps
-
-    def run(
-        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
-    ) -> SampleResult:
-        assert isinstance(process, MDLMProcess) and o.steps is not None
-        is_fixed = start.fixed_NL >= 0
-        z_init = process.transition.start(start.fixed_NL)
-        out = fn(
-            process.denoiser(model), z_init, process.schedule, o.steps, gen, is_fixed,
-            mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-            return_trajectory=o.return_trajectory, **{name: getattr(o, name) for name in names},
-        )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
-
-    return run
-
-
 # ddpm: ``steps`` uniform steps (default ``length``); ddpm_cache: the same samples in fewer calls (time-independent
 # models only); first_hitting: one token per call (``steps`` is ignored). See ``dlm.process.absorbing``. Then
 # remdm, confidence, llada and entropy_bounded: remasking and ordered unmasking (``dlm.process.unmasking``).
 _SAMPLERS = {
-    "ddpm": SamplerSpec(_absorbing_sampler(absorbing.ddpm)),
-    "ddpm_cache": SamplerSpec(_absorbing_sampler(absorbing.ddpm_cache), time_independent=True),
+    "ddpm": SamplerSpec(unmasking.family_sampler(absorbing.ddpm)),
+    "ddpm_cache": SamplerSpec(unmasking.family_sampler(absorbing.ddpm_cache), time_independent=True),
     "first_hitting": SamplerSpec(
-        _absorbing_sampler(absorbing.first_hitting), nfe_within_steps=False, steps_ignored=True
+        unmasking.family_sampler(absorbing.first_hitting), nfe_within_steps=False, steps_ignored=True
     ),
-    **unmasking.sampler_specs(_absorbing_sampler),
+    **unmasking.sampler_specs(unmasking.family_sampler),
 }
 
 

@@ -85,7 +85,6 @@ from dlm.process.base import (
     Process,
     ProcessConfig,
     SampleResult,
-    SamplerFn,
     SamplerOptions,
     SamplerSpec,
     SampleStart,
@@ -455,25 +454,4 @@ def _analytic(
     return _run(process, model, start, o, gen, "analytic")
 
 
-def _unmasking_sampler(
-    fn: absorbing.AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True
-) -> SamplerFn:
-    """A ``dlm.process.unmasking`` sampler on SEDD-absorbing (p_theta = s_theta (e^sigma - 1), ``denoiser``), from
-    all-MASK with fixed positions kept; ``names``: the further ``SamplerOptions`` it reads, as keywords."""
-    del uses_steps
-
-    def run(
-        process: Process, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
-    ) -> SampleResult:
-        assert isinstance(process, SEDDProcess) and process.absorbing and o.steps is not None
-        out = fn(
-            process.denoiser(model), process.transition.start(start.fixed_NL), process.schedule, o.steps, gen,
-            start.fixed_NL >= 0, mask_id=process.mask_id, temperature=o.temperature, top_k=o.top_k, top_p=o.top_p,
-            return_trajectory=o.return_trajectory, **{name: getattr(o, name) for name in names},
-        )  # fmt: skip
-        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
-
-    return run
-
-
-_UNMASKING = unmasking.sampler_specs(_unmasking_sampler)
+_UNMASKING = unmasking.sampler_specs(unmasking.family_sampler)

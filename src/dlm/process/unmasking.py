@@ -74,7 +74,7 @@ from dlm.process.absorbing import (
     _start,
     capture_denoiser,
 )
-from dlm.process.base import SamplerFn, SamplerOptions, SamplerSpec
+from dlm.process.base import SampleResult, SamplerFn, SamplerOptions, SamplerSpec, SampleStart, full_length_result
 from dlm.process.sampling import _uniforms
 from dlm.process.schedules import Schedule
 
@@ -90,6 +90,7 @@ __all__ = [
     "check_options",
     "confidence",
     "entropy_bounded",
+    "family_sampler",
     "remdm",
     "remdm_table",
     "reveal_counts",
@@ -419,6 +420,28 @@ def entropy_bounded(
 
 # wrap(sampler, option names it reads, whether it spreads ``steps``) -> the family's ``SamplerFn``
 Wrap = Callable[[AbsorbingSampler, tuple[str, ...], bool], SamplerFn]
+
+
+def family_sampler(fn: AbsorbingSampler, names: tuple[str, ...] = (), uses_steps: bool = True) -> SamplerFn:
+    """The ``Wrap`` of the whole-row absorbing families (MDLM, SEDD-absorbing, D3PM-absorbing): ``fn`` run from
+    ``process.transition.start`` (all-MASK, fixed positions kept) on ``process.denoiser(model)`` and
+    ``process.schedule`` (D3PM: alpha(t) on the sampler's own grid, its table's values when S divides T), MASK =
+    ``specials.mask``; ``names``: the further ``SamplerOptions`` ``fn`` reads, passed as keywords of the same names.
+    ``uses_steps`` is not needed: the whole row is one block."""
+    del uses_steps
+
+    def run(
+        process: Any, model: torch.nn.Module, start: SampleStart, o: SamplerOptions, gen: torch.Generator | None
+    ) -> SampleResult:
+        assert o.steps is not None, "the dispatcher resolves the steps"
+        out = fn(
+            process.denoiser(model), process.transition.start(start.fixed_NL), process.schedule, o.steps, gen,
+            start.fixed_NL >= 0, mask_id=process.specials.mask, temperature=o.temperature, top_k=o.top_k,
+            top_p=o.top_p, return_trajectory=o.return_trajectory, **{name: getattr(o, name) for name in names},
+        )  # fmt: skip
+        return full_length_result(out.ids_BL, out.nfe, start.prompt_len, out.trajectory_BL)
+
+    return run
 
 
 def sampler_specs(
