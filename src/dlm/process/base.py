@@ -152,19 +152,9 @@ class SamplerOptions:
     fixed positions after the prompt (infilling, whose rows are full length) is refused. A stopped row is
     never rejected or resampled; what stopped it is recorded (``SampleResult.stop_N``).
 
-    Options of the remasking and ordered-unmasking samplers of the absorbing families (``dlm.process.unmasking``;
-    the defaults leave every other sampler unchanged, and only the samplers that read them accept them):
-    remask_strategy:   ``remdm``: how the remasking probability sigma_t is set: cap (min(eta, sigma_max)),
-                       rescale (eta sigma_max) or conf (sigma_max spread over the unmasked positions by a softmax
-                       of minus their confidence at decoding).
-    remask_eta:        ``remdm``: eta in [0, 1] of cap / rescale (conf ignores it).
-    remask_t_on:       ``remdm`` loop: remasking only for t in [t_off, t_on), alpha held at alpha(t_on) there
-    remask_t_off:      (None: remask at every step, no loop); 1 >= t_on > t_off >= 0.
-    unmask_score:      ``confidence`` / ``entropy_bounded``: the order in which masked positions are revealed, by
-                       p_theta at the position: confidence (max prob), margin (top1 - top2), entropy (lowest first)
-                       or drawn (the probability of the token drawn there: LLaDA's low-confidence remasking).
-    entropy_bound:     ``entropy_bounded``: gamma >= 0 (nats), the EB-sampler's budget on sum H - max H of the
-                       positions revealed together.
+    remask_strategy, remask_eta, remask_t_on, remask_t_off, unmask_score, entropy_bound: the options of the
+    remasking and ordered-unmasking samplers (defined in ``dlm.process.unmasking``'s docstring; only the samplers
+    that read them accept them, and the defaults leave every other sampler unchanged).
     """
 
     steps: int | None = None
