@@ -307,9 +307,12 @@ def _agg(values: Sequence[float], over: str) -> dict[str, Any]:
 
 
 def _check_args(
-    prompt_len: Any, cont_len: Any, n_prompts: Any, mode: str, seeds: Any, mauve_seeds: Any, prompt_from: Any
-) -> None:
-    for name, v, lo in (("prompt length", prompt_len, 1), ("continuation length", cont_len, 1), ("--n", n_prompts, 2)):
+    prompt_len: Any, cont_len: Any, n_prompts: Any, mode: str, seeds: Any, mauve_seeds: Any, prompt_from: Any,
+    batch_size: Any,
+) -> None:  # fmt: skip
+    sizes = (("prompt length", prompt_len, 1), ("continuation length", cont_len, 1), ("--n", n_prompts, 2),
+             ("batch size", batch_size, 1))  # fmt: skip
+    for name, v, lo in sizes:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise DlmError(f"{name} must be an integer >= {lo}, got {v!r}")
     if mode not in MODES:
@@ -422,15 +425,13 @@ def condgen_run(
     or "start" (each document's first tokens after its boundary); module docstring. ``data``: another prepared
     corpus with the run's tokenizer (default: the run's own). Every check of the input is made before any
     sampling: lengths, mode, prompt position, seeds, the judge (an AR run with the run's tokenizer and a context
-    that holds the rows), the documents. Without mauve-text everything but
-    MAUVE is computed and ``record["mauve"]`` is ``{"missing": MAUVE_MISSING}``.
+    that holds the rows), the documents. Without mauve-text everything but MAUVE is computed and
+    ``record["mauve"]`` is ``{"missing": MAUVE_MISSING}``.
     """
     from dlm.compare.evaluate import resolve_setting
 
     seeds, mauve_seeds = list(seeds), list(mauve_seeds)
-    _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds, prompt_from)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DlmError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds, prompt_from, batch_size)
     dev = check_device(device)
     if data is not None:
         read_meta(data)
