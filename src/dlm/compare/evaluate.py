@@ -35,9 +35,9 @@ from dlm.eval.diversity import diversity_summary, repetition_rate, unigram_entro
 from dlm.eval.formal import GENERATION_DEFINITIONS, formal_generation_metrics, run_language, symbol_table
 from dlm.eval.genppl import ARRunJudge, Judge, gen_ppl_summary
 from dlm.eval.results import check_device, check_writable, find_results, result_path, reuse, settings_hash
-from dlm.eval.run import run_tokenizer, start_ids
+from dlm.eval.run import resolve_setting, run_tokenizer, start_ids
 from dlm.io import write_json_atomic
-from dlm.process.base import Process, SampleResult
+from dlm.process.base import SampleResult
 from dlm.rundir import LoadedRun, load_run, read_run_info
 
 __all__ = ["Evaluator", "JudgeEvaluator", "Scores", "TrueLanguageEvaluator", "judge_from_run", "quality_set"]
@@ -64,20 +64,6 @@ def _now() -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def resolve_setting(process: Process, sampler: str | None, steps: int | None, length: int) -> tuple[str, int | None]:
-    """(sampler name, steps) as they go into a file: the family's default sampler for None; steps None for a
-    sampler without steps (``SamplerSpec.takes_steps`` False; steps given for it is refused), else ``steps`` or
-    the family's ``default_steps(length)``."""
-    name = process.resolve_sampler(sampler)
-    if not process.sampler_specs()[name].takes_steps:
-        if steps is not None:
-            raise DlmError(
-                f"the {process.name} sampler {name!r} takes no steps (one network call per token); give steps=None"
-            )
-        return name, None
-    return name, _check_int("steps", process.default_steps(length) if steps is None else steps, 1)
 
 
 def readable_name(sampler: str, steps: int | None, checkpoint_step: int, temperature: float = 1.0) -> str:

@@ -73,7 +73,7 @@ from dlm.eval.mauve import (
 )
 from dlm.eval.mauve import mauve_module as _mauve_module
 from dlm.eval.results import check_device, check_writable, result_path, reuse
-from dlm.eval.run import boundary_id, check_tokenizer, run_tokenizer
+from dlm.eval.run import boundary_id, check_tokenizer, resolve_setting, run_tokenizer
 from dlm.io import write_json_atomic
 from dlm.process.base import token_logprobs
 from dlm.rundir import LoadedRun, load_run
@@ -428,8 +428,6 @@ def condgen_run(
     that holds the rows), the documents. Without mauve-text everything but MAUVE is computed and
     ``record["mauve"]`` is ``{"missing": MAUVE_MISSING}``.
     """
-    from dlm.compare.evaluate import resolve_setting
-
     seeds, mauve_seeds = list(seeds), list(mauve_seeds)
     _check_args(prompt_len, cont_len, n_prompts, mode, seeds, mauve_seeds, prompt_from, batch_size)
     dev = check_device(device)

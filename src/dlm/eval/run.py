@@ -89,6 +89,23 @@ def run_tokenizer(run: LoadedRun) -> Tokenizer:
     return tok
 
 
+def resolve_setting(process: Any, sampler: str | None, steps: int | None, length: int) -> tuple[str, int | None]:
+    """(sampler name, steps) as they go into a file: the family's default sampler for None; steps None for a
+    sampler without steps (``SamplerSpec.takes_steps`` False; steps given for it is refused), else ``steps`` or
+    the family's ``default_steps(length)``."""
+    name = process.resolve_sampler(sampler)
+    if not process.sampler_specs()[name].takes_steps:
+        if steps is not None:
+            raise DlmError(
+                f"the {process.name} sampler {name!r} takes no steps (one network call per token); give steps=None"
+            )
+        return name, None
+    steps = process.default_steps(length) if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DlmError(f"steps must be an integer >= 1, got {steps!r}")
+    return name, steps
+
+
 def _positive(name: str, value: int | None) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise DlmError(f"{name} must be a positive integer, got {value!r}")
