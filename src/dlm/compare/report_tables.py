@@ -37,7 +37,7 @@ def zero_shot_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
     zero-shot rows."""
     from dlm.compare.report import Table, mean_std  # the report module places these tables (imported lazily)
 
-    aggs = aggregates(results, "zeroshot")
+    aggs = _ordered(results, "zeroshot")
     if not aggs:
         return None
     indomain = {a["arm"]: a for a in aggregates(results, "likelihood")}
@@ -45,8 +45,7 @@ def zero_shot_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
     head = ["corpus", "arm", "split", "NLL nats/token (mean ± std over seeds)", "PPL = exp(mean NLL)", "bits/byte"]
     head += ["tokens scored", "in-domain NLL", "shift (zero-shot − in-domain)", "seeds"]
     table = Table("zeroshot", "zeroshot", head)
-    order = {a: i for i, a in enumerate(arm_order(results))}
-    for a in sorted(aggs, key=lambda a: (str(a.get("evaluation")), order.get(a["arm"], 0))):
+    for a in aggs:
         name = str(a.get("evaluation") or "").removeprefix("zeroshot:")
         split = next((r.get("split") for r in results["rows"] if r.get("evaluation") == a.get("evaluation")), None)
         rel = _relation(results, "zeroshot", a["arm"], name)
