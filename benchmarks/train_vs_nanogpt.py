@@ -191,14 +191,54 @@ def legacy_fields(row: dict[str, Any], ref: str) -> None:
     row["ratio"], row["cpu_ratio"] = row[f"ratio_{ref}"], row[f"cpu_ratio_{ref}"]
 
 
-def profile_table(fn: Callable[[], None], n: int, rows: int = 25) -> str:
-    """torch.profiler over ``n`` calls of ``fn``: CPU ops sorted by self time."""
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_table(fn: Callable[[], None], n: int, rows: int = 25) -> tuple[str, dict[str, float]]:
+    """torch.profiler over ``n`` calls of ``fn``: CPU ops sorted by self time, and per step the seconds of
+    all ops (``total_s``), of the matmuls (``mm_s``: MATMUL_OPS) and of attention (``attn_s``: every op whose
+    name holds ``scaled_dot_product`` or ``flex``), self times."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(n):
             fn()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+    attn = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key or "flex" in e.key)
+    per_step = {"total_s": total / n / 1e6, "mm_s": mm / n / 1e6, "attn_s": attn / n / 1e6}
+    return events.table(sort_by="self_cpu_time_total", row_limit=rows), per_step
+
+
+def sgemm_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
+    """The machine's measured float32 matmul rate, FLOP/s: the median of ``reps`` [n, n] @ [n, n] products."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def ceiling(costs: dict[str, dict[str, float]], tokens: int, params: dict[str, int], peak: float) -> dict[str, Any]:
+    """What the profile says about the ratio's reach at equal FLOPs. Per arm: the matmuls' share of the step
+    and their rate, about 6 P T FLOP per step (P parameters, all in matmuls but the norms', T tokens) over the
+    matmul seconds, as a fraction of the measured ``peak``. Per reference X: ``ceiling_X`` = X's profiled step /
+    dlm's matmul and attention seconds, the ratio dlm would reach if all its other work took no time."""
+    out: dict[str, Any] = {"sgemm_peak_flop_s": peak}
+    for name, c in costs.items():
+        rate = 6 * params[name] * tokens / c["mm_s"] if c["mm_s"] > 0 else float("nan")
+        out[name] = {**c, "mm_share": c["mm_s"] / c["total_s"], "mm_flop_s": rate, "mm_of_peak": rate / peak}
+    floor = costs["dlm"]["mm_s"] + costs["dlm"]["attn_s"]
+    for name in costs:
+        if name != "dlm" and floor > 0:
+            out[f"ceiling_{name}"] = costs[name]["total_s"] / floor
+    return out
 
 
 def main() -> None:
@@ -239,7 +279,10 @@ def main() -> None:
             flush=True,
         )
         rounds = interleaved(arms, a.rounds, a.steps, a.warmup, device)
-        tables = {name: profile_table(fn, a.profile) for name, fn in arms.items()} if a.profile else {}
+        profiles = {name: profile_table(fn, a.profile) for name, fn in arms.items()} if a.profile else {}
+        peak = sgemm_peak(device) if a.profile else float("nan")
+    tables = {name: table for name, (table, _) in profiles.items()}
+    reach = ceiling({name: c for name, (_, c) in profiles.items()}, tokens, params, peak) if profiles else {}
     summary: dict[str, float] = {}
     for r in rounds:
         legacy_fields(r, refs[0])
@@ -260,6 +303,20 @@ def main() -> None:
     print("FLOP/s ratio (wall, median): " + ", ".join(f"{r} {summary[f'flop_ratio_{r}_median']:.3f}" for r in refs))
     for name, table in tables.items():
         print(f"\nprofile: {name}, {a.profile} steps\n{table}")
+    if reach:
+        print(f"\nmeasured float32 matmul peak (2048^3): {reach['sgemm_peak_flop_s'] / 1e9:.1f} GFLOP/s")
+        for name in arms:
+            r = reach[name]
+            print(
+                f"{name}: step {r['total_s'] * 1e3:.0f} ms (profiled), matmuls {r['mm_s'] * 1e3:.0f} ms "
+                f"({r['mm_share']:.0%}) at ~{r['mm_flop_s'] / 1e9:.1f} GFLOP/s ({r['mm_of_peak']:.0%} of peak), "
+                f"attention {r['attn_s'] * 1e3:.0f} ms"
+            )
+        for ref in refs:
+            print(
+                f"ceiling vs {ref}: {reach[f'ceiling_{ref}']:.3f} (its step / dlm's matmuls + attention: the ratio "
+                "if all dlm's other work took no time)"
+            )
     out = {
         "benchmark": "train_vs_nanogpt",
         "label": a.label,
@@ -276,6 +333,7 @@ def main() -> None:
         "rounds": rounds,
         "summary": summary,
         "profiles": tables,
+        "profile_costs": reach,
     }
     write_result(a.out, out)
 

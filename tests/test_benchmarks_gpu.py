@@ -64,11 +64,22 @@ def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> 
     shape = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
     proc = _run(
         "train_vs_nanogpt.py", "--data", str(tiny_data), "--rounds", "2", "--steps", "2", "--warmup", "1",
-        "--out", str(out), *shape,
+        "--profile", "1", "--out", str(out), *shape,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["overrides"] == shape and r["batch"] == 4
+    c = r["profile_costs"]  # the profile's matmul / attention accounting and the ceiling it implies
+    assert c["sgemm_peak_flop_s"] > 0
+    for arm in ("dlm", "gpt2"):
+        a = c[arm]
+        assert 0 < a["mm_s"] < a["total_s"] and 0 < a["attn_s"] < a["total_s"]
+        assert a["mm_share"] == pytest.approx(a["mm_s"] / a["total_s"])
+        tokens = r["batch"] * r["seq_len"]
+        assert a["mm_flop_s"] == pytest.approx(6 * r["params"][arm] * tokens / a["mm_s"])
+        assert a["mm_of_peak"] == pytest.approx(a["mm_flop_s"] / c["sgemm_peak_flop_s"])
+    assert c["ceiling_gpt2"] == pytest.approx(c["gpt2"]["total_s"] / (c["dlm"]["mm_s"] + c["dlm"]["attn_s"]))
+    assert "ceiling vs gpt2" in proc.stdout
     for row in r["rounds"]:
         assert len(row["dlm_s"]) == len(row["ref_s"]) == 2
         assert row["ratio"] == pytest.approx(row["ref_median_s"] / row["dlm_median_s"])
