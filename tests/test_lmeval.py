@@ -131,6 +131,60 @@ def test_a_block_family_scores_rows_cut_or_filled_to_whole_blocks() -> None:
     assert not any(s.truncated for s in aligned)
 
 
+def test_common_draws_do_not_depend_on_the_other_requests_or_their_order() -> None:
+    run = _run("mdlm", context=12)
+    a, b, c = ([0, 2, 5], [3, 4]), ([0, 3], [2, 2, 5]), ([0, 2, 5], [4])
+    first = continuation_logprobs(run, [a, b], k=3, common_seed=7)
+    second = continuation_logprobs(run, [b, c, a], k=3, common_seed=7)
+    assert second[2] == first[0] and second[0] == first[1]
+    # one shared stream (draws="independent") gives a request other draws when the request set changes
+    one = continuation_logprobs(run, [a, b], k=3, generator=torch.Generator().manual_seed(7))
+    two = continuation_logprobs(run, [b, c, a], k=3, generator=torch.Generator().manual_seed(7))
+    assert one[0].logprob != two[2].logprob
+
+
+def test_common_draws_give_the_choices_of_one_context_the_same_masks(monkeypatch) -> None:
+    """Equal-length choices after one context are scored under the same masks and mask counts; a choice of
+    another length shares the count's uniform (k / n coupled); another context draws other masks."""
+    import dlm.process.estimators as estimators
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    real = estimators.draw_masks
+
+    def spy(scored_BL, generator, antithetic=True):
+        out = real(scored_BL, generator, antithetic)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(estimators, "draw_masks", spy)
+    run = _run("mdlm", context=12)
+    ctx = [0, 2, 5, 3]
+    requests = [(ctx, [3, 4, 2, 2]), (ctx, [5, 1, 4, 3]), ([0, 2, 5, 4], [3, 4, 2, 2])]
+    continuation_logprobs(run, requests, k=5, common_seed=3)
+    (m0, k0, _), (m1, k1, _), (m2, _, _) = seen
+    assert torch.equal(m0, m1) and torch.equal(k0, k1)
+    assert not torch.equal(m0, m2)
+    seen.clear()
+    continuation_logprobs(run, [(ctx, [3, 4, 2, 2, 1, 4, 2]), (ctx, [3, 4, 2])], k=64, common_seed=3)
+    (_, k_long, n_long), (_, k_short, n_short) = seen  # k = floor(u n) + 1 with one u per draw for both
+    u_lo = torch.maximum((k_long - 1) / n_long, (k_short - 1) / n_short)
+    u_hi = torch.minimum(k_long / n_long, k_short / n_short)
+    assert bool((u_lo < u_hi).all())  # one u in both intervals, draw by draw
+
+
+def test_common_draws_keep_the_estimate_unbiased() -> None:
+    """The two-token any-order ELBO of the enumeration test, now from common draws: within 4 SE."""
+    run = _run("mdlm", schedule="linear")
+    c, y = [0, 2, 5], [3, 4]
+    row, (a, b) = c + y, (3, 4)
+    both = _logp_masked(run, row, [a, b])
+    only_a, only_b = _logp_masked(run, row, [a]), _logp_masked(run, row, [b])
+    elbo = (float(both[a, row[a]] + only_b[b, row[b]]) + float(both[b, row[b]] + only_a[a, row[a]])) / 2
+    (s,) = continuation_logprobs(run, [(c, y)], k=4000, common_seed=11)
+    assert s.se is not None and 0 < s.se < 0.05
+    assert abs(s.logprob - elbo) < 4 * s.se
+
+
 def test_bad_requests_are_refused() -> None:
     run = _run("mdlm")
     with pytest.raises(DlmError, match="K"):
@@ -258,10 +312,12 @@ def test_evaluate_tasks_writes_one_result_per_setting_and_reuses_it(lm_eval_read
     assert task["documents"] == 3 and task["requests"] == record["requests"] == 3 + 3 + 3
     assert 0.0 <= task["metrics"]["acc"] <= 1.0 and task["metrics"]["acc_stderr"] is not None
     assert task["mean_request_se"] is not None and task["mean_request_se"] > 0
+    assert record["settings"]["draws"] == "common" and "(common)" in record["likelihood"]
     before = files[0].stat().st_mtime_ns
     assert _cli(argv) == 0 and "reused" in capsys.readouterr().out
     assert files[0].stat().st_mtime_ns == before
     assert _cli([*argv[:-1], "2"]) == 0 and len(list((run / "eval").glob("lmeval-*.json"))) == 2
+    assert _cli([*argv, "--draws", "independent"]) == 0 and len(list((run / "eval").glob("lmeval-*.json"))) == 3
 
 
 def test_bad_input_is_refused_in_one_line(lm_eval_ready, tiny_ar_run, tmp_path, monkeypatch) -> None:
@@ -272,6 +328,8 @@ def test_bad_input_is_refused_in_one_line(lm_eval_ready, tiny_ar_run, tmp_path, 
     base = [str(tiny_ar_run), "--task-dir"]
     with pytest.raises(DlmError, match="K .* must be an integer >= 1"):
         _cli([*base, str(folder), "--tasks", "dlm_quiz", "--k", "0"])
+    with pytest.raises(DlmError, match="draws must be one of common, independent, got 'paired'"):
+        lmeval.evaluate_tasks(tiny_ar_run, "dlm_quiz", draws="paired")
     with pytest.raises(DlmError, match="gives no choices"):
         _cli([*base, str(tmp_path / "bad"), "--tasks", "no_choices"])
     # lm-eval's whole registry takes seconds to index: the local directory stands in for it here

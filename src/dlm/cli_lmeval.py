@@ -54,6 +54,7 @@ def cmd_lmeval(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         seed=args.seed,
+        draws=args.draws,
         task_dir=task_dir,
         which=args.checkpoint,
         ema=not args.no_ema,
@@ -93,6 +94,13 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="rows through the network at once (32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bound's draws and few-shot choices (0)")
+    p.add_argument(
+        "--draws",
+        choices=["common", "independent"],
+        default="common",
+        help="a bound's draws: common (default; the choices of a question share their random numbers, so their "
+        "difference is less noisy) or independent",
+    )
     p.add_argument("--checkpoint", type=checkpoint_arg, default="last", help="last (default), best, or a step")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights even if an EMA exists")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")

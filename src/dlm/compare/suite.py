@@ -89,7 +89,7 @@ def downstream_stage(
     names, task_dir = tasks
     rec, path = evaluate_tasks(run_dir, names, task_dir=task_dir, k=d.k, limit=d.limit, seed=0,
                                device=device)  # fmt: skip
-    how = "exact" if rec["exact"] else f"bound, K = {rec['k']}"
+    how = "exact" if rec["exact"] else f"bound, K = {rec['k']}, {rec['settings'].get('draws', 'independent')} draws"
     for name, t in rec["tasks"].items():
         acc = t["metrics"].get("acc")
         shown = "–" if acc is None else f"{acc:.3f}"
