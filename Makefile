@@ -27,13 +27,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# On a machine with a CUDA GPU (never part of CI): the CUDA-only tests, then the issue-14 GPU table
-# (benchmarks/gpu.py, ~8 min, JSON in benchmarks/results/gpu.json). `make gpu-check PY=python3 LABEL=before`
-# uses an interpreter that already has torch with CUDA.
+# On a machine with a CUDA GPU (never part of CI): benchmarks/device_check.sh, the CUDA-only tests and then
+# the issue-14 GPU table (benchmarks/gpu.py), ~9 min, files in benchmarks/results/device (or $OUT).
+# `make gpu-check PY=python3 LABEL=after` uses an interpreter that already has torch with CUDA.
 LABEL ?= after
 gpu-check:
-	$(PY) -m pytest -q -m gpu
-	$(PY) benchmarks/gpu.py --label $(LABEL)
+	PY=$(PY) bash benchmarks/device_check.sh $(LABEL)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -12,8 +12,12 @@ printing and writing the table of issue 14 (JSON with the device, torch / CUDA v
              (``nanogpt_ref.RefGPT``: loss inside the compiled forward, fused AdamW). Rows of L tokens, B L tokens
              per step as ``dlm train`` counts them; median step time after warm-up (the compile).
 - decode:    AR ancestral sampling with the KV cache (``process.sample``), B = 1 and 64, [BOS] + 1023 new
-             tokens, tok/s = new tokens / median wall time. A row whose full length does not fit its deadline
-             (estimated from a short warm-up) is measured on fewer tokens and says so.
+             tokens, tok/s = new tokens / median wall time, on two paths: ``static`` (dlm's default: the
+             preallocated cache and the decode step as a CUDA graph, ``model.decoder``) and ``growing`` (the
+             forward with a growing cache and a host check after every token, ``model.static_decode = False``:
+             the path every backbone had before issue 14), with whether their ids agree. A row whose full
+             length does not fit its deadline (estimated from a short warm-up) is measured on fewer tokens and
+             says so.
 - diffusion: MDLM ``ddpm_cache`` (``process.sample``), B = 1 and 64, S in {32, 64, 256, 1024} at L = 1024:
              seconds per network call = median wall time / nfe, with the eager denoiser and with the denoiser
              captured as a CUDA graph (``dlm.model.graphs``; the row says whether the ids agree).
@@ -25,6 +29,7 @@ eager, fp32, seconds) so a test can check the script and its JSON.
     python benchmarks/gpu.py                        # on a GPU: writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --label before         # tag the run (e.g. before/after a change)
     python benchmarks/gpu.py --sections decode      # only some sections (the peak is always measured)
+    python benchmarks/gpu.py --budget-scale 0.7     # every section's deadline x 0.7 (a shorter device call)
     python benchmarks/gpu.py --smoke --out /tmp/gpu_smoke.json
 """
 
@@ -299,36 +304,53 @@ def _repeat(call: Callable[[], Any], plan: Plan, sec: Section, estimate_s: float
     return out
 
 
-def decode_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
-    """AR decoding tok/s: [BOS] + new tokens, KV cache, no EOS stop."""
-    process, model = sampling_model(plan, "ar")
-    rows = []
-    for n in plan.decode_batches:
+DECODE_PATHS = ("static", "growing")  # model.static_decode True / False (module docstring)
 
-        def call(length: int, n: int = n) -> Any:
+
+def decode_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
+    """AR decoding tok/s: [BOS] + new tokens, KV cache, no EOS stop, per batch on each of DECODE_PATHS; the
+    growing row says whether its ids equal the static row's (same generator seed; compared over the shorter)."""
+    process, model = sampling_model(plan, "ar")
+    rows: list[dict[str, Any]] = []
+    jobs = list(itertools.product(plan.decode_batches, DECODE_PATHS))
+    for i, (n, path) in enumerate(jobs):
+
+        def call(length: int, n: int = n, path: str = path) -> Any:
             gen = torch.Generator(device=plan.device).manual_seed(0)
-            return process.sample(model, n, length, prompt_ids=[0], generator=gen, stop_at_eos=False)
+            model.static_decode = path == "static"
+            try:
+                return process.sample(model, n, length, prompt_ids=[0], generator=gen, stop_at_eos=False)
+            finally:
+                model.static_decode = True
 
         if sec.left() <= 0:
-            rows.append({"batch": n, "skipped": f"section deadline ({sec.budget_s:.0f} s) reached"})
+            rows.append({"batch": n, "path": path, "skipped": f"section deadline ({sec.budget_s:.0f} s) reached"})
             continue
         short = min(17, plan.decode_length)
         t_short, _ = timed(partial(call, short), plan.device)  # warm-up; estimates the time per token
         per_token = t_short / (short - 1)
         length = plan.decode_length
-        budget = sec.left() / max(1, len(plan.decode_batches) - plan.decode_batches.index(n))
+        budget = sec.left() / (len(jobs) - i)
         if per_token * (length - 1) * 2 > budget:  # a warm-up and one timed call must fit
             length = max(short, min(length, int(budget / (2 * per_token))))
         timed(partial(call, length), plan.device)
         runs = _repeat(partial(call, length), plan, sec, per_token * length)
         new = int((runs[0][1].lengths_N - runs[0][1].prompt_len).sum())
         med = statistics.median(t for t, _ in runs)
-        rows.append({
-            "batch": n, "length": length, "full_length": length == plan.decode_length, "new_tokens": new,
-            "times_s": [t for t, _ in runs], "median_s": med, "tok_s": new / med,
+        row = {
+            "batch": n, "path": path, "length": length, "full_length": length == plan.decode_length,
+            "new_tokens": new, "times_s": [t for t, _ in runs], "median_s": med, "tok_s": new / med,
             "ms_per_step": 1e3 * med / (length - 1), "nfe": runs[0][1].nfe,
-        })  # fmt: skip
-        print(f"  decode B={n:<4}{new / med:>12,.0f} tok/s  ({med:.2f} s, {length - 1} steps)", flush=True)
+        }  # fmt: skip
+        static = next((r for r in rows if r["batch"] == n and r.get("path") == "static" and "ids" in r), None)
+        ids = runs[0][1].ids_NL
+        if static is not None:
+            w = min(ids.shape[1], static["ids"].shape[1])
+            row["same_ids_as_static"] = bool(torch.equal(ids[:, :w].cpu(), static["ids"][:, :w]))
+        rows.append({**row, "ids": ids.cpu()})
+        print(f"  decode B={n:<4} {path:<8}{new / med:>12,.0f} tok/s  ({med:.2f} s, {length - 1} steps)", flush=True)
+    for r in rows:
+        r.pop("ids", None)
     return rows
 
 
@@ -400,11 +422,14 @@ def print_table(out: dict[str, Any]) -> None:
                 f"train {r['name']:<16}{r['tok_s']:>12,.0f} tok/s  MFU {_pct(r['mfu'])}  ({r['step_s'] * 1e3:.1f} ms)"
             )
     for r in out["decode"]:
+        head = f"decode B={r['batch']:<4} {r.get('path', ''):<8}"
         if "skipped" in r:
-            print(f"decode B={r['batch']:<4} skipped: {r['skipped']}")
+            print(f"{head} skipped: {r['skipped']}")
         else:
             note = "" if r["full_length"] else f"  (only {r['length'] - 1} steps fit)"
-            print(f"decode B={r['batch']:<4}{r['tok_s']:>12,.0f} tok/s  {r['ms_per_step']:.2f} ms/step{note}")
+            same = r.get("same_ids_as_static")
+            note += "" if same is None else f"  ids {'=' if same else '!='} static"
+            print(f"{head}{r['tok_s']:>12,.0f} tok/s  {r['ms_per_step']:.2f} ms/step{note}")
     for r in out["diffusion"]:
         head = f"ddpm_cache B={r['batch']:<3} S={r['steps']:<5}"
         if "skipped" in r:
@@ -422,10 +447,14 @@ def main() -> None:
     p.add_argument(
         "--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS), help="default: all (the peak always)"
     )
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every section's deadline (1.0)")
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/gpu.json (gpu_smoke.json)")
     a = p.parse_args()
+    if not a.budget_scale > 0:
+        p.error(f"--budget-scale must be > 0, got {a.budget_scale}")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     plan = smoke_plan(device) if a.smoke else full_plan(device)
+    plan.budgets = {k: v * a.budget_scale for k, v in plan.budgets.items()}
     t0 = time.perf_counter()
     print(f"benchmarks/gpu.py on {device} ({'smoke' if a.smoke else 'full'}); budgets {plan.budgets}", flush=True)
     peak = matmul_peak(plan, Section("peak", plan.budgets["peak"]))

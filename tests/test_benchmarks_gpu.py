@@ -36,11 +36,12 @@ def ref_module():
 
 def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
-    proc = _run("gpu.py", "--smoke", "--device", "cpu", "--out", str(out))
+    proc = _run("gpu.py", "--smoke", "--device", "cpu", "--budget-scale", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["smoke"] and r["device"] == "cpu" and r["torch"] == torch.__version__ and r["device_name"]
     assert r["sections"] == ["train", "decode", "diffusion"]
+    assert r["plan"]["budgets"] == {"peak": 10, "train": 60, "decode": 40, "diffusion": 40}  # smoke's x 2
     peak = r["peak"]["flop_s"]
     assert peak > 0
     plan = r["plan"]
@@ -49,10 +50,12 @@ def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
     for row in r["train"]:
         assert row["tok_s"] == pytest.approx(plan["batch"] * plan["seq_len"] / row["step_s"])
         assert row["mfu"] == pytest.approx(row["tok_s"] * row["flops_per_token"] / peak)
-    assert [row["batch"] for row in r["decode"]] == plan["decode_batches"]
+    paths = [(row["batch"], row["path"]) for row in r["decode"]]
+    assert paths == [(n, p) for n in plan["decode_batches"] for p in ("static", "growing")]
     for row in r["decode"]:  # no EOS stop: every row produces length - 1 tokens after [BOS]
         assert row["new_tokens"] == row["batch"] * (row["length"] - 1)
         assert row["nfe"] == row["length"] - 1
+        assert row.get("same_ids_as_static") is (True if row["path"] == "growing" else None)
     assert len(r["diffusion"]) == len(plan["diff_batches"]) * len(plan["diff_steps"])
     for row in r["diffusion"]:
         assert 1 <= row["nfe"] <= row["steps"]
@@ -133,3 +136,23 @@ def test_train_vs_nanogpt_both_references_interleaved(tiny_data: Path, tmp_path:
         for ref in ("gpt2", "llama"):
             assert row[f"ratio_{ref}"] == pytest.approx(row[f"{ref}_median_s"] / row["dlm_median_s"])
         assert row["ratio"] == row["ratio_gpt2"]  # the first reference keeps the old field names
+
+
+@pytest.mark.slow
+def test_device_check_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/device_check.sh, the one-call GPU check, in its CPU smoke mode: every file it promises, the
+    CUDA tests collected (and skipped here), gpu.py's JSON with the scaled budgets."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path), "PY": sys.executable, "SCALE": "2"}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "device_check.sh"), "smoke", "--smoke"], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env.txt", "gpu.json", "gpu.log", "pytest_gpu.log"]
+    env_txt = (tmp_path / "env.txt").read_text()
+    assert f"torch {torch.__version__}" in env_txt and "MISSING" not in env_txt
+    log = (tmp_path / "pytest_gpu.log").read_text()
+    assert "skipped" in log and "pytest exit 0" in log
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert r["label"] == "smoke" and r["smoke"] and r["plan"]["budgets"]["train"] == 60
+    assert "device_check: gpu.py exit 0" in proc.stdout
