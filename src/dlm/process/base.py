@@ -152,9 +152,9 @@ class SamplerOptions:
     fixed positions after the prompt (infilling, whose rows are full length) is refused. A stopped row is
     never rejected or resampled; what stopped it is recorded (``SampleResult.stop_N``).
 
-    remask_strategy, remask_eta, remask_t_on, remask_t_off, unmask_score, entropy_bound: the options of the
-    remasking and ordered-unmasking samplers (defined in ``dlm.process.unmasking``'s docstring; only the samplers
-    that read them accept them, and the defaults leave every other sampler unchanged).
+    remask_strategy, remask_eta, remask_t_on, remask_t_off, unmask_score, entropy_bound, unmask_threshold: the
+    options of the remasking and ordered-unmasking samplers (defined in ``dlm.process.unmasking``'s docstring; only
+    the samplers that read them accept them, and the defaults leave every other sampler unchanged).
     """
 
     steps: int | None = None
@@ -171,6 +171,7 @@ class SamplerOptions:
     remask_t_off: float | None = None
     unmask_score: str = "confidence"
     entropy_bound: float = 0.1
+    unmask_threshold: float = 0.9
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,21 @@ entropy_bounded (Ben-Hamu et al. 2025, EB-sampler). Each step orders the masked 
 the longest prefix U with sum_{l in U} H(p^l) - max_{l in U} H(p^l) <= gamma (``entropy_bound``), at least one,
 which bounds the KL of the product of conditionals to the joint of U. Calls until no mask is left (nfe <= n).
 
+threshold (Wu et al. 2025, Fast-dLLM's confidence-aware parallel decoding). Each call scores the masked positions
+with a probability-valued ``unmask_score`` s (confidence, margin or drawn; entropy is refused) and reveals, per row,
+
+    U = {l masked : s^l > tau}   if that set is not empty, else {argmax_l s^l}       (tau = ``unmask_threshold``)
+
+tokens drawn from p_theta after temperature / top-k / top-p (drawn: the score is the p of those draws, what
+Fast-dLLM's code does at temperature > 0). Calls until no mask is left (nfe <= n; ``steps`` is ignored); the loop
+is entropy_bounded's, with another rule. Exactness: tau >= every reachable score (tau = 1: no probability exceeds
+1) reveals one position per call in score order, exact by the chain rule for a score of p_theta alone (as
+confidence with one position per step); tau = 0 with confidence reveals every masked position at the first call
+(max_v p_v > 0): the product of that call's marginals, biased; in between, the positions revealed together are
+drawn independently (the product of their conditionals), biased wherever they depend on each other. Fast-dLLM's
+Theorem 1 is about greedy decoding only (with every revealed marginal's top probability close enough to 1, the
+argmax of the product of marginals is the joint's argmax); nothing is claimed here for sampling.
+
 The network's time input for the ordered samplers is the time whose masked fraction matches the state's:
 alpha(t) = 1 - (m_b / n_b) (1 - alpha(1)) (m_b masks left of n_b free positions).
 """
@@ -83,11 +98,15 @@ UNMASK_SCORES = ("confidence", "margin", "entropy", "drawn")
 REMDM_OPTIONS = ("remask_strategy", "remask_eta", "remask_t_on", "remask_t_off")
 CONFIDENCE_OPTIONS = ("unmask_score",)
 ENTROPY_BOUNDED_OPTIONS = ("unmask_score", "entropy_bound")
+THRESHOLD_SCORES = ("confidence", "margin", "drawn")  # the probability-valued scores
+THRESHOLD_OPTIONS = ("unmask_score", "unmask_threshold")
 
 __all__ = [
     "REMASK_STRATEGIES",
+    "THRESHOLD_SCORES",
     "UNMASK_SCORES",
     "check_options",
+    "check_threshold_options",
     "confidence",
     "entropy_bounded",
     "family_sampler",
@@ -95,6 +114,7 @@ __all__ = [
     "remdm_table",
     "reveal_counts",
     "sampler_specs",
+    "threshold",
 ]
 
 
@@ -117,6 +137,16 @@ def check_options(o: SamplerOptions) -> None:
         raise DlmError(f"unmask_score must be one of {', '.join(UNMASK_SCORES)}, got {o.unmask_score!r}")
     if not _is_number(o.entropy_bound) or o.entropy_bound < 0:
         raise DlmError(f"entropy_bound (gamma, nats) must be a number >= 0, got {o.entropy_bound!r}")
+    if not _is_number(o.unmask_threshold) or not 0 <= o.unmask_threshold <= 1:
+        raise DlmError(f"unmask_threshold (tau) must be a number in [0, 1], got {o.unmask_threshold!r}")
+
+
+def check_threshold_options(o: SamplerOptions) -> None:
+    """``check_options`` and, for ``threshold``, a probability-valued score (one-line ``DlmError`` otherwise)."""
+    check_options(o)
+    if o.unmask_score not in THRESHOLD_SCORES:
+        raise DlmError(f"threshold compares a probability with tau: unmask_score must be one of "
+                       f"{', '.join(THRESHOLD_SCORES)}, got {o.unmask_score!r}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
@@ -326,18 +356,23 @@ def confidence(
     return AbsorbingSample(z, nfe, traj if return_trajectory else None)
 
 
+# (score_BL, entropy_BL, masked_BL), each in score order per row -> the length of the prefix to reveal, int64 [B]
+Rule = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 def _choose(
     logits_BLV: Tensor,
     masked_BL: Tensor,
-    k_B: Tensor | Callable[[Tensor, Tensor], Tensor],
+    k_B: Tensor | Rule,
     score: str,
     mask_id: int,
     generator: torch.Generator | None,
     filters: tuple[float, int | None, float | None],
 ) -> tuple[Tensor, Tensor]:
     """The positions to reveal (bool [B, L]: the k_b masked ones of highest score per row) and their tokens
-    (row-major). ``k_B``: counts, or a function (entropy_BL, masked_BL, both in score order) -> the length of the
-    prefix to reveal per row (the EB rule)."""
+    (row-major). ``k_B``: counts, or a ``Rule``: a function of the scores (-inf at unmasked positions), the
+    entropies of p_theta and the mask, all in score order -> the length of the prefix to reveal per row (the EB and
+    threshold rules)."""
     rows_MV = logits_BLV[masked_BL]
     logp_MV = _log_probs(rows_MV, mask_id)
     tok_M = _draw_tokens(rows_MV, mask_id, generator, *filters) if score == "drawn" else None
@@ -348,21 +383,58 @@ def _choose(
         H_BL = torch.zeros_like(score_BL)
         H_BL[masked_BL] = _entropy(logp_MV)
         order_BL = torch.argsort(ranks_BL, dim=1)
-        k_B = k_B(H_BL.gather(1, order_BL), masked_BL.gather(1, order_BL))
+        k_B = k_B(score_BL.gather(1, order_BL), H_BL.gather(1, order_BL), masked_BL.gather(1, order_BL))
     pick_BL = masked_BL & (ranks_BL < k_B[:, None])
     if tok_M is not None:
         return pick_BL, tok_M[pick_BL[masked_BL]]
     return pick_BL, _draw_tokens(logits_BLV[pick_BL], mask_id, generator, *filters)
 
 
+def _adaptive(
+    denoise: Denoiser,
+    z_init: Tensor,
+    schedule: Schedule,
+    generator: torch.Generator | None,
+    fixed_BL: Tensor | None,
+    rule: Rule,
+    score: str,
+    *,
+    mask_id: int,
+    filters: tuple[float, int | None, float | None],
+    return_trajectory: bool,
+    capture: bool | None,
+) -> AbsorbingSample:
+    """The loop of the adaptive samplers (entropy_bounded, threshold): per call, ``_choose`` with ``rule`` (at
+    least one position per row with a mask), until no mask is left: nfe = the largest number of calls any row
+    needs (<= its free positions; one read-back per call). Trajectory: the call of each reveal, -1 if fixed."""
+    z, fixed, traj = _start(z_init, fixed_BL, mask_id)
+    free_B = (~fixed).sum(1)
+    calls = int(free_B.max()) if free_B.numel() else 0  # at most one call per free position
+    t_B = _state_time(schedule, (z == mask_id).sum(1), free_B)
+    denoise = capture_denoiser(denoise, z, t_B, calls, capture)  # a CUDA graph on CUDA (absorbing)
+    nfe = 0
+    while True:
+        masked_BL = z == mask_id
+        if not bool(masked_BL.any()):
+            break
+        logits_BLV = denoise(z, _state_time(schedule, masked_BL.sum(1), free_B))
+        pick_BL, tok_N = _choose(logits_BLV, masked_BL, rule, score, mask_id, generator, filters)
+        z = z.clone()
+        z[pick_BL] = tok_N
+        traj = torch.where(pick_BL, nfe, traj)
+        nfe += 1
+    return AbsorbingSample(z, nfe, traj if return_trajectory else None)
+
+
 # ----------------------------------------------------------------------------------------------- entropy_bounded
 
 
-def _eb_counts(gamma: float) -> Callable[[Tensor, Tensor], Tensor]:
+def _eb_counts(gamma: float) -> Rule:
     """The EB rule on positions sorted by score: the longest prefix with cumsum H - cummax H <= gamma (this is
     non-decreasing along the prefix), at least one position per row that has a mask."""
 
-    def counts(H_BL: Tensor, masked_BL: Tensor) -> Tensor:
+    def counts(score_BL: Tensor, H_BL: Tensor, masked_BL: Tensor) -> Tensor:
+        del score_BL
         excess_BL = torch.cumsum(H_BL, 1) - torch.cummax(H_BL, 1).values
         ok_B = ((excess_BL <= gamma) & masked_BL).sum(1)
         return torch.where(masked_BL.any(1), ok_B.clamp(min=1), 0)
@@ -395,25 +467,55 @@ def entropy_bounded(
     """
     del steps
     check_options(SamplerOptions(unmask_score=unmask_score, entropy_bound=entropy_bound))
-    z, fixed, traj = _start(z_init, fixed_BL, mask_id)
-    free_B = (~fixed).sum(1)
-    rule = _eb_counts(float(entropy_bound))
-    calls = int(free_B.max()) if free_B.numel() else 0  # at most one call per free position
-    t_B = _state_time(schedule, (z == mask_id).sum(1), free_B)
-    denoise = capture_denoiser(denoise, z, t_B, calls, capture)  # a CUDA graph on CUDA (absorbing)
-    nfe = 0
-    while True:
-        masked_BL = z == mask_id
-        if not bool(masked_BL.any()):
-            break
-        logits_BLV = denoise(z, _state_time(schedule, masked_BL.sum(1), free_B))
-        pick_BL, tok_N = _choose(logits_BLV, masked_BL, rule, unmask_score, mask_id, generator,
-                                 (temperature, top_k, top_p))  # fmt: skip
-        z = z.clone()
-        z[pick_BL] = tok_N
-        traj = torch.where(pick_BL, nfe, traj)
-        nfe += 1
-    return AbsorbingSample(z, nfe, traj if return_trajectory else None)
+    return _adaptive(denoise, z_init, schedule, generator, fixed_BL, _eb_counts(float(entropy_bound)), unmask_score,
+                     mask_id=mask_id, filters=(temperature, top_k, top_p), return_trajectory=return_trajectory,
+                     capture=capture)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------- threshold
+
+
+def _threshold_counts(tau: float) -> Rule:
+    """Fast-dLLM's rule on positions sorted by score: every masked position with score > tau (a prefix), at least
+    one per row that has a mask."""
+
+    def counts(score_BL: Tensor, H_BL: Tensor, masked_BL: Tensor) -> Tensor:
+        del H_BL
+        ok_B = ((score_BL > tau) & masked_BL).sum(1)
+        return torch.where(masked_BL.any(1), ok_B.clamp(min=1), 0)
+
+    return counts
+
+
+def threshold(
+    denoise: Denoiser,
+    z_init: Tensor,
+    schedule: Schedule,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    fixed_BL: Tensor | None = None,
+    *,
+    mask_id: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    return_trajectory: bool = False,
+    unmask_score: str = "confidence",
+    unmask_threshold: float = 0.9,
+    capture: bool | None = None,
+) -> AbsorbingSample:
+    """Fast-dLLM's threshold decoding (module docstring): each call reveals, per row, every masked position whose
+    score (confidence, margin or drawn, of p_theta at temperature 1) exceeds tau = ``unmask_threshold``, or the
+    single highest-scored one when none does; tokens drawn after the filters. Calls until no mask is left: nfe =
+    the largest number of calls any row needs (<= its free positions). ``steps`` is ignored. Trajectory: the call
+    of each reveal, -1 for fixed positions.
+    """
+    del steps
+    check_threshold_options(SamplerOptions(unmask_score=unmask_score, unmask_threshold=unmask_threshold))
+    rule = _threshold_counts(float(unmask_threshold))
+    return _adaptive(denoise, z_init, schedule, generator, fixed_BL, rule, unmask_score, mask_id=mask_id,
+                     filters=(temperature, top_k, top_p), return_trajectory=return_trajectory,
+                     capture=capture)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- the families' tables
@@ -447,16 +549,17 @@ def family_sampler(fn: AbsorbingSampler, names: tuple[str, ...] = (), uses_steps
 def sampler_specs(
     wrap: Wrap, extra: tuple[str, ...] = (), defaults: Mapping[str, Any] | None = None
 ) -> dict[str, SamplerSpec]:
-    """``remdm``, ``confidence``, ``llada`` (``confidence`` with unmask_score drawn) and ``entropy_bounded`` as
-    the ``SamplerSpec``s of an absorbing family whose ``wrap`` runs an absorbing sampler on its denoiser and
-    schedule; ``extra`` / ``defaults``: the family's own further options and their defaults (BD3-LM)."""
+    """``remdm``, ``confidence``, ``llada`` (``confidence`` with unmask_score drawn), ``entropy_bounded`` and
+    ``threshold`` as the ``SamplerSpec``s of an absorbing family whose ``wrap`` runs an absorbing sampler on its
+    denoiser and schedule; ``extra`` / ``defaults``: the family's own further options and their defaults (BD3-LM)."""
     defaults = dict(defaults or {})
     run_confidence = wrap(confidence, CONFIDENCE_OPTIONS, True)
 
     def spec(run: SamplerFn, names: tuple[str, ...], **kw: Any) -> SamplerSpec:
         own = kw.pop("option_defaults", {})
+        check = kw.pop("check", check_options)
         return SamplerSpec(run, extra_options=names + extra, option_defaults={**defaults, **own},
-                           check=check_options, **kw)  # fmt: skip
+                           check=check, **kw)  # fmt: skip
 
     return {
         "remdm": spec(wrap(remdm, REMDM_OPTIONS, True), REMDM_OPTIONS),
@@ -468,5 +571,13 @@ def sampler_specs(
             nfe_within_steps=False,
             steps_ignored=True,
             option_defaults={"unmask_score": "entropy"},
+        ),
+        "threshold": spec(
+            wrap(threshold, THRESHOLD_OPTIONS, False),
+            THRESHOLD_OPTIONS,
+            nfe_within_steps=False,
+            steps_ignored=True,
+            option_defaults={"unmask_score": "confidence"},
+            check=check_threshold_options,
         ),
     }
