@@ -166,7 +166,7 @@ def test_conditional_generation_and_downstream_tasks(smoke: tuple[Path, str], tm
     assert set(tables["condgen"]) >= {f"condgen-{a}-{m}" for a in ("ar", "mdlm") for m in ("gen-c", "keep-c")}
     assert set(tables["condgen-modes"]) == {"condgen-modes-ar", "condgen-modes-mdlm"}
     assert set(tables["downstream"]) == {"downstream-dlm_quiz-ar", "downstream-dlm_quiz-mdlm"}
-    assert tables["downstream"]["downstream-dlm_quiz-mdlm"][2] == "bound, K = 2"
+    assert tables["downstream"]["downstream-dlm_quiz-mdlm"][2] == "bound, K = 2, common draws"
 
 
 def test_aggregate_is_the_mean_and_std_of_the_seed_rows(smoke: tuple[Path, str]) -> None:

@@ -144,7 +144,8 @@ def downstream_section(results: Mapping[str, Any]) -> tuple[str, Any] | None:
     table = Table("downstream", "downstream", [*head, "documents", "seeds"])
     for a in aggs:
         task, scoring = _first(results, a, "task"), _first(results, a, "scoring")
-        how = "exact" if scoring == "exact" else f"bound, K = {_first(results, a, 'k')}"
+        draws = _first(results, a, "draws")
+        how = "exact" if scoring == "exact" else f"bound, K = {_first(results, a, 'k')}, {draws or 'independent'} draws"
         cells = [str(task), a["arm"], how, mean_std(a, "acc", 3), mean_std(a, "acc_stderr", 3)]
         cells += [mean_std(a, "acc_norm", 3), str(_first(results, a, "documents")), str(a["n_seeds"])]
         table.rows.append((f"downstream-{task}-{a['arm']}", cells))

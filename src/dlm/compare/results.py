@@ -35,7 +35,7 @@ VARIANCE_FIELDS = ("t_samples", "batches", "nll_per_token", "seq_var_per_token",
                    "grad_mean_sq_norm", "grad_noise_ratio")  # fmt: skip
 GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "temperature", "batch_size", "evaluation")
 _ROW_IDENTITY = {"kind", "arm", "family", "seed", "sampler", "steps", "batch_size", "split", "file", "relation"}
-_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name", "mode", "task", "scoring", "mauve_missing"}
+_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name", "mode", "task", "scoring", "draws", "mauve_missing"}
 
 DEFINITIONS: dict[str, str] = {
     "kind": "likelihood | zeroshot | samples | speed | speed_protocol | variance | condgen | downstream",
@@ -49,6 +49,8 @@ DEFINITIONS: dict[str, str] = {
     "acc": "downstream: accuracy, the choice of highest log-likelihood (exact for AR, the bound for diffusion) "
     "(lm-eval's acc; acc_norm: per-byte normalised); acc_stderr: lm-eval's standard error over documents",
     "scoring": "downstream: exact (AR log-likelihood) or bound (the diffusion ELBO, mean of K draws)",
+    "draws": "downstream: a bound's draws, common (shared by a question's choices: seeded by the context) or "
+    "independent; exact for AR",
     "corpus": "zeroshot: the zero-shot corpus's name; its directory, source and split in protocol.zero_shot",
     "temperature": "samples: softmax temperature of the sampler (one point of the sweep)",
     "sampler": "samples, speed: the sweep entry's label (the sampler's name unless the entry sets options)",

@@ -123,7 +123,8 @@ def condgen_rows(base: dict[str, Any], items: list[tuple[str, dict[str, Any], Pa
 
 def downstream_rows(base: dict[str, Any], rec: dict[str, Any], path: Path, rel: Any) -> list[dict[str, Any]]:
     """One row per task: acc, acc_stderr, acc_norm, acc_norm_stderr (lm-eval's), documents, requests, the mean SE
-    of a request's bound over its K draws (None when exact), K and the scoring (exact / bound)."""
+    of a request's bound over its K draws (None when exact), K, the scoring (exact / bound) and the draws (common /
+    independent; "exact" for an exact family)."""
     rows = []
     for name, t in (rec.get("tasks") or {}).items():
         mt = t.get("metrics") or {}
@@ -132,6 +133,7 @@ def downstream_rows(base: dict[str, Any], rec: dict[str, Any], path: Path, rel: 
             **{k: mt.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
             "documents": t.get("documents"), "requests": t.get("requests"),
             "mean_request_se": t.get("mean_request_se"), "k": rec.get("k"),
-            "scoring": "exact" if rec.get("exact") else "bound", "file": rel(path),
+            "scoring": "exact" if rec.get("exact") else "bound",
+            "draws": (rec.get("settings") or {}).get("draws", "independent"), "file": rel(path),
         })  # fmt: skip
     return rows
