@@ -35,7 +35,8 @@ VARIANCE_FIELDS = ("t_samples", "batches", "nll_per_token", "seq_var_per_token",
                    "grad_mean_sq_norm", "grad_noise_ratio")  # fmt: skip
 GROUP_KEYS = ("kind", "arm", "family", "sampler", "steps", "temperature", "batch_size", "evaluation")
 _ROW_IDENTITY = {"kind", "arm", "family", "seed", "sampler", "steps", "batch_size", "split", "file", "relation"}
-_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name", "mode", "task", "scoring", "draws", "mauve_missing"}
+_ROW_IDENTITY |= {"temperature", "evaluation", "corpus", "sampler_name", "mode", "task", "scoring", "draws"}
+_ROW_IDENTITY |= {"mauve_missing"}
 
 DEFINITIONS: dict[str, str] = {
     "kind": "likelihood | zeroshot | samples | speed | speed_protocol | variance | condgen | downstream",
