@@ -105,6 +105,7 @@ def test_sample_saves_the_trajectory(runs, capsys):
         ["--sampler", "remdm", "--remask-strategy", "rescale", "--remask-eta", "0.5"],
         ["--sampler", "confidence", "--unmask-score", "margin"],
         ["--sampler", "entropy_bounded", "--entropy-bound", "0.5"],
+        ["--sampler", "threshold", "--unmask-threshold", "0.7"],
     ],
 )
 def test_unmasking_samplers_from_the_cli(runs, capsys, extra):

@@ -8,6 +8,7 @@ region uses."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,16 @@ from dlm.model.graphs import DenoiserGraph, capturable, is_capturable
 from dlm.process import ProcessConfig, absorbing, get_process, losses
 from dlm.process.absorbing import capture_denoiser, ddpm, ddpm_cache, first_hitting
 from dlm.process.schedules import get_schedule
-from dlm.process.unmasking import confidence, entropy_bounded, remdm
+from dlm.process.unmasking import confidence, entropy_bounded, remdm, threshold
 from dlm.train.setup import training_loss
 from tests.helpers import smoke_train
 
 K = 5  # tokens 0..K-1, MASK = K
 MASK = K
-SAMPLERS = [ddpm, ddpm_cache, first_hitting, remdm, confidence, entropy_bounded]
-IDS = ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence", "entropy_bounded"]
+# table_denoiser is so peaked at the all-MASK start that threshold at tau = 0.9 would take only 2 calls
+THRESHOLD = partial(threshold, unmask_threshold=0.99)
+SAMPLERS = [ddpm, ddpm_cache, first_hitting, remdm, confidence, entropy_bounded, THRESHOLD]
+IDS = ["ddpm", "ddpm_cache", "first_hitting", "remdm", "confidence", "entropy_bounded", "threshold"]
 
 
 def table_denoiser(seed: int = 0):

@@ -4,7 +4,8 @@ An exact denoiser of a tiny joint over K^L cells (K = 2 or 3 tokens, L = 3 posit
 exactly. Checked: ReMDM's sample law against its chain's closed-form law (propagated over all (K+1)^L states), and,
 from that law, that a fixed eta converges far more slowly in S than eta = 0 (ancestral); confidence ordering
 with one position per step is exact (adaptive-order chain rule) and several per step are not; LLaDA's drawn score
-lowers the entropy; the EB rule's counts and its gamma = 0 exactness; fixed positions, NFE and refused options.
+lowers the entropy; the EB rule's counts and its gamma = 0 exactness; the threshold rule (Fast-dLLM): exact at
+tau = 1, the product of the marginals at tau = 0, its reveals in between; fixed positions, NFE and refused options.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dlm.model import ModelConfig, build_model
 from dlm.process import ProcessConfig, get_process
 from dlm.process.absorbing import ddpm
 from dlm.process.schedules import get_schedule
-from dlm.process.unmasking import confidence, entropy_bounded, remdm, reveal_counts
+from dlm.process.unmasking import confidence, entropy_bounded, remdm, reveal_counts, threshold
 
 LOGLINEAR = get_schedule("loglinear")
 
@@ -252,11 +253,96 @@ def test_entropy_bounded_reveals_by_the_rule_and_is_exact_at_gamma_zero() -> Non
     assert at_once.nfe == 1 and chi2_p(law_of(at_once.ids_BL, K), joint.flatten()) < 1e-12
 
 
+# ------------------------------------------------------------------------------------------ threshold (Fast-dLLM)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("score", ["confidence", "margin"])
+def test_threshold_at_tau_one_reveals_one_per_call_and_is_exact(score: str) -> None:
+    """No probability exceeds 1: every call reveals the single top-scored position, an adaptive order of p_theta
+    alone, so the samples follow the joint (chain rule) with nfe = n and one reveal per call in every row."""
+    K, L, N = 3, 3, 20000
+    joint = correlated(K, L, seed=5)
+    g = torch.Generator().manual_seed(4)
+    out = threshold(exact_denoiser(joint), torch.full((N, L), K), LOGLINEAR, None, g, mask_id=K, unmask_score=score,
+                    unmask_threshold=1.0, return_trajectory=True)  # fmt: skip
+    assert out.nfe == L
+    assert torch.equal(out.trajectory_BL.sort(1).values, torch.arange(L).expand(N, L))
+    assert chi2_p(law_of(out.ids_BL, K), joint.flatten()) > 1e-4
+
+
+@torch.no_grad()
+def test_threshold_at_tau_zero_draws_the_product_of_the_first_marginals() -> None:
+    """max_v p_v > 0 everywhere: one call reveals every position, each from its marginal under the joint, so the
+    law is the product of the marginals (chi-square), which the joint is rejected against."""
+    K, L, N = 3, 3, 20000
+    joint = correlated(K, L, seed=5)
+    g = torch.Generator().manual_seed(5)
+    out = threshold(exact_denoiser(joint), torch.full((N, L), K), LOGLINEAR, None, g, mask_id=K,
+                    unmask_threshold=0.0)  # fmt: skip
+    assert out.nfe == 1
+    m0, m1, m2 = joint.sum((1, 2)), joint.sum((0, 2)), joint.sum((0, 1))
+    product = torch.einsum("a,b,c->abc", m0, m1, m2).flatten()
+    counts = law_of(out.ids_BL, K)
+    assert chi2_p(counts, product) > 1e-4 and chi2_p(counts, joint.flatten()) < 1e-12
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("score", "tau"), [("confidence", 0.6), ("margin", 0.4), ("drawn", 0.6)])
+def test_threshold_reveals_every_position_above_tau_else_the_top_one(score: str, tau: float) -> None:
+    """A joint of K = 3, L = 5 with marginals near tau: replaying each call from the trajectory with the exact
+    denoiser, the positions revealed at call c are the masked ones whose score exceeds tau, or the single
+    top-scored one when none does (drawn: the revealed tokens' own p, each > tau unless revealed alone). Both
+    cases occur, and 1 < nfe <= n."""
+    K, L, B = 3, 5, 400
+    joint = correlated(K, L, seed=7, scale=2.0)
+    denoise = exact_denoiser(joint)
+    out = threshold(denoise, torch.full((B, L), K), LOGLINEAR, None, torch.Generator().manual_seed(6), mask_id=K,
+                    unmask_score=score, unmask_threshold=tau, return_trajectory=True)  # fmt: skip
+    assert 1 < out.nfe <= L
+    traj, ids = out.trajectory_BL, out.ids_BL
+    seen_many = seen_fallback = False
+    for c in range(out.nfe):
+        masked = traj >= c
+        p_BLK = denoise(torch.where(masked, K, ids), torch.ones(B, dtype=torch.float64))[..., :K].exp()
+        top2 = p_BLK.topk(2, dim=-1).values
+        s_BL = {"confidence": top2[..., 0], "margin": top2[..., 0] - top2[..., 1],
+                "drawn": p_BLK.gather(2, ids[..., None]).squeeze(2)}[score]  # fmt: skip
+        s_BL = torch.where(masked, s_BL, -1.0)
+        revealed = traj == c
+        alone = revealed.sum(1) == 1
+        assert bool((revealed.sum(1) >= masked.any(1).long()).all())
+        assert bool(((s_BL > tau) | ~revealed | alone[:, None]).all())
+        if score != "drawn":  # every position above tau; the fallback is the top one
+            above = masked & (s_BL > tau)
+            assert torch.equal(revealed[above.any(1)], above[above.any(1)])
+            lone = masked.any(1) & ~above.any(1)
+            assert bool((revealed[lone].sum(1) == 1).all())
+            assert torch.equal(revealed[lone].long().argmax(1), s_BL[lone].argmax(1))
+        seen_many |= bool((revealed.sum(1) > 1).any())
+        seen_fallback |= bool((alone & (revealed & (s_BL <= tau)).any(1)).any())
+    assert seen_many and seen_fallback
+
+
+def test_threshold_refuses_bad_options_before_any_call() -> None:
+    denoise, calls = smooth_denoiser(5)
+    for opts, match in [
+        ({"unmask_threshold": -0.1}, "unmask_threshold"),
+        ({"unmask_threshold": 1.5}, "unmask_threshold"),
+        ({"unmask_threshold": float("nan")}, "unmask_threshold"),
+        ({"unmask_score": "entropy"}, "unmask_score must be one of confidence, margin, drawn"),
+    ]:
+        with pytest.raises(DlmError, match=match) as info:
+            threshold(denoise, torch.full((2, 4), 4), LOGLINEAR, mask_id=4, **opts)
+        assert "\n" not in str(info.value)
+    assert calls == []
+
+
 # ------------------------------------------------------------------------ conditioning, NFE, options, families
 
 K_MODEL, L_MODEL = 11, 8
 SPECIALS = SpecialIds(bos=0, eos=1, pad=2, mask=K_MODEL, vocab_size=K_MODEL)
-NEW = ("remdm", "confidence", "llada", "entropy_bounded")
+NEW = ("remdm", "confidence", "llada", "entropy_bounded", "threshold")
 
 
 def _model(proc) -> torch.nn.Module:
@@ -289,8 +375,19 @@ def smooth_denoiser(V: int):
         (confidence, {"unmask_score": "margin"}),
         (confidence, {"unmask_score": "drawn"}),
         (entropy_bounded, {"entropy_bound": 0.5}),
+        (threshold, {"unmask_threshold": 0.4}),
+        (threshold, {"unmask_score": "drawn", "unmask_threshold": 0.3}),
     ],
-    ids=["remdm-cap", "remdm-loop", "remdm-conf", "confidence", "llada", "entropy_bounded"],
+    ids=[
+        "remdm-cap",
+        "remdm-loop",
+        "remdm-conf",
+        "confidence",
+        "llada",
+        "entropy_bounded",
+        "threshold",
+        "threshold-drawn",
+    ],
 )
 def test_fixed_positions_never_change_and_nfe_counts_every_call(sampler, opts: dict) -> None:
     """Prefix and infill positions (ReMDM at maximal remasking too) keep their ids, no MASK is left, the trajectory
@@ -307,7 +404,7 @@ def test_fixed_positions_never_change_and_nfe_counts_every_call(sampler, opts: d
     assert torch.equal(out.ids_BL[fixed], z0[fixed]) and bool((out.ids_BL != mask).all())
     assert torch.equal(out.trajectory_BL == -1, fixed)
     assert out.nfe == len(calls) and out.nfe >= 1
-    if sampler is not entropy_bounded:
+    if sampler not in (entropy_bounded, threshold):
         assert out.nfe <= S and int(out.trajectory_BL.max()) < S
     else:
         assert out.nfe <= L - 2
@@ -354,6 +451,12 @@ def test_options_of_other_samplers_and_bad_scores_are_refused() -> None:
         ("confidence", {"unmask_score": "loudness"}, "unmask_score"),
         ("entropy_bounded", {"entropy_bound": -0.1}, "entropy_bound"),
         ("entropy_bounded", {"entropy_bound": float("nan")}, "entropy_bound"),
+        ("threshold", {"unmask_threshold": -0.1}, "unmask_threshold"),
+        ("threshold", {"unmask_threshold": 1.5}, "unmask_threshold"),
+        ("threshold", {"unmask_threshold": float("nan")}, "unmask_threshold"),
+        ("threshold", {"unmask_score": "entropy"}, "confidence, margin, drawn"),
+        ("threshold", {"entropy_bound": 0.1}, "unknown option"),
+        ("entropy_bounded", {"unmask_threshold": 0.5}, "unknown option"),
         ("confidence", {"remask_eta": 0.1}, "unknown option"),
         ("remdm", {"unmask_score": "margin"}, "unknown option"),
         ("ddpm", {"entropy_bound": 0.1}, "unknown option"),
@@ -374,8 +477,8 @@ def test_options_of_other_samplers_and_bad_scores_are_refused() -> None:
     ids=["mdlm", "d3pm", "sedd", "bd3lm"],
 )
 def test_every_absorbing_family_offers_them_with_infill_kept(cfg: ProcessConfig) -> None:
-    """MDLM, D3PM-absorbing, SEDD-absorbing and BD3-LM (inside each block) list the four samplers; an infill
-    position is kept; uniform-state transitions do not offer them (they have no MASK)."""
+    """MDLM, D3PM-absorbing, SEDD-absorbing and BD3-LM (inside each block) list the five samplers; their ids are
+    in the vocabulary; an infill position is kept; uniform-state transitions do not offer them (no MASK)."""
     proc = get_process(cfg, SPECIALS)
     assert set(NEW) <= set(proc.samplers)
     model = _model(proc)
@@ -385,6 +488,7 @@ def test_every_absorbing_family_offers_them_with_infill_kept(cfg: ProcessConfig)
         out = proc.sample(model, 3, L_MODEL, sampler=name, steps=4, fixed_ids=fixed, prompt_ids=[0],
                           generator=torch.Generator().manual_seed(0), return_trajectory=True)  # fmt: skip
         assert bool((out.ids_NL[:, 5] == 7).all()) and bool((out.ids_NL[:, 0] == 0).all())
+        assert bool(((out.ids_NL >= 0) & (out.ids_NL < K_MODEL)).all()) and out.nfe >= 1
         assert bool((out.trajectory_NL[:, [0, 5]] == -1).all())
     if cfg.name in ("d3pm", "sedd"):
         uniform = get_process(ProcessConfig(name=cfg.name, T=8, transition="uniform"), SPECIALS)

@@ -232,7 +232,9 @@ def _sampler_opts(args: argparse.Namespace) -> dict:
 
 
 # The remasking / ordered-unmasking samplers' options (``SamplerOptions``; dlm.process.unmasking).
-_UNMASKING_OPTIONS = ("remask_strategy", "remask_eta", "remask_t_on", "remask_t_off", "unmask_score", "entropy_bound")
+_UNMASKING_OPTIONS = (
+    "remask_strategy", "remask_eta", "remask_t_on", "remask_t_off", "unmask_score", "entropy_bound", "unmask_threshold"
+)  # fmt: skip
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -401,15 +403,23 @@ def _sampler_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: all)")
     q.add_argument("--top-p", type=float, default=None, help="nucleus: smallest set of mass >= p (default: all)")
     q.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    g = q.add_argument_group("remasking and ordered unmasking (remdm, confidence, llada, entropy_bounded)")
+    g = q.add_argument_group("remasking and ordered unmasking (remdm, confidence, llada, entropy_bounded, threshold)")
     g.add_argument("--remask-strategy", default=None, help="remdm: cap | rescale | conf (default cap)")
     g.add_argument("--remask-eta", type=float, default=None, help="remdm: eta in [0, 1] of cap / rescale (0.02)")
     g.add_argument("--remask-t-on", type=float, default=None, help="remdm loop window: 1 >= t_on > t_off >= 0")
     g.add_argument("--remask-t-off", type=float, default=None, help="remdm loop window (with --remask-t-on)")
     g.add_argument(
-        "--unmask-score", default=None, help="confidence / entropy_bounded: confidence | margin | entropy | drawn"
+        "--unmask-score",
+        default=None,
+        help="confidence / entropy_bounded / threshold: confidence | margin | entropy | drawn",
     )
     g.add_argument("--entropy-bound", type=float, default=None, help="entropy_bounded: gamma >= 0 nats (0.1)")
+    g.add_argument(
+        "--unmask-threshold",
+        type=float,
+        default=None,
+        help="threshold: reveal every masked position whose score exceeds tau in [0, 1] (0.9)",
+    )
 
 
 def _add_prepare(sub: Any) -> None:
