@@ -303,8 +303,8 @@ SAMPLERS: Mapping[str, SamplerSpec] = {
         extra_options=_EXTRA,
         option_defaults=_DEFAULTS,
     ),
-    # remdm, confidence, llada, entropy_bounded inside each block (``steps`` split over the blocks as above;
-    # entropy_bounded takes as many calls as its rule needs)
+    # remdm, confidence, llada, entropy_bounded, threshold inside each block (``steps`` split over the blocks as
+    # above; entropy_bounded and threshold take as many calls as their rules need)
     **unmasking.sampler_specs(_block_sampler, _EXTRA, _DEFAULTS),
 }
 

@@ -45,7 +45,7 @@ T_MIN = 1e-6  # t is clamped to >= T_MIN so w(t) stays finite (the integrand w(t
 
 # ddpm: ``steps`` uniform steps (default ``length``); ddpm_cache: the same samples in fewer calls (time-independent
 # models only); first_hitting: one token per call (``steps`` is ignored). See ``dlm.process.absorbing``. Then
-# remdm, confidence, llada and entropy_bounded: remasking and ordered unmasking (``dlm.process.unmasking``).
+# remdm, confidence, llada, entropy_bounded, threshold: remasking and ordered unmasking (``dlm.process.unmasking``).
 _SAMPLERS = {
     "ddpm": SamplerSpec(unmasking.family_sampler(absorbing.ddpm)),
     "ddpm_cache": SamplerSpec(unmasking.family_sampler(absorbing.ddpm_cache), time_independent=True),
