@@ -357,6 +357,7 @@ def confidence(
 
 
 # (score_BL, entropy_BL, masked_BL), each in score order per row -> the length of the prefix to reveal, int64 [B]
+# (``_choose`` raises it to at least one in every row that has a mask)
 Rule = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
@@ -383,7 +384,9 @@ def _choose(
         H_BL = torch.zeros_like(score_BL)
         H_BL[masked_BL] = _entropy(logp_MV)
         order_BL = torch.argsort(ranks_BL, dim=1)
-        k_B = k_B(score_BL.gather(1, order_BL), H_BL.gather(1, order_BL), masked_BL.gather(1, order_BL))
+        masked_sorted_BL = masked_BL.gather(1, order_BL)
+        k_B = k_B(score_BL.gather(1, order_BL), H_BL.gather(1, order_BL), masked_sorted_BL)
+        k_B = torch.where(masked_sorted_BL.any(1), k_B.clamp(min=1), 0)  # at least one per row with a mask
     pick_BL = masked_BL & (ranks_BL < k_B[:, None])
     if tok_M is not None:
         return pick_BL, tok_M[pick_BL[masked_BL]]
@@ -431,13 +434,12 @@ def _adaptive(
 
 def _eb_counts(gamma: float) -> Rule:
     """The EB rule on positions sorted by score: the longest prefix with cumsum H - cummax H <= gamma (this is
-    non-decreasing along the prefix), at least one position per row that has a mask."""
+    non-decreasing along the prefix); ``_choose`` makes it at least one."""
 
     def counts(score_BL: Tensor, H_BL: Tensor, masked_BL: Tensor) -> Tensor:
         del score_BL
         excess_BL = torch.cumsum(H_BL, 1) - torch.cummax(H_BL, 1).values
-        ok_B = ((excess_BL <= gamma) & masked_BL).sum(1)
-        return torch.where(masked_BL.any(1), ok_B.clamp(min=1), 0)
+        return ((excess_BL <= gamma) & masked_BL).sum(1)
 
     return counts
 
@@ -476,13 +478,12 @@ def entropy_bounded(
 
 
 def _threshold_counts(tau: float) -> Rule:
-    """Fast-dLLM's rule on positions sorted by score: every masked position with score > tau (a prefix), at least
-    one per row that has a mask."""
+    """Fast-dLLM's rule on positions sorted by score: every masked position with score > tau (a prefix); ``_choose``
+    makes it at least one (the top position)."""
 
     def counts(score_BL: Tensor, H_BL: Tensor, masked_BL: Tensor) -> Tensor:
         del H_BL
-        ok_B = ((score_BL > tau) & masked_BL).sum(1)
-        return torch.where(masked_BL.any(1), ok_B.clamp(min=1), 0)
+        return ((score_BL > tau) & masked_BL).sum(1)
 
     return counts
 
