@@ -259,7 +259,8 @@ def lm_eval_ready():
 
 def _memorised_accuracy(run_dir, folder, shift: int) -> dict:
     """Accuracy of a lookup model that memorised 'Q: ...\\nA: <choice answer + shift>' on the local quiz."""
-    from dlm.eval.lmeval import lm_class, run_tasks, task_manager
+    from dlm.eval.lmeval import lm_class
+    from dlm.eval.lmeval_tasks import run_tasks, task_manager
     from dlm.eval.run import run_tokenizer
     from dlm.rundir import load_run
 
@@ -321,7 +322,7 @@ def test_evaluate_tasks_writes_one_result_per_setting_and_reuses_it(lm_eval_read
 
 
 def test_bad_input_is_refused_in_one_line(lm_eval_ready, tiny_ar_run, tmp_path, monkeypatch) -> None:
-    import dlm.eval.lmeval as lmeval
+    import dlm.eval.lmeval_tasks as lmeval
 
     folder = _write_task(tmp_path / "tasks")
     _write_task(tmp_path / "bad", name="no_choices", choices=False)

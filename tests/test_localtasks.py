@@ -173,7 +173,7 @@ def test_a_model_that_memorised_the_answers_scores_1_and_one_that_memorised_dist
     """Through ``dlm lm-eval RUN --make-tasks``: the run's network is replaced by a lookup table of the texts
     context + choice (the true one, then a wrong one), so accuracy must be exactly 1, then 0."""
     pytest.importorskip("lm_eval", reason="the lmeval extra (pip install 'dlm[lmeval]') is not installed")
-    import dlm.eval.lmeval as lmeval
+    import dlm.eval.lmeval_tasks as lmeval
     from dlm.eval.run import run_tokenizer
     from tests.test_lmeval import LookupAR
 
@@ -209,7 +209,8 @@ def test_the_greedy_task_is_1_for_a_model_that_memorised_the_words_and_0_for_one
     from types import SimpleNamespace
 
     from dlm.data.shards import open_split
-    from dlm.eval.lmeval import lm_class, run_tasks, task_manager
+    from dlm.eval.lmeval import lm_class
+    from dlm.eval.lmeval_tasks import run_tasks, task_manager
     from dlm.process import ProcessConfig, get_process
     from tests.test_lmeval import LookupAR
 

@@ -45,7 +45,7 @@ def cmd_lmeval(args: argparse.Namespace) -> int:
             return 0
     elif args.run is None or tasks is None:
         raise DlmError("give a run directory and --tasks a,b (or --make-tasks OUT_DIR --data DATA_DIR)")
-    from dlm.eval.lmeval import evaluate_tasks
+    from dlm.eval.lmeval_tasks import evaluate_tasks
 
     record, path = evaluate_tasks(
         args.run,

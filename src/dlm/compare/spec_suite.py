@@ -65,7 +65,7 @@ class ConditionalEval:
 
 @dataclass
 class DownstreamEval:
-    """Multiple-choice tasks through lm-eval (``dlm.eval.lmeval.evaluate_tasks``; the lmeval extra): accuracy by
+    """Multiple-choice tasks through lm-eval (``dlm.eval.lmeval_tasks.evaluate_tasks``; the lmeval extra): accuracy by
     the likelihood of each choice, exact for AR and the diffusion bound with K draws otherwise. Off while tasks
     is empty. Task data must be local (the Hugging Face cache or task_dir); nothing downloads.
 

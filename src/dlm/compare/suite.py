@@ -4,7 +4,7 @@ rows. Each stage calls the evaluation that owns the protocol and its file (reuse
 - conditional (``evaluation.conditional``, n > 0): ``dlm.eval.condgen.condgen_run`` per run and mode (gen-c, keep-c),
   the comparison's judge-ar judge scoring; the family's default sampler (``steps``: 0 = its default step count).
   Row kind ``condgen``, evaluation ``condgen:MODE``.
-- downstream (``evaluation.downstream``, tasks listed or ``task_dir: auto``): ``dlm.eval.lmeval.evaluate_tasks``
+- downstream (``evaluation.downstream``, tasks listed or ``task_dir: auto``): ``dlm.eval.lmeval_tasks.evaluate_tasks``
   per run, one row per task (kind ``downstream``, evaluation ``task:NAME``): accuracy (and length-normalised
   accuracy) with lm-eval's standard errors; ``scoring`` exact (AR) or the bound with K draws. ``task_dir: auto``
   builds the tasks from the comparison corpus's likelihood split once, into DIR/tasks (``resolve_tasks``;
@@ -83,7 +83,7 @@ def downstream_stage(
     run_dir: Path, spec: CompareSpec, tasks: tuple[list[str], Path | None], device: str, log: Log
 ) -> tuple[dict[str, Any], Path]:
     """(record, path) of the run's lm-eval tasks (``evaluation.downstream``; ``tasks`` from ``resolve_tasks``)."""
-    from dlm.eval.lmeval import evaluate_tasks
+    from dlm.eval.lmeval_tasks import evaluate_tasks
 
     d = spec.evaluation.downstream
     names, task_dir = tasks
