@@ -241,6 +241,49 @@ def ceiling(costs: dict[str, dict[str, float]], tokens: int, params: dict[str, i
     return out
 
 
+def summarize(
+    rounds: list[dict[str, Any]], arms: list[str], refs: list[str], tokens: int, flops: dict[str, float]
+) -> dict[str, float]:
+    """Per reference the ratios' min / median / max over rounds (wall and CPU time) and the median FLOP/s ratio,
+    printed; the first reference's also under the one-reference names. Adds tok/s and legacy fields to the rounds."""
+    summary: dict[str, float] = {}
+    for r in rounds:
+        legacy_fields(r, refs[0])
+        r.update({f"{n}_tok_s": tokens / r[f"{n}_median_s"] for n in [*arms, "ref"]})
+    for ref in refs:
+        for key in (f"ratio_{ref}", f"cpu_ratio_{ref}"):
+            q = [r[key] for r in rounds]
+            summary.update({f"{key}_min": min(q), f"{key}_median": statistics.median(q), f"{key}_max": max(q)})
+            print(
+                f"dlm / nanoGPT-style {ref} tok/s ({'CPU time' if key.startswith('cpu') else 'wall time'}): "
+                f"median {statistics.median(q):.3f} (min {min(q):.3f}, max {max(q):.3f}) over {len(rounds)} rounds"
+            )
+        summary[f"flop_ratio_{ref}_median"] = summary[f"ratio_{ref}_median"] * flops["dlm"] / flops[ref]
+    for key in ("ratio", "cpu_ratio"):  # the first reference under the field names of one-reference runs
+        for stat in ("min", "median", "max"):
+            summary[f"{key}_{stat}"] = summary[f"{key}_{refs[0]}_{stat}"]
+    summary["flop_ratio_median"] = summary[f"flop_ratio_{refs[0]}_median"]
+    print("FLOP/s ratio (wall, median): " + ", ".join(f"{r} {summary[f'flop_ratio_{r}_median']:.3f}" for r in refs))
+    return summary
+
+
+def print_ceiling(reach: dict[str, Any], arms: list[str], refs: list[str]) -> None:
+    """The profile's matmul accounting per arm and the ceiling per reference (``ceiling``)."""
+    print(f"\nmeasured float32 matmul peak (2048^3): {reach['sgemm_peak_flop_s'] / 1e9:.1f} GFLOP/s")
+    for name in arms:
+        r = reach[name]
+        print(
+            f"{name}: step {r['total_s'] * 1e3:.0f} ms (profiled), matmuls {r['mm_s'] * 1e3:.0f} ms "
+            f"({r['mm_share']:.0%}) at ~{r['mm_flop_s'] / 1e9:.1f} GFLOP/s ({r['mm_of_peak']:.0%} of peak), "
+            f"attention {r['attn_s'] * 1e3:.0f} ms"
+        )
+    for ref in refs:
+        print(
+            f"ceiling vs {ref}: {reach[f'ceiling_{ref}']:.3f} (its step / dlm's matmuls + attention: the ratio "
+            "if all dlm's other work took no time)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny-cpu")
@@ -283,40 +326,11 @@ def main() -> None:
         peak = sgemm_peak(device) if a.profile else float("nan")
     tables = {name: table for name, (table, _) in profiles.items()}
     reach = ceiling({name: c for name, (_, c) in profiles.items()}, tokens, params, peak) if profiles else {}
-    summary: dict[str, float] = {}
-    for r in rounds:
-        legacy_fields(r, refs[0])
-        r.update({f"{n}_tok_s": tokens / r[f"{n}_median_s"] for n in [*arms, "ref"]})
-    for ref in refs:
-        for key in (f"ratio_{ref}", f"cpu_ratio_{ref}"):
-            q = [r[key] for r in rounds]
-            summary.update({f"{key}_min": min(q), f"{key}_median": statistics.median(q), f"{key}_max": max(q)})
-            print(
-                f"dlm / nanoGPT-style {ref} tok/s ({'CPU time' if key.startswith('cpu') else 'wall time'}): "
-                f"median {statistics.median(q):.3f} (min {min(q):.3f}, max {max(q):.3f}) over {a.rounds} rounds"
-            )
-        summary[f"flop_ratio_{ref}_median"] = summary[f"ratio_{ref}_median"] * flops["dlm"] / flops[ref]
-    for key in ("ratio", "cpu_ratio"):  # the first reference under the field names of one-reference runs
-        for stat in ("min", "median", "max"):
-            summary[f"{key}_{stat}"] = summary[f"{key}_{refs[0]}_{stat}"]
-    summary["flop_ratio_median"] = summary[f"flop_ratio_{refs[0]}_median"]
-    print("FLOP/s ratio (wall, median): " + ", ".join(f"{r} {summary[f'flop_ratio_{r}_median']:.3f}" for r in refs))
+    summary = summarize(rounds, list(arms), refs, tokens, flops)
     for name, table in tables.items():
         print(f"\nprofile: {name}, {a.profile} steps\n{table}")
     if reach:
-        print(f"\nmeasured float32 matmul peak (2048^3): {reach['sgemm_peak_flop_s'] / 1e9:.1f} GFLOP/s")
-        for name in arms:
-            r = reach[name]
-            print(
-                f"{name}: step {r['total_s'] * 1e3:.0f} ms (profiled), matmuls {r['mm_s'] * 1e3:.0f} ms "
-                f"({r['mm_share']:.0%}) at ~{r['mm_flop_s'] / 1e9:.1f} GFLOP/s ({r['mm_of_peak']:.0%} of peak), "
-                f"attention {r['attn_s'] * 1e3:.0f} ms"
-            )
-        for ref in refs:
-            print(
-                f"ceiling vs {ref}: {reach[f'ceiling_{ref}']:.3f} (its step / dlm's matmuls + attention: the ratio "
-                "if all dlm's other work took no time)"
-            )
+        print_ceiling(reach, list(arms), refs)
     out = {
         "benchmark": "train_vs_nanogpt",
         "label": a.label,
