@@ -62,7 +62,9 @@ if [ "$SMOKE" = "--smoke" ]; then
 else
     extra=()
 fi
-"$PY" benchmarks/gpu.py --label "$LABEL" --budget-scale "$SCALE" --out "$OUT/gpu.json" "${extra[@]}" \
+# the AR decode row matters most (issue 14), then the diffusion calls; training (with its compiles) last
+"$PY" benchmarks/gpu.py --label "$LABEL" --budget-scale "$SCALE" --out "$OUT/gpu.json" \
+    --sections decode diffusion train "${extra[@]}" \
     >"$OUT/gpu.log" 2>&1
 status=$?
 tail -40 "$OUT/gpu.log"

@@ -155,4 +155,5 @@ def test_device_check_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert "skipped" in log and "pytest exit 0" in log
     r = json.loads((tmp_path / "gpu.json").read_text())
     assert r["label"] == "smoke" and r["smoke"] and r["plan"]["budgets"]["train"] == 60
+    assert r["sections"] == ["decode", "diffusion", "train"] and all(r[s] for s in r["sections"])
     assert "device_check: gpu.py exit 0" in proc.stdout
