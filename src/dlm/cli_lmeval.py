@@ -98,8 +98,8 @@ def add_commands(sub: Any) -> None:
         "--draws",
         choices=["common", "independent"],
         default="common",
-        help="a bound's draws: common (default; the choices of a question share their random numbers, so their "
-        "difference is less noisy) or independent",
+        help="a bound's draws: common (default; each request seeded by its context, so a question's choices share "
+        "their random numbers and a score does not depend on the other requests) or independent (one stream)",
     )
     p.add_argument("--checkpoint", type=checkpoint_arg, default="last", help="last (default), best, or a step")
     p.add_argument("--no-ema", action="store_true", help="use the trained weights even if an EMA exists")

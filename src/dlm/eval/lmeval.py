@@ -47,7 +47,6 @@ tokenizer never adds one).
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -61,9 +60,11 @@ from dlm.data.batch import Batch
 from dlm.data.tokenizers import Tokenizer
 from dlm.errors import DlmError
 from dlm.process.base import eval_mode, model_context, model_device, token_logprobs
+from dlm.train.runtime import derive_seed
 
 __all__ = [
     "Scored",
+    "check_draws",
     "continuation_logprob",
     "continuation_logprobs",
     "encode_pair",
@@ -111,11 +112,6 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
-def row_multiple(process: Any) -> int:
-    """The length every row of the family must be a multiple of (``Process.row_multiple``; BD3-LM: L')."""
-    return int(process.row_multiple)
-
-
 def _row(run: Any, context: Sequence[int], continuation: Sequence[int], limit: int) -> tuple[list[int], int, bool]:
     """(row ids, number of scored positions m, context truncated) of one request (module docstring). A block
     family's row is cut to a multiple of its block by dropping the oldest context tokens, or, when the context is
@@ -129,7 +125,8 @@ def _row(run: Any, context: Sequence[int], continuation: Sequence[int], limit: i
     boundary = specials.bos if specials.bos is not None else specials.eos
     whole = (list(context) or [boundary]) + list(continuation)
     row, truncated = whole[-limit:], len(whole) > limit
-    mult, extra = row_multiple(run.process), len(row) % row_multiple(run.process)
+    mult = run.process.row_multiple  # BD3-LM: rows of whole blocks
+    extra = len(row) % mult
     if extra and len(row) - extra >= m + 1:
         row, truncated = row[extra:], True
     elif extra:
@@ -147,13 +144,6 @@ def continuation_logprob(
     return s.logprob, s.se, s.greedy, s.exact
 
 
-def request_seed(seed: int, context_ids: Sequence[int]) -> int:
-    """h(seed, c): the seed of the draws of a request whose row holds the context tokens ``context_ids`` under
-    common random numbers (module docstring); 63 bits of BLAKE2b, stable across processes and platforms."""
-    text = f"{seed}:" + ",".join(map(str, context_ids))
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
-
-
 def continuation_logprobs(
     run: Any,
     requests: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -167,7 +157,7 @@ def continuation_logprobs(
     K-draw estimate of the family's lower bound with its standard error. ``run``: a ``LoadedRun`` (or anything with
     ``model`` and ``process``). Rows of equal length go through the network together, ``batch_size`` rows at once
     (K per request for a bound); the draws follow ``generator`` in the order of the sorted row lengths, or, with
-    ``common_seed``, each request's own generator seeded by ``request_seed(common_seed, its context)`` (common
+    ``common_seed``, each request's own generator seeded by h(common_seed, its context) (``derive_seed``: common
     random numbers; a bound's K rows then go through the network per request)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise DlmError(f"K (Monte-Carlo draws per request) must be an integer >= 1, got {k!r}")
@@ -196,7 +186,8 @@ def continuation_logprobs(
                     scored = _next_token(run, ids_RL, scored_RL)
                 elif common_seed is not None:  # one request: its own stream, keyed by its context
                     context = rows[chunk[0]][0][: length - rows[chunk[0]][1]]
-                    own = torch.Generator(device=device).manual_seed(request_seed(common_seed, context))
+                    own_seed = derive_seed(common_seed, "lmeval", tuple(int(c) for c in context))
+                    own = torch.Generator(device=device).manual_seed(own_seed)
                     scored = _bound(run, ids_RL, scored_RL, k, own)
                 else:
                     scored = _bound(run, ids_RL, scored_RL, k, generator)
@@ -305,8 +296,7 @@ def _make_lm_class(lm_eval: Any) -> type:
             self, run: Any, tok: Tokenizer, *, k: int = 1, batch_size: int = 32, seed: int = 0, draws: str = "common"
         ) -> None:
             super().__init__()
-            if draws not in DRAWS:
-                raise DlmError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")
+            check_draws(draws)
             self.run, self.tok, self.k, self.batch = run, tok, k, batch_size
             self.common_seed = seed if draws == "common" else None
             self.generator = torch.Generator(device=model_device(run.model)).manual_seed(seed)
@@ -366,3 +356,9 @@ def _make_lm_class(lm_eval: Any) -> type:
 
 
 DRAWS = ("common", "independent")  # a bound's draws: common random numbers per context, or one shared stream
+
+
+def check_draws(draws: Any) -> None:
+    """A ``draws`` setting is one of DRAWS (one-line ``DlmError`` otherwise)."""
+    if draws not in DRAWS:
+        raise DlmError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")

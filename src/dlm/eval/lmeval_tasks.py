@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dlm.errors import DlmError
-from dlm.eval.lmeval import DRAWS, Scored, import_lm_eval, lm_class, next_token_family, row_limit
+from dlm.eval.lmeval import Scored, check_draws, import_lm_eval, lm_class, next_token_family, row_limit
 from dlm.eval.results import check_device, check_writable, result_path, reuse
 from dlm.eval.run import run_tokenizer
 from dlm.io import write_json_atomic
@@ -224,8 +224,7 @@ def evaluate_tasks(
     for what, v in (("K (Monte-Carlo draws per request)", k), ("batch size", batch_size), ("limit", limit)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise DlmError(f"{what} must be an integer >= 1, got {v!r}")
-    if draws not in DRAWS:
-        raise DlmError(f"draws must be one of {', '.join(DRAWS)}, got {draws!r}")
+    check_draws(draws)
     check_device(device)
     folder = None if task_dir is None else Path(task_dir).resolve()
     if folder is not None and not folder.is_dir():
