@@ -149,10 +149,12 @@ def _validate_suite(e: Evaluation) -> None:
         for key in ("prompt_len", "cont_len", "batch_size"):
             _require(f"evaluation.conditional.{key}", getattr(c, key), getattr(c, key) >= 1, "must be >= 1")
         _require("evaluation.conditional.steps", c.steps, c.steps >= 0, "must be >= 0 (0: the family's default)")
-        ok = bool(c.modes) and set(c.modes) <= {"gen-c", "keep-c"} and len(set(c.modes)) == len(c.modes)
-        _require("evaluation.conditional.modes", list(c.modes), ok, "must be distinct modes of gen-c, keep-c")
-        ok = c.prompt_from in ("anywhere", "start")
-        _require("evaluation.conditional.prompt_from", c.prompt_from, ok, "must be anywhere or start")
+        from dlm.eval.condgen import MODES, PROMPT_FROM
+
+        ok = bool(c.modes) and set(c.modes) <= set(MODES) and len(set(c.modes)) == len(c.modes)
+        _require("evaluation.conditional.modes", list(c.modes), ok, f"must be distinct modes of {', '.join(MODES)}")
+        ok = c.prompt_from in PROMPT_FROM
+        _require("evaluation.conditional.prompt_from", c.prompt_from, ok, f"must be {' or '.join(PROMPT_FROM)}")
         for key in ("seeds", "mauve_seeds"):
             v = getattr(c, key)
             ok = bool(v) and len(set(v)) == len(v) and all(x >= 0 for x in v)
@@ -160,11 +162,12 @@ def _validate_suite(e: Evaluation) -> None:
     _require("evaluation.downstream.k", d.k, d.k >= 1, "must be >= 1")
     _require("evaluation.downstream.limit", d.limit, d.limit is None or d.limit >= 1, "must be >= 1 or null")
     if d.task_dir == "auto":  # tasks built from the corpus (dlm.eval.localtasks): only their names may be listed
-        from dlm.eval.localtasks import KINDS
+        from dlm.eval.localtasks import KINDS, task_name
 
-        bad = [t for t in d.tasks if t.removeprefix("dlm_") not in KINDS or not t.startswith("dlm_")]
+        buildable = [task_name(k) for k in KINDS]
+        bad = [t for t in d.tasks if t not in buildable]
         if bad:
-            names = ", ".join(f"dlm_{k}" for k in KINDS)
+            names = ", ".join(buildable)
             raise DlmError(f"evaluation.downstream.tasks: {', '.join(bad)} cannot be built with task_dir auto "
                            f"(it builds {names})")  # fmt: skip
     elif d.task_dir is not None and not Path(d.task_dir).is_dir():
