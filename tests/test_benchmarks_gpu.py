@@ -62,16 +62,22 @@ def test_gpu_smoke_writes_consistent_json(tmp_path: Path) -> None:
         assert row["s_per_call"] == pytest.approx(row["median_s"] / row["nfe"])
 
 
-def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "tvn.json"
-    shape = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
+TINY_SHAPE = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
+
+
+def _train_vs_nanogpt(data: Path, out: Path, *args: str) -> dict:
+    """benchmarks/train_vs_nanogpt.py on ``data`` at TINY_SHAPE (2 timed steps, 1 warm-up); its JSON."""
     proc = _run(
-        "train_vs_nanogpt.py", "--data", str(tiny_data), "--rounds", "2", "--steps", "2", "--warmup", "1",
-        "--profile", "1", "--out", str(out), *shape,
+        "train_vs_nanogpt.py", "--data", str(data), "--steps", "2", "--warmup", "1", *args, "--out", str(out),
+        *TINY_SHAPE,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
-    assert r["overrides"] == shape and r["batch"] == 4
+    return {**json.loads(out.read_text()), "stdout": proc.stdout}
+
+
+def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> None:
+    r = _train_vs_nanogpt(tiny_data, tmp_path / "tvn.json", "--rounds", "2", "--profile", "1")
+    assert r["overrides"] == TINY_SHAPE and r["batch"] == 4
     c = r["profile_costs"]  # the profile's matmul / attention accounting and the ceiling it implies
     assert c["sgemm_peak_flop_s"] > 0
     for arm in ("dlm", "gpt2"):
@@ -82,7 +88,7 @@ def test_train_vs_nanogpt_runs_on_tiny_data(tiny_data: Path, tmp_path: Path) -> 
         assert a["mm_flop_s"] == pytest.approx(6 * r["params"][arm] * tokens / a["mm_s"])
         assert a["mm_of_peak"] == pytest.approx(a["mm_flop_s"] / c["sgemm_peak_flop_s"])
     assert c["ceiling_gpt2"] == pytest.approx(c["gpt2"]["total_s"] / (c["dlm"]["mm_s"] + c["dlm"]["attn_s"]))
-    assert "ceiling vs gpt2" in proc.stdout
+    assert "ceiling vs gpt2" in r["stdout"]
     for row in r["rounds"]:
         assert len(row["dlm_s"]) == len(row["ref_s"]) == 2
         assert row["ratio"] == pytest.approx(row["ref_median_s"] / row["dlm_median_s"])
@@ -121,14 +127,7 @@ def test_reference_step_decreases_the_loss_on_a_fixed_batch(ref_module) -> None:
 
 def test_train_vs_nanogpt_both_references_interleaved(tiny_data: Path, tmp_path: Path) -> None:
     """--ref both: the GPT-2 and the LLaMA-style references in one three-way interleave, each ratio its own."""
-    out = tmp_path / "tvn_both.json"
-    shape = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--train.batch_size=4"]
-    proc = _run(
-        "train_vs_nanogpt.py", "--data", str(tiny_data), "--ref", "both", "--rounds", "1", "--steps", "2",
-        "--warmup", "1", "--out", str(out), *shape,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
+    r = _train_vs_nanogpt(tiny_data, tmp_path / "tvn_both.json", "--ref", "both", "--rounds", "1")
     assert r["refs"] == ["gpt2", "llama"]
     assert r["params"]["llama"] == r["params"]["dlm"]
     for row in r["rounds"]:
