@@ -319,8 +319,6 @@ class Process(ABC):
                         the names; ``default_sampler`` is used when none is given.
       train_copies:     the training forward runs over train_copies x L tokens per row of L (BD3-LM's z_t ⊕ x: 2),
                         head on L rows; the trainer's FLOPs per token (MFU) follow (``flops_per_token``).
-    Instance attribute ``row_multiple``: every row the family scores or samples is a multiple of this many tokens
-    (1; BD3-LM: its block size L'). Callers that build rows (lm-eval requests) ask it.
     """
 
     name: ClassVar[str]
@@ -332,7 +330,7 @@ class Process(ABC):
     sampler_table: ClassVar[Mapping[str, SamplerSpec]] = {}
     default_sampler: ClassVar[str]
     train_copies: ClassVar[int] = 1
-    row_multiple: int = 1
+    row_multiple: int = 1  # instance: every row scored or sampled is a multiple of it (BD3-LM: L'); ask, never name
 
     def __init__(self, cfg: ProcessConfig, specials: SpecialIds) -> None:
         type(self).check_config(cfg)
