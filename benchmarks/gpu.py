@@ -312,6 +312,7 @@ def decode_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
     growing row says whether its ids equal the static row's (same generator seed; compared over the shorter)."""
     process, model = sampling_model(plan, "ar")
     rows: list[dict[str, Any]] = []
+    static_ids: dict[int, torch.Tensor] = {}  # batch -> the static path's ids, for the growing row's check
     jobs = list(itertools.product(plan.decode_batches, DECODE_PATHS))
     for i, (n, path) in enumerate(jobs):
 
@@ -342,15 +343,14 @@ def decode_section(plan: Plan, sec: Section) -> list[dict[str, Any]]:
             "new_tokens": new, "times_s": [t for t, _ in runs], "median_s": med, "tok_s": new / med,
             "ms_per_step": 1e3 * med / (length - 1), "nfe": runs[0][1].nfe,
         }  # fmt: skip
-        static = next((r for r in rows if r["batch"] == n and r.get("path") == "static" and "ids" in r), None)
-        ids = runs[0][1].ids_NL
-        if static is not None:
-            w = min(ids.shape[1], static["ids"].shape[1])
-            row["same_ids_as_static"] = bool(torch.equal(ids[:, :w].cpu(), static["ids"][:, :w]))
-        rows.append({**row, "ids": ids.cpu()})
+        ids = runs[0][1].ids_NL.cpu()
+        if path == "static":
+            static_ids[n] = ids
+        elif n in static_ids:
+            w = min(ids.shape[1], static_ids[n].shape[1])
+            row["same_ids_as_static"] = bool(torch.equal(ids[:, :w], static_ids[n][:, :w]))
+        rows.append(row)
         print(f"  decode B={n:<4} {path:<8}{new / med:>12,.0f} tok/s  ({med:.2f} s, {length - 1} steps)", flush=True)
-    for r in rows:
-        r.pop("ids", None)
     return rows
 
 
