@@ -1,8 +1,10 @@
-"""What every benchmark script shares: device synchronisation, the machine description and the JSON write."""
+"""What every benchmark script shares: device synchronisation, a timed matmul, the machine description and the
+JSON write."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,17 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def matmul_seconds(a: torch.Tensor, b: torch.Tensor, inner: int = 1) -> float:
+    """Seconds per ``a @ b`` over one block of ``inner`` products, bracketed by device synchronisation (the
+    matmul peak's timing: 2 n^3 FLOP per n x n x n product)."""
+    sync(a.device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        a @ b
+    sync(a.device)
+    return (time.perf_counter() - t0) / inner
 
 
 def load_avg() -> list[float] | None:

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from common import machine_info, write_result  # benchmarks/common.py (run as a script)
+from common import machine_info, matmul_seconds, sync, write_result  # benchmarks/common.py (run as a script)
 from dlm.config import RunConfig, load_config
 from dlm.data.batch import Batch
 from dlm.data.specials import SpecialIds
@@ -117,11 +117,6 @@ class Section:
         return self.deadline - time.perf_counter()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     """(seconds, result) of ``fn()`` bracketed by device synchronisation."""
     sync(device)
@@ -153,15 +148,10 @@ def matmul_peak(plan: Plan, sec: Section) -> dict[str, Any]:
     n = plan.peak_n
     a = torch.randn(n, n, dtype=dtype, device=plan.device)
     b = torch.randn(n, n, dtype=dtype, device=plan.device)
-    reps, times = 20, []
-
-    def block() -> None:
-        for _ in range(reps):
-            a @ b
-
-    timed(block, plan.device)  # warm-up
+    times: list[float] = []
+    matmul_seconds(a, b, inner=20)  # warm-up
     while len(times) < 5 and (sec.left() > 0 or len(times) < 1):
-        times.append(timed(block, plan.device)[0] / reps)
+        times.append(matmul_seconds(a, b, inner=20))
     med = statistics.median(times)
     return {"dtype": str(dtype).removeprefix("torch."), "n": n, "times_s": times, "flop_s": 2 * n**3 / med}
 

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import machine_info, write_result  # benchmarks/common.py (run as a script)
+from common import machine_info, matmul_seconds, write_result  # benchmarks/common.py (run as a script)
 from dlm.config import RunConfig, load_config
 from dlm.data.loader import Loader
 from dlm.data.shards import open_split, prepare
@@ -214,15 +214,8 @@ def profile_table(fn: Callable[[], None], n: int, rows: int = 25) -> tuple[str, 
 def sgemm_peak(device: torch.device, n: int = 2048, reps: int = 5) -> float:
     """The machine's measured float32 matmul rate, FLOP/s: the median of ``reps`` [n, n] @ [n, n] products."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    matmul_seconds(a, b)  # warm-up
+    return 2 * n**3 / statistics.median(matmul_seconds(a, b) for _ in range(reps))
 
 
 def ceiling(costs: dict[str, dict[str, float]], tokens: int, params: dict[str, int], peak: float) -> dict[str, Any]:
