@@ -60,7 +60,7 @@ from dlm.data.batch import Batch
 from dlm.data.tokenizers import Tokenizer
 from dlm.errors import DlmError
 from dlm.process.base import eval_mode, model_context, model_device, token_logprobs
-from dlm.train.runtime import derive_seed
+from dlm.seeds import derive_seed
 
 __all__ = [
     "Scored",

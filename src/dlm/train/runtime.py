@@ -7,7 +7,6 @@ from the environment and joins the process group (gloo on CPU, nccl on CUDA). On
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from torch import nn
 
 from dlm.config import TrainConfig
 from dlm.errors import DlmError
+from dlm.seeds import derive_seed as derive_seed  # re-exported: the trainer imports it from here
 
 # Dense bf16 tensor-core peak FLOP/s per device, by a substring of torch.cuda.get_device_name().
 # MFU is reported against these; on CPU (and unknown GPUs) the peak is unknown and MFU is null.
@@ -160,12 +160,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 def shutdown_runtime(rt: Runtime) -> None:
     if rt.owns_group and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def derive_seed(seed: int, *tags: Any) -> int:
-    """A 63-bit seed for a named stream ("process", rank ...) derived from the run's one seed."""
-    digest = hashlib.sha256(repr((int(seed), *tags)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
